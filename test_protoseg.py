@@ -1,0 +1,312 @@
+"""Tests of the method: every equation of the paper (Eq. 1-14) against a direct transcription, a brute-force
+optimum or a known invariant. Tiny sizes, CPU, seconds."""
+import itertools
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from protoseg import (ProtoSegHead, QueryHead, SoftmaxHead, class_distance, momentum_update,
+                      nearest_prototype, pixel_prototype_similarity, ppc_loss, ppd_loss, seg_loss)
+from sinkhorn import sinkhorn, sinkhorn_batched
+
+
+def unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def trunk_embedding(head, feats):
+    """(B, D, h, w) output of a head's trunk, in eval mode (dropout off)."""
+    return head.trunk(feats)
+
+
+# ----------------------------------------------------------------------------- Eq. 1-4: parametric heads
+
+def test_eq1_eq4_softmax_head_is_unified_view_with_weights_as_prototypes():
+    torch.manual_seed(0)
+    head = SoftmaxHead(8, 5, embed_dim=6).eval()
+    feats = torch.randn(2, 8, 3, 4)
+    prob = head(feats).softmax(1)                                   # Eq. 1
+    i = trunk_embedding(head, feats)
+    w = head.classifier.weight[:, :, 0, 0]                          # g_c = w_c, (C, D)
+    for b, y, x in itertools.product(range(2), range(3), range(4)):
+        dist_ = torch.stack([-(w[c] @ i[b, :, y, x]) for c in range(5)])    # <i, g_c> = -g^T i
+        eq4 = torch.exp(-dist_) / torch.exp(-dist_).sum()
+        torch.testing.assert_close(prob[b, :, y, x], eq4, rtol=1e-5, atol=1e-6)
+
+
+def test_eq2_eq4_query_head_is_unified_view_with_queries_as_prototypes():
+    torch.manual_seed(0)
+    head = QueryHead(8, 5, embed_dim=6).eval()
+    feats = torch.randn(2, 8, 3, 4)
+    prob = head(feats).softmax(1)                                   # Eq. 2
+    i = trunk_embedding(head, feats)
+    for b, y, x in itertools.product(range(2), range(3), range(4)):
+        v = i[b, :, y, x]
+        dist_ = torch.stack([-(head.queries[c] @ v) / (head.queries[c].norm() * v.norm()) for c in range(5)])
+        eq4 = torch.exp(-dist_) / torch.exp(-dist_).sum()
+        torch.testing.assert_close(prob[b, :, y, x], eq4, rtol=1e-5, atol=1e-6)
+
+
+def test_eq4_parametric_heads_learn_one_prototype_per_class():
+    # D x C learnable prototype parameters: the softmax head grows by D per class
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    d = 6
+    assert count(SoftmaxHead(8, 20, embed_dim=d)) - count(SoftmaxHead(8, 19, embed_dim=d)) == d
+    assert count(QueryHead(8, 20, embed_dim=d)) - count(QueryHead(8, 19, embed_dim=d)) == d
+
+
+def test_protoseg_head_learnable_parameters_do_not_depend_on_num_classes():
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(ProtoSegHead(8, 19)) == count(ProtoSegHead(8, 150)) == count(ProtoSegHead(8, 847))
+    head = ProtoSegHead(8, 19, num_prototypes=10)
+    assert head.prototypes.shape == (19, 10, 8) and not head.prototypes.requires_grad
+    assert "prototypes" in dict(head.named_buffers())
+
+
+# ----------------------------------------------------------------------------- Eq. 3, 5, 6, 7
+
+def test_eq3_eq5_nearest_prototype_matches_loop():
+    embed, protos = unit(7, 4, seed=1), unit(3, 5, 4, seed=2)
+    c_star, k_star = nearest_prototype(embed, protos)
+    for n in range(7):
+        best = min(((-(embed[n] @ protos[c, k])).item(), c, k) for c in range(3) for k in range(5))
+        assert (c_star[n].item(), k_star[n].item()) == best[1:]
+
+
+def test_eq6_class_distance_matches_loop():
+    embed, protos = unit(2, 3, 4, seed=3), unit(5, 4, 4, seed=4)
+    s = class_distance(embed, protos)
+    assert s.shape == (2, 3, 5)
+    for b, n, c in itertools.product(range(2), range(3), range(5)):
+        expected = min(-(embed[b, n] @ protos[c, k]).item() for k in range(4))
+        assert abs(s[b, n, c].item() - expected) < 1e-6
+    assert s.min() >= -1 - 1e-6 and s.max() <= 1 + 1e-6
+
+
+def test_eq5_head_scores_argmax_is_nearest_prototype_class():
+    torch.manual_seed(0)
+    head = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3).eval()
+    feats = torch.randn(2, 8, 5, 5)
+    scores = head(feats)
+    c_star, _ = nearest_prototype(head.embed(feats), head.prototypes)
+    assert torch.equal(scores.argmax(1), c_star)
+    torch.testing.assert_close(scores, -class_distance(head.embed(feats), head.prototypes).permute(0, 3, 1, 2))
+
+
+def test_eq7_cross_entropy_matches_transcription_and_ignores_255():
+    torch.manual_seed(0)
+    s = torch.rand(2, 3, 4, 4) * 2 - 1                               # distances s in [-1, 1]
+    labels = torch.randint(0, 3, (2, 4, 4))
+    labels[0, 0] = 255
+    loss, terms = seg_loss(-s, labels)
+    total, n = 0.0, 0
+    for b, y, x in itertools.product(range(2), range(4), range(4)):
+        c = labels[b, y, x].item()
+        if c == 255:
+            continue
+        p = math.exp(-s[b, c, y, x]) / sum(math.exp(-s[b, j, y, x]) for j in range(3))   # Eq. 6
+        total, n = total - math.log(p), n + 1
+    assert abs(loss.item() - total / n) < 1e-5 and set(terms) == {"ce"}
+
+
+# ----------------------------------------------------------------------------- Eq. 8-10: Sinkhorn
+
+def test_eq8_sinkhorn_argmax_equals_brute_force_balanced_optimum():
+    for seed in range(5):
+        scores = torch.rand(6, 3, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        best, best_value = None, -math.inf
+        for perm in set(itertools.permutations([0, 0, 1, 1, 2, 2])):     # all balanced hard L
+            value = sum(scores[n, k].item() for n, k in enumerate(perm))  # Tr(L^T P^T X)
+            if value > best_value:
+                best, best_value = perm, value
+        assign = sinkhorn(scores, kappa=0.01, iters=500).argmax(1)
+        assert tuple(assign.tolist()) == best
+
+
+def test_eq9_eq10_sinkhorn_marginals():
+    scores = unit(50, 8, seed=5) @ unit(4, 8, seed=6).T             # (N, K) cosines
+    L = sinkhorn(scores, kappa=0.05, iters=3)
+    assert (L >= 0).all()
+    torch.testing.assert_close(L.sum(1), torch.ones(50))               # pixel marginal: exact
+    assert (L.sum(0) - 50 / 4).abs().max() < 50 / 4                    # prototype marginal: approx
+    L = sinkhorn(scores, kappa=0.05, iters=200)
+    torch.testing.assert_close(L.sum(0), torch.full((4,), 50 / 4), rtol=1e-3, atol=1e-3)
+
+
+def test_eq10_equipartition_spreads_pixels_that_all_prefer_one_prototype():
+    scores = torch.full((40, 4), -0.5)
+    scores[:, 0] = 0.9                                                 # every pixel prefers prototype 0
+    scores += 0.01 * torch.rand(40, 4, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(sinkhorn(scores, kappa=0.05, iters=3).argmax(1), minlength=4)
+    assert (counts > 0).all(), counts
+    assert scores.argmax(1).eq(0).all()                               # greedy argmax: total collapse
+    L = sinkhorn(scores, kappa=0.05, iters=100)
+    torch.testing.assert_close(L.sum(0), torch.full((4,), 10.0), rtol=1e-3, atol=1e-3)
+
+
+def test_eq10_batched_equals_per_class():
+    g = torch.Generator().manual_seed(7)
+    labels = torch.tensor([0] * 13 + [2] * 1 + [3] * 30 + [0] * 4)[torch.randperm(48, generator=g)]
+    scores = torch.rand(48, 5, generator=g) * 2 - 1
+    batched = sinkhorn_batched(scores, labels, num_classes=5, kappa=0.05, iters=3)
+    for c in labels.unique():
+        m = labels == c
+        torch.testing.assert_close(batched[m], sinkhorn(scores[m], kappa=0.05, iters=3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_eq10_sinkhorn_is_finite_for_small_kappa_low_precision_and_single_pixel(dtype):
+    scores = (unit(30, 8, seed=8) @ unit(10, 8, seed=9).T).to(dtype)
+    labels = torch.tensor([0] * 29 + [1])                              # class 1 has a single pixel
+    for kappa in (0.05, 0.01):
+        L = sinkhorn_batched(scores, labels, 3, kappa=kappa, iters=3)
+        assert L.dtype == torch.float32 and torch.isfinite(L).all()
+        torch.testing.assert_close(L.sum(1), torch.ones(30))
+        assert torch.isfinite(sinkhorn(scores[:1], kappa=kappa)).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sinkhorn_batched(scores, labels, 3).dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- Eq. 11-13: losses
+
+def test_eq11_ppc_matches_transcription_and_is_ce_over_scaled_similarities():
+    embed, protos = unit(6, 4, seed=10), unit(3, 2, 4, seed=11)
+    sim = pixel_prototype_similarity(embed, protos).flatten(1)        # (N, C*K)
+    target = torch.tensor([0, 1, 2, 3, 4, 5])
+    tau = 0.1
+    expected = 0.0
+    for n in range(6):
+        pos = math.exp((embed[n] @ protos.reshape(6, 4)[target[n]]).item() / tau)
+        neg = sum(math.exp((embed[n] @ protos.reshape(6, 4)[j]).item() / tau)
+                  for j in range(6) if j != target[n])
+        expected -= math.log(pos / (pos + neg))
+    assert abs(ppc_loss(sim, target, tau).item() - expected / 6) < 1e-4
+    torch.testing.assert_close(ppc_loss(sim, target, 1.0), F.cross_entropy(sim, target))
+
+
+def test_eq12_ppd_matches_transcription():
+    embed, protos = unit(5, 4, seed=12), unit(2, 3, 4, seed=13)
+    sim = pixel_prototype_similarity(embed, protos).flatten(1)
+    target = torch.tensor([0, 5, 2, 3, 1])
+    expected = sum((1 - embed[n] @ protos.reshape(6, 4)[target[n]]).item() ** 2 for n in range(5)) / 5
+    assert abs(ppd_loss(sim, target).item() - expected) < 1e-6
+
+
+def test_eq13_total_loss_is_weighted_sum():
+    torch.manual_seed(0)
+    head = ProtoSegHead(8, 3, embed_dim=6, num_prototypes=2).train()
+    labels = torch.randint(0, 3, (2, 8, 8))
+    out = head(torch.randn(2, 8, 8, 8), labels)
+    total, terms = seg_loss(out, labels, lambda_ppc=0.01, lambda_ppd=0.001, tau=0.1)
+    torch.testing.assert_close(total, terms["ce"] + 0.01 * terms["ppc"] + 0.001 * terms["ppd"])
+    torch.testing.assert_close(terms["ppc"], ppc_loss(out["proto_sim"], out["proto_target"], 0.1))
+    total.backward()
+    assert head.trunk.cls_head[0].weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- Eq. 14: prototype update
+
+def test_eq14_momentum_update_matches_transcription():
+    protos = unit(3, 2, 4, seed=14)
+    embed = unit(10, 4, seed=15)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0, 1, 0])
+    assign = torch.tensor([0, 1, 0, 0, 0, 0, 0, 1, 1, 1])               # class 2 empty, (1,1) 1 pixel
+    for mu in (0.0, 0.3, 0.999, 1.0):
+        new = momentum_update(protos, embed, labels, assign, mu)
+        for c, k in itertools.product(range(3), range(2)):
+            members = [embed[n] for n in range(10) if labels[n] == c and assign[n] == k]
+            if not members:
+                expected = protos[c, k]                                 # no pixel: unchanged
+            else:
+                mean = F.normalize(torch.stack(members).mean(0), dim=0)
+                expected = F.normalize(mu * protos[c, k] + (1 - mu) * mean, dim=0)
+            torch.testing.assert_close(new[c, k], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(new.norm(dim=-1), torch.ones(3, 2))
+    torch.testing.assert_close(momentum_update(protos, embed, labels, assign, 1.0), protos)
+
+
+def test_eq14_head_updates_prototypes_only_in_training_and_never_gets_gradients():
+    torch.manual_seed(0)
+    head = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3, momentum=0.5)
+    feats = torch.randn(2, 8, 6, 6)
+    labels = torch.randint(0, 2, (2, 6, 6))                             # classes 2, 3 absent
+    before = head.prototypes.clone()
+    head.eval()
+    head(feats, labels)
+    assert torch.equal(head.prototypes, before)                         # eval: no update
+    head.train()
+    out = head(feats, labels)
+    assert not torch.equal(head.prototypes[:2], before[:2])
+    assert torch.equal(head.prototypes[2:], before[2:])                 # absent classes untouched
+    seg_loss(out, labels)[0].backward()
+    assert head.prototypes.grad is None and not head.prototypes.requires_grad
+    assert out["proto_sim"].shape == (2 * 36, 12) and out["proto_target"].max() < 6
+
+
+def test_head_all_ignored_batch_is_finite_and_moves_nothing():
+    head = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3).train()
+    labels = torch.full((2, 4, 4), 255)
+    before = head.prototypes.clone()
+    out = head(torch.randn(2, 8, 4, 4), labels)
+    total, terms = seg_loss(out, labels)
+    assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
+    assert torch.equal(head.prototypes, before)
+
+
+def test_official_switches_update_correct_only_and_layernorms():
+    torch.manual_seed(0)
+    head = ProtoSegHead(8, 3, embed_dim=6, num_prototypes=2, momentum=0.0, update_correct_only=True,
+                        class_layernorm=True, embed_layernorm=True).train()
+    assert head.mask_norm.normalized_shape == (3,) and head.feat_norm.normalized_shape == (6,)
+    feats, labels = torch.randn(1, 8, 4, 4), torch.randint(0, 3, (1, 4, 4))
+    before = head.prototypes.clone()
+    out = head(feats, labels)
+    correct = out["scores"].argmax(1).flatten() == labels.flatten()
+    touched = {divmod(t.item(), 2) for t in out["proto_target"][correct]}
+    for c, k in itertools.product(range(3), range(2)):
+        assert torch.equal(head.prototypes[c, k], before[c, k]) == ((c, k) not in touched)
+
+
+# ----------------------------------------------------------------------------- distributed (gloo, 2 ranks)
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_worker(rank, world, port, scores, labels, embed, protos, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    part = slice(rank, None, world)                                    # each rank: every other pixel
+    L = sinkhorn_batched(scores[part], labels[part], 4, kappa=0.05, iters=3)
+    one = sinkhorn(scores[part][labels[part] == 1], kappa=0.05, iters=3)
+    new = momentum_update(protos, embed[part], labels[part], L.argmax(1), momentum=0.5)
+    results[rank] = (L, one, new)
+    dist.destroy_process_group()
+
+
+def test_ddp_sinkhorn_and_update_match_single_process():
+    g = torch.Generator().manual_seed(16)
+    labels = torch.randint(0, 3, (64,), generator=g)                   # class 3 absent
+    scores = torch.rand(64, 5, generator=g) * 2 - 1
+    embed, protos = unit(64, 6, seed=17), unit(4, 5, 6, seed=18)
+    results = mp.Manager().dict()
+    mp.spawn(_rank_worker, args=(2, _free_port(), scores, labels, embed, protos, results), nprocs=2)
+    L = sinkhorn_batched(scores, labels, 4, kappa=0.05, iters=3)
+    one = sinkhorn(scores[labels == 1], kappa=0.05, iters=3)
+    new = momentum_update(protos, embed, labels, L.argmax(1), momentum=0.5)
+    for rank in range(2):
+        part = slice(rank, None, 2)
+        r_L, r_one, r_new = results[rank]
+        torch.testing.assert_close(r_L, L[part])
+        torch.testing.assert_close(r_one, one[(torch.arange(64)[labels == 1] % 2) == rank])
+        torch.testing.assert_close(r_new, new)                         # identical prototypes on all ranks
+
