@@ -103,12 +103,12 @@ class Trunk(nn.Module):
     """The official head before the classifier: 3x3 conv-BN-ReLU-Dropout(0.1), then 1x1 conv-ReLU-1x1 conv.
     Module names follow the official ProtoSeg checkpoint (cls_head.*, proj_head.proj.*)."""
 
-    def __init__(self, in_channels, embed_dim):
+    def __init__(self, in_channels, embed_dim, dropout=0.1):
         super().__init__()
         self.cls_head = nn.Sequential(
             nn.Conv2d(in_channels, in_channels, 3, padding=1),
             nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True)),
-            nn.Dropout2d(0.1))
+            nn.Dropout2d(dropout))
         self.proj_head = nn.ModuleDict({"proj": nn.Sequential(
             nn.Conv2d(in_channels, in_channels, 1), nn.ReLU(inplace=True),
             nn.Conv2d(in_channels, embed_dim, 1))})
@@ -120,10 +120,10 @@ class Trunk(nn.Module):
 class SoftmaxHead(nn.Module):
     """Eq. 1: p(c|i) = softmax_c(w_c^T i), learnable W: (C, D). Eq. 4 with g_c = w_c, <i, g> = -g^T i."""
 
-    def __init__(self, in_channels, num_classes, embed_dim=None):
+    def __init__(self, in_channels, num_classes, embed_dim=None, dropout=0.1):
         super().__init__()
         embed_dim = embed_dim or in_channels
-        self.trunk = Trunk(in_channels, embed_dim)
+        self.trunk = Trunk(in_channels, embed_dim, dropout)
         self.classifier = nn.Conv2d(embed_dim, num_classes, 1, bias=False)       # the C learned w_c
 
     def forward(self, feats, labels=None):
@@ -134,10 +134,10 @@ class QueryHead(nn.Module):
     """Eq. 2: p(c|i) = softmax_c(e_c * i), '*' = cosine, learnable queries E: (C, D).
     Eq. 4 with g_c = e_c and <i, g> = negative cosine."""
 
-    def __init__(self, in_channels, num_classes, embed_dim=None):
+    def __init__(self, in_channels, num_classes, embed_dim=None, dropout=0.1):
         super().__init__()
         embed_dim = embed_dim or in_channels
-        self.trunk = Trunk(in_channels, embed_dim)
+        self.trunk = Trunk(in_channels, embed_dim, dropout)
         self.queries = nn.Parameter(torch.randn(num_classes, embed_dim) * 0.02)
 
     def forward(self, feats, labels=None):
@@ -155,14 +155,14 @@ class ProtoSegHead(nn.Module):
 
     def __init__(self, in_channels, num_classes, embed_dim=None, num_prototypes=10, kappa=0.05,
                  sinkhorn_iters=3, momentum=0.999, class_layernorm=False, embed_layernorm=False,
-                 update_correct_only=False, local_stats=False, ignore_index=IGNORE_INDEX):
+                 update_correct_only=False, local_stats=False, dropout=0.1, ignore_index=IGNORE_INDEX):
         super().__init__()
         embed_dim = embed_dim or in_channels
         self.num_classes, self.num_prototypes = num_classes, num_prototypes
         self.kappa, self.sinkhorn_iters, self.momentum = kappa, sinkhorn_iters, momentum
         self.update_correct_only, self.local_stats = update_correct_only, local_stats
         self.ignore_index = ignore_index
-        self.trunk = Trunk(in_channels, embed_dim)
+        self.trunk = Trunk(in_channels, embed_dim, dropout)
         self.feat_norm = nn.LayerNorm(embed_dim) if embed_layernorm else None
         self.mask_norm = nn.LayerNorm(num_classes) if class_layernorm else None
         # official init: truncated normal (std 0.02), then l2-normalised

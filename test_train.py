@@ -1,0 +1,131 @@
+"""Tests of train.py: command line end to end, exact resume, 2-rank gloo == 1 rank, metrics, NaN stop."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import train
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# tiny: small images, 2-4 iterations, few val images, no loader workers
+TINY = ["--backbone", "hrnet18_small_v2", "--crop", "64", "64", "--batch-size", "4", "--val-size", "2",
+        "--workers", "0", "--log-every", "1", "--num-prototypes", "3"]
+
+
+def state(path):
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_state(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=atol, msg=k)
+
+
+def test_command_line_runs_end_to_end(tmp_path):
+    out = subprocess.run([sys.executable, "train.py", *TINY, "--iters", "2", "--out-dir", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "val mIoU" in out.stdout and "prototype purity" in out.stdout and "it 2/2" in out.stdout
+    assert (tmp_path / "last.pt").exists() and (tmp_path / "metrics.json").exists()
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
+    ckpt = state(tmp_path / "last.pt")
+    assert ckpt["iter"] == 2 and ckpt["config"]["backbone"] == "hrnet18_small_v2"
+    assert ckpt["model"]["head.prototypes"].shape == (5, 3, 270)
+
+
+def test_help_lists_every_setting():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "--lambda-ppc" in out.stdout and "--resume" in out.stdout
+
+
+def test_presets_and_overrides():
+    cfg = train.parse_args(["--dataset", "cityscapes", "--iters", "5"])
+    assert (cfg.backbone, cfg.crop, cfg.batch_size, cfg.lr, cfg.iters) == ("hrnet48", (512, 1024), 8, 0.01, 5)
+    assert cfg.class_weights == "cityscapes" and cfg.weight_decay == 5e-4 and cfg.scale == (0.5, 2.0)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+    args = TINY + ["--iters", "4", "--ckpt-every", "2"]
+    train.main(args + ["--out-dir", str(tmp_path / "full")])
+
+    real_save = train.atomic_save
+    def interrupted_save(obj, path):                           # the run dies right after its first checkpoint
+        real_save(obj, path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "atomic_save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--out-dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(train, "atomic_save", real_save)
+    assert state(tmp_path / "cut" / "last.pt")["iter"] == 2
+    train.main(args + ["--out-dir", str(tmp_path / "cut"), "--resume", "auto"])
+    a, b = state(tmp_path / "full" / "last.pt"), state(tmp_path / "cut" / "last.pt")
+    assert b["iter"] == 4
+    assert_same_state(a["model"], b["model"])                  # weights AND prototypes, bit for bit
+
+
+def test_nan_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch):
+    train.main(TINY + ["--iters", "2", "--ckpt-every", "2", "--out-dir", str(tmp_path)])
+    before = (tmp_path / "last.pt").read_bytes()
+    real_loss = train.seg_loss
+    monkeypatch.setattr(train, "seg_loss", lambda *a, **k: (lambda l, t: (l * float("nan"), t))(*real_loss(*a, **k)))
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--iters", "4", "--ckpt-every", "2", "--out-dir", str(tmp_path), "--resume", "auto"])
+    assert e.value.code == 1
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_incompatible_checkpoint_says_what_differs(tmp_path):
+    train.main(TINY + ["--iters", "1", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="head: checkpoint 'protoseg' vs now 'softmax'"):
+        train.main(TINY + ["--head", "softmax", "--eval-only", "--resume", str(tmp_path / "last.pt")])
+
+
+def test_metrics_equal_hand_computed_confusion_matrix():
+    label = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 0]])
+    conf = train.confusion_matrix(pred.flatten(), label.flatten(), 3)
+    expected = torch.tensor([[1, 1, 0],            # gt 0: one right, one called 1
+                             [1, 2, 0],            # gt 1: two right, one called 0 (ignore pixel skipped)
+                             [1, 0, 1]])           # gt 2: one right, one called 0
+    assert torch.equal(conf, expected)
+    m = train.metrics_from_confusion(conf)
+    iou = [1 / (2 + 3 - 1), 2 / (3 + 3 - 2), 1 / (2 + 1 - 1)]
+    assert m["iou"] == pytest.approx(iou) and m["miou"] == pytest.approx(sum(iou) / 3)
+    assert m["pixel_acc"] == pytest.approx(4 / 7)
+
+
+def test_sliding_window_and_flip_equal_whole_image_for_a_pointwise_model():
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 1).eval()
+    image = torch.randn(1, 3, 37, 53)
+    whole = train.predict_scores(model, image, 4)
+    torch.testing.assert_close(train.predict_scores(model, image, 4, crop=(16, 24)), whole)
+    torch.testing.assert_close(train.predict_scores(model, image, 4, flip=True), 2 * whole)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank, world, port, args):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train.main(args)
+
+
+def test_ddp_two_ranks_equal_one_rank(tmp_path):
+    # same global batch of 4: frozen BN and no dropout, so per-rank statistics cannot differ (CPU has no SyncBN)
+    args = TINY + ["--iters", "2", "--freeze-bn", "--dropout", "0", "--scale", "1", "1", "--crop", "160", "160",
+                   "--proto-momentum", "0.5", "--optimizer", "sgd"]
+    train.main(args + ["--out-dir", str(tmp_path / "one")])
+    mp.spawn(_rank, args=(2, _free_port(), args + ["--out-dir", str(tmp_path / "two")]), nprocs=2)
+    a, b = state(tmp_path / "one" / "last.pt"), state(tmp_path / "two" / "last.pt")
+    assert_same_state(a["model"], b["model"], atol=1e-4)            # summation order only (local stats: 0.07)
