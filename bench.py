@@ -1,0 +1,177 @@
+"""Benchmarks behind the paper's cost claims. Prints one table; medians of repeated runs after warm-up.
+
+    python bench.py            # full sizes (a GPU is best; on a 2-core CPU it takes a while)
+    python bench.py --quick    # smaller inputs, CPU-friendly (~2-3 minutes)
+    python bench.py sinkhorn   # only rows (a) and (b)
+
+(a) Sinkhorn clustering of 10K pixels into 10 prototypes, D = 720, similarities included (paper: 2.5 ms, GPU)
+(b) one prototype step (clustering + PPC/PPD losses with backward + Eq. 14 update), 2 x 128 x 256 pixels,
+    19 classes, K = 10, D = 720: this implementation vs a per-class Python loop (the official code's structure)
+(c) inference, ProtoSeg head vs softmax head on the same backbone (the paper: no extra test-time cost)
+(d) one training step, ProtoSeg vs softmax, and the peak memory of each (each in a fresh process on the CPU)
+(e) learnable parameters of the head for 19, 150 and 847 classes
+"""
+import argparse
+import multiprocessing
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from models import build_model
+from protoseg import HEADS, momentum_update, pixel_prototype_similarity, ppc_loss, ppd_loss
+from sinkhorn import sinkhorn, sinkhorn_batched
+
+
+def timeit(fn, device, warmup=3, repeats=10):
+    """Median seconds of fn() over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def proto_step(embed, labels, protos, kappa=0.05, iters=3, mu=0.999):
+    """This implementation: all classes at once."""
+    C, K, _ = protos.shape
+    sim = pixel_prototype_similarity(embed, protos)                            # (N, C, K)
+    with torch.no_grad():
+        own = sim[torch.arange(len(labels), device=sim.device), labels]
+        assign = sinkhorn_batched(own, labels, C, kappa, iters).argmax(1)
+        target = labels * K + assign
+    loss = ppc_loss(sim.flatten(1), target) + ppd_loss(sim.flatten(1), target)
+    loss.backward()
+    return momentum_update(protos, embed.detach(), labels, assign, mu)
+
+
+def proto_step_loop(embed, labels, protos, kappa=0.05, iters=3, mu=0.999):
+    """The same math with a Python loop over classes and prototypes, as the official code does it."""
+    C, K, D = protos.shape
+    sim = embed @ protos.reshape(C * K, D).T                                   # (N, C*K)
+    target = torch.zeros_like(labels)
+    new = protos.clone()
+    for c in labels.unique().tolist():
+        mask = labels == c
+        with torch.no_grad():
+            q = sinkhorn(sim[mask][:, c * K:(c + 1) * K].detach(), kappa, iters)
+            assign = q.argmax(1)
+        target[mask] = c * K + assign
+        e = embed.detach()[mask]
+        for k in range(K):
+            members = e[assign == k]
+            if len(members):
+                new[c, k] = F.normalize(mu * protos[c, k] + (1 - mu) * F.normalize(members.sum(0), dim=0), dim=0)
+    loss = ppc_loss(sim, target) + ppd_loss(sim, target)
+    loss.backward()
+    return new
+
+
+def train_step_child(queue, backbone, head, size, device_name):
+    """One training step measured in a fresh process, so ru_maxrss is this configuration's own peak."""
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    model = build_model(backbone, head, 19).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images = torch.randn(2, 3, *size, device=device)
+    labels = torch.randint(0, 19, (2, *size), device=device)
+    from protoseg import seg_loss
+
+    def step():
+        loss, _ = seg_loss(model(images, labels), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = timeit(step, device, warmup=2, repeats=3 if device.type == "cpu" else 10)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    queue.put((t, peak / 2**30))
+
+
+def run_child(*args):
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=train_step_child, args=(queue, *args))
+    p.start()
+    result = queue.get()
+    p.join()
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("only", nargs="?", choices=["sinkhorn"], help="run only rows (a) and (b)")
+    p.add_argument("--quick", action="store_true", help="smaller inputs for a CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.set_flush_denormal(True)            # untrained HRNet features are tiny; denormals slow the CPU down
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    rows = []
+
+    def row(label, value, ratio=""):
+        rows.append((label, value, ratio))
+        print(f"{label:<62s} {value:>22s} {ratio}", flush=True)
+
+    print(f"device: {name}; torch {torch.__version__}; {'quick' if args.quick else 'full'} sizes")
+    # (a)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = F.normalize(torch.randn(10_000, 720, generator=g), dim=1).to(device)
+    prototypes = F.normalize(torch.randn(10, 720, generator=g), dim=1).to(device)
+    t = timeit(lambda: sinkhorn(x @ prototypes.T), device, repeats=50)
+    row("(a) Sinkhorn, 10K pixels -> 10 prototypes, D=720", f"{t * 1e3:.2f} ms", f"(paper, GPU: 2.5 ms)")
+    # (b)
+    n = 2 * 128 * 256
+    embed = F.normalize(torch.randn(n, 720, generator=g), dim=1).to(device).requires_grad_()
+    labels = torch.randint(0, 19, (n,), generator=g).to(device)
+    protos = F.normalize(torch.randn(19, 10, 720, generator=g), dim=-1).to(device)
+    t_ours = timeit(lambda: proto_step(embed, labels, protos), device, warmup=2, repeats=5)
+    t_loop = timeit(lambda: proto_step_loop(embed, labels, protos), device, warmup=2, repeats=5)
+    row("(b) prototype step, 65,536 px, C=19, K=10, D=720: ours", f"{t_ours * 1e3:.1f} ms")
+    row("    same math, per-class loop (official structure)", f"{t_loop * 1e3:.1f} ms",
+        f"loop/ours = {t_loop / t_ours:.2f}x")
+    if args.only:
+        return
+    # (c)
+    size = (256, 512) if args.quick else (512, 1024)
+    backbones = ["hrnet18_small_v2"] + ([] if args.quick else ["hrnet48"])
+    for backbone in backbones:
+        times = {}
+        for head in ("protoseg", "softmax"):
+            torch.manual_seed(0)
+            model = build_model(backbone, head, 19).to(device).eval()
+            image = torch.randn(1, 3, *size, device=device)
+            with torch.no_grad():
+                times[head] = timeit(lambda: model(image), device, warmup=2, repeats=5 if device.type == "cpu" else 20)
+            del model
+        row(f"(c) inference {backbone} {size[0]}x{size[1]}: ProtoSeg / softmax",
+            f"{times['protoseg'] * 1e3:.0f} / {times['softmax'] * 1e3:.0f} ms",
+            f"ratio {times['protoseg'] / times['softmax']:.3f}")
+    # (d)
+    size = (128, 256) if args.quick else (512, 1024)
+    for backbone in backbones:
+        (tp, mp_), (ts, ms) = (run_child(backbone, h, size, args.device) for h in ("protoseg", "softmax"))
+        row(f"(d) train step {backbone}, 2x{size[0]}x{size[1]}: ProtoSeg / softmax", f"{tp * 1e3:.0f} / {ts * 1e3:.0f} ms",
+            f"ratio {tp / ts:.3f}")
+        row(f"    peak memory ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})",
+            f"{mp_:.2f} / {ms:.2f} GB", f"ratio {mp_ / ms:.3f}")
+    # (e)
+    for c in (19, 150, 847):
+        count = {h: sum(q.numel() for q in HEADS[h](720, c).parameters()) for h in ("protoseg", "softmax")}
+        row(f"(e) head learnable parameters, C={c}, D=720: ProtoSeg / softmax",
+            f"{count['protoseg']:,} / {count['softmax']:,}", f"diff {count['softmax'] - count['protoseg']:+,}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""models.py: key/shape parity with HRNet-seg and torchvision, output sizes, strict loading, a 1-batch overfit."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import HRNetNeck, build_backbone, build_model, load_pretrained
+
+REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "reference")
+PRESETS = {"hrnet18_small_v2": "w18_small_v2", "hrnet18": "w18", "hrnet32": "w32", "hrnet48": "w48"}
+
+
+def reference(preset):
+    path = os.path.join(REF, f"hrnet_{PRESETS[preset]}_keys.json")
+    if not os.path.exists(path):
+        pytest.skip(f"reference file {path} not available")
+    with open(path) as f:
+        return json.load(f)
+
+
+def num_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def save(tmp_path, obj, name="w.pth"):
+    path = str(tmp_path / name)
+    torch.save(obj, path)
+    return path
+
+
+def small_hrnet(seed=0):
+    torch.manual_seed(seed)
+    return build_backbone("hrnet18_small_v2").eval()
+
+
+# ----------------------------------------------------------------------------- parity with the references
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_hrnet_keys_shapes_order_and_counts_match_hrnet_seg(preset):
+    ref = reference(preset)
+    net = build_backbone(preset)
+    ours = [[k, list(v.shape)] for k, v in net.state_dict().items()]
+    assert ours == ref["backbone"]                                    # every key, shape, in order
+    assert len(ours) == ref["num_tensors_backbone_state_dict"]
+    assert num_params(net) == ref["num_params_backbone"]
+    assert sum(b.numel() for b in net.buffers()) == ref["num_buffer_elems_backbone"]
+
+
+def test_hrnet_neck_is_stride4_concat_of_15_widths():
+    ref = reference("hrnet18_small_v2")["forward_check"]              # input (1,3,128,256) -> stride 4
+    net = small_hrnet()
+    neck = HRNetNeck(net.channels)
+    with torch.no_grad():
+        xs = net(torch.randn(ref["input"]))
+        y = neck(xs)
+    assert [x.shape[1] for x in xs] == [18, 36, 72, 144]
+    assert list(y.shape) == [1, 15 * 18] + ref["output"][2:]
+    assert torch.equal(y[:, :18], xs[0])                              # branch 1 is not resampled
+
+
+@pytest.mark.parametrize("name,params,tensors", [("resnet18", 11_176_512, 120), ("resnet50", 23_508_032, 318),
+                                                 ("resnet101", 42_500_160, 624)])
+def test_resnet_matches_torchvision_names_and_param_counts_without_fc(name, params, tensors):
+    net = build_backbone(name)
+    sd = net.state_dict()
+    assert num_params(net) == params and len(sd) == tensors            # torchvision minus fc.weight, fc.bias
+    assert sd["conv1.weight"].shape == (64, 3, 7, 7)
+    assert sd["layer1.0.conv1.weight"].shape == ((64, 64, 3, 3) if name == "resnet18" else (64, 64, 1, 1))
+    if name == "resnet18":
+        assert sd["layer4.1.conv2.weight"].shape == (512, 512, 3, 3)
+        assert sd["layer2.0.downsample.0.weight"].shape == (128, 64, 1, 1)
+    else:
+        assert sd["layer4.2.conv3.weight"].shape == (2048, 512, 1, 1)
+        assert sd["layer1.0.downsample.1.running_var"].shape == (256,)
+    assert not any(k.startswith(("fc.", "avgpool")) for k in sd)
+
+
+@pytest.mark.parametrize("output_stride,dilations", [(8, (2, 4)), (16, (1, 2))])
+def test_resnet_output_stride_replaces_stride_by_dilation(output_stride, dilations):
+    net = build_backbone("resnet18", output_stride=output_stride).eval()
+    with torch.no_grad():
+        y = net(torch.randn(1, 3, 64, 96))
+    assert y.shape == (1, 512, 64 // output_stride, 96 // output_stride)
+    assert (net.layer3[1].conv1.dilation[0], net.layer4[1].conv1.dilation[0]) == dilations
+    assert net.layer4[0].conv1.dilation[0] == dilations[0]            # first block keeps the previous dilation
+
+
+# ----------------------------------------------------------------------------- SegModel
+
+@pytest.mark.parametrize("backbone", ["hrnet18_small_v2", "resnet18"])
+def test_scores_at_input_resolution_for_odd_sizes(backbone):
+    torch.manual_seed(0)
+    model = build_model(backbone, head="softmax", num_classes=5).eval()
+    with torch.no_grad():
+        scores = model(torch.randn(2, 3, 97, 131))
+    assert scores.shape == (2, 5, 97, 131)
+
+
+def test_protoseg_training_dict_has_scores_at_input_resolution():
+    torch.manual_seed(0)
+    model = build_model("hrnet18_small_v2", head="protoseg", num_classes=3, num_prototypes=2).train()
+    images, labels = torch.randn(2, 3, 65, 99), torch.randint(0, 3, (2, 65, 99))
+    out = model(images, labels)
+    assert out["scores"].shape == (2, 3, 65, 99)
+    assert out["proto_sim"].shape[1] == 3 * 2                         # other entries untouched
+    assert model.eval()(images).shape == (2, 3, 65, 99)               # eval: a tensor
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = build_model("resnet18", head="softmax", num_classes=3).train()
+    images = torch.randn(2, 3, 64, 64)
+    # random class per 16x16 cell: learnable from stride-8 features, unlike per-pixel noise
+    labels = F.interpolate(torch.randint(0, 3, (2, 1, 4, 4)).float(), size=(64, 64), mode="nearest")[:, 0].long()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(25):
+        loss = F.cross_entropy(model(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        acc = (model(images).argmax(1) == labels).float().mean().item()
+    assert losses[-1] < 0.2 * losses[0], losses[::5]
+    assert acc > 0.9, acc
+
+
+# ----------------------------------------------------------------------------- strict loading
+
+def test_saved_backbone_reloads_to_identical_outputs(tmp_path):
+    src, dst = small_hrnet(0), small_hrnet(1)
+    for m in src.modules():                                           # non-trivial BN statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    path = save(tmp_path, src.state_dict())
+    summary = load_pretrained(dst, path)
+    assert "loaded 864" in summary
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(src(x), dst(x)))
+
+
+def test_load_accepts_state_dict_wrapper_and_module_prefix(tmp_path):
+    src, dst = small_hrnet(0), small_hrnet(1)
+    path = save(tmp_path, {"state_dict": {"module." + k: v for k, v in src.state_dict().items()}, "epoch": 3})
+    load_pretrained(dst, path)
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+
+
+def test_load_accepts_backbone_prefix_and_ignores_head_of_full_model(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("hrnet18_small_v2", head="softmax", num_classes=3)
+    dst = small_hrnet(1)
+    summary = load_pretrained(dst, save(tmp_path, {"model": model.state_dict()}))
+    assert "head" in summary
+    assert all(torch.equal(a, b) for a, b in zip(model.backbone.state_dict().values(), dst.state_dict().values()))
+
+
+def test_load_works_without_num_batches_tracked(tmp_path):
+    src, dst = small_hrnet(0), small_hrnet(1)
+    sd = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(sd) == 864 - 144
+    load_pretrained(dst, save(tmp_path, sd))
+    assert torch.equal(dst.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
+
+
+def test_load_ignores_only_the_imagenet_keys_listed_in_reference(tmp_path):
+    extra = reference("hrnet18_small_v2")["consumed_from_imagenet_checkpoint"]["checkpoint_only_keys_ignored"]
+    src, dst = small_hrnet(0), small_hrnet(1)
+    sd = dict(src.state_dict(), **{k: torch.zeros(s) for k, s in extra})
+    summary = load_pretrained(dst, save(tmp_path, sd))
+    assert f"ignored {len(extra)}" in summary
+    assert all(p in summary for p in ("incre_modules", "downsamp_modules", "final_layer", "classifier"))
+
+
+def test_load_resnet_drops_torchvision_fc(tmp_path):
+    torch.manual_seed(0)
+    src, dst = build_backbone("resnet18"), build_backbone("resnet18")
+    sd = dict(src.state_dict(), **{"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)})
+    assert "ignored 2" in load_pretrained(dst, save(tmp_path, sd))
+    assert torch.equal(dst.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
+
+
+def test_load_misnamed_key_fails_naming_file_and_key(tmp_path):
+    sd = small_hrnet(0).state_dict()
+    sd["stage3.0.branches.0.0.conv1.weigth"] = sd.pop("stage3.0.branches.0.0.conv1.weight")
+    path = save(tmp_path, sd)
+    with pytest.raises(ValueError) as err:
+        load_pretrained(small_hrnet(1), path)
+    msg = str(err.value)
+    assert path in msg and "stage3.0.branches.0.0.conv1.weigth" in msg and "stage3.0.branches.0.0.conv1.weight" in msg
+
+
+def test_load_shape_mismatch_fails(tmp_path):
+    sd = small_hrnet(0).state_dict()                                  # W32 weights into W18-small-v2: same names
+    wide = {k: v for k, v in build_backbone("hrnet32").state_dict().items() if k in sd}
+    with pytest.raises(ValueError, match=r"transition1\.0\.0\.weight \(32, 256, 3, 3\) vs ours \(18, 256, 3, 3\)"):
+        load_pretrained(small_hrnet(1), save(tmp_path, wide))
