@@ -122,10 +122,12 @@ def _rank(rank, world, port, args):
 
 
 def test_ddp_two_ranks_equal_one_rank(tmp_path):
-    # same global batch of 4: frozen BN and no dropout, so per-rank statistics cannot differ (CPU has no SyncBN)
-    args = TINY + ["--iters", "2", "--freeze-bn", "--dropout", "0", "--scale", "1", "1", "--crop", "160", "160",
+    # same global batch of 4: frozen BN and no dropout, so per-rank statistics cannot differ (CPU has no SyncBN);
+    # K = 1 because untrained embeddings make Sinkhorn's split of a class a near-tie that float summation order
+    # can flip (the 2-rank Sinkhorn itself is checked in test_protoseg.py)
+    args = TINY + ["--num-prototypes", "1", "--iters", "2", "--freeze-bn", "--dropout", "0", "--scale", "1", "1", "--crop", "160", "160",
                    "--proto-momentum", "0.5", "--optimizer", "sgd"]
     train.main(args + ["--out-dir", str(tmp_path / "one")])
     mp.spawn(_rank, args=(2, _free_port(), args + ["--out-dir", str(tmp_path / "two")]), nprocs=2)
     a, b = state(tmp_path / "one" / "last.pt"), state(tmp_path / "two" / "last.pt")
-    assert_same_state(a["model"], b["model"], atol=1e-4)            # summation order only (local stats: 0.07)
+    assert_same_state(a["model"], b["model"], atol=1e-4)            # summation order only (--local-stats: 0.045)

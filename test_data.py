@@ -1,0 +1,278 @@
+"""Tests for data.py: label tables against the reference facts, layouts, synthetic scenes, augmentation, errors."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+REF = Path(__file__).parent.parent / "shared/reference"
+
+
+def ref(name):
+    return json.loads((REF / name).read_text())
+
+
+def save(path, array, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, np.uint8), mode).save(path)
+
+
+# ---- label tables ----------------------------------------------------------------------------------------
+
+def test_cityscapes_tables_equal_official_labels():
+    j = ref("cityscapes_labels.json")
+    assert data.CITYSCAPES_CLASSES == j["train_classes"]["names"]
+    assert data.CITYSCAPES_PALETTE.tolist() == j["train_classes"]["colors"]
+    assert data.CITYSCAPES_LABEL_IDS == j["train_classes"]["labelIds"]
+    expect = np.full(256, 255)
+    for k, v in j["labelId_to_trainId"].items():
+        expect[int(k)] = v
+    assert data.CITYSCAPES_LUT[:256].tolist() == expect.tolist()
+    for lab in j["labels"]:  # the full table agrees too (license plate has id -1, not in a PNG)
+        if lab["id"] >= 0:
+            assert data.CITYSCAPES_LUT[lab["id"]] == (lab["trainId"] if 0 <= lab["trainId"] < 19 else 255)
+
+
+def test_ade20k_tables_equal_reference():
+    j = ref("ade20k_labels.json")
+    assert data.ADE20K_CLASSES == j["classes"] and len(data.ADE20K_CLASSES) == 150
+    assert data.ADE20K_PALETTE.tolist() == j["palette"]
+    assert data.ADE20K_LUT[0] == 255 and data.ADE20K_LUT[1:151].tolist() == list(range(150))
+    assert (data.ADE20K_LUT[151:] == -1).all()  # values above 150 are errors
+
+
+def test_coco_stuff_tables_equal_reference():
+    j = ref("coco_stuff_labels.json")
+    assert data.COCO_STUFF_CLASSES == j["classes"] and len(data.COCO_STUFF_CLASSES) == 171
+    assert data.COCO_STUFF_PALETTE.tolist() == j["palette"]
+    assert data.COCO_STUFF_LUT[:256].tolist() == j["lut_raw_to_train_id_256"]
+    assert data.COCO_STUFF_RAW_IDS == j["train_id_to_raw_png_value"]
+    assert {int(k): v for k, v in j["clsID_to_trID_164k"].items()} == \
+        {v: int(data.COCO_STUFF_LUT[v]) for v in data.COCO_STUFF_RAW_IDS + [255]}
+
+
+# ---- real layouts ----------------------------------------------------------------------------------------
+
+def test_cityscapes_sample_labels_equal_labelids_through_official_table():
+    ds = data.build_dataset("cityscapes", REF / "cityscapes_sample", "val")
+    assert len(ds) == 1 and ds.num_classes == 19 and ds.ignore_index == 255
+    s = ds[0]
+    assert s["name"] == "frankfurt/frankfurt_000000_000294"
+    assert s["image"].shape == (3, 128, 256) and s["image"].dtype == torch.float32
+    frame = "val/frankfurt/frankfurt_000000_000294"
+    raw = np.array(Image.open(REF / f"cityscapes_sample/gtFine/{frame}_gtFine_labelIds.png"))
+    lut = ref("cityscapes_labels.json")["labelId_to_trainId"]
+    expect = np.vectorize(lambda v: lut.get(str(v), 255))(raw)
+    assert s["label"].dtype == torch.int64 and (s["label"].numpy() == expect).all()
+    rgb = np.array(Image.open(REF / f"cityscapes_sample/leftImg8bit/{frame}_leftImg8bit.png"))
+    assert torch.allclose(s["image"], data.normalize(rgb))
+
+
+@pytest.mark.parametrize("split,raw_value", [("train", 2), ("val", 3)])
+def test_ade20k_sample_reduces_zero_label(split, raw_value):
+    for root in (REF / "ade20k_sample", REF / "ade20k_sample/ADEChallengeData2016"):
+        ds = data.build_dataset("ade20k", root, split)
+        assert len(ds) == 1 and ds.num_classes == 150
+        s = ds[0]
+        assert s["image"].shape == (3, 128, 256)
+        assert set(s["label"].unique().tolist()) == {255, raw_value - 1}
+
+
+def test_coco_stuff_layout_maps_raw_ids(tmp_path):
+    raw = np.array([[0, 10, 11, 12], [181, 255, 182, 90]], np.uint8)  # 11, 182 and 90 are not classes
+    save(tmp_path / "images/val2017/000001.jpg", np.zeros((2, 4, 3)))
+    save(tmp_path / "annotations/val2017/000001.png", raw)
+    s = data.build_dataset("coco_stuff", tmp_path, "val")[0]
+    assert s["label"].tolist() == [[0, 10, 255, 11], [170, 255, 255, 255]]
+
+
+def test_folder_layout_maps_ignore_value_and_uses_split_folders(tmp_path):
+    for split in ("train", "val"):
+        save(tmp_path / f"images/{split}/a.png", np.full((3, 5, 3), 100))
+        save(tmp_path / f"masks/{split}/a.png", [[0, 1, 2, 7, 7], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    ds = data.build_dataset("folder", tmp_path, "val", num_classes=3, ignore_value=7)
+    assert ds.num_classes == 3 and ds.palette.shape == (3, 3) and len(set(map(tuple, ds.palette.tolist()))) == 3
+    assert ds[0]["label"][0].tolist() == [0, 1, 2, 255, 255] and ds[0]["name"] == "a"
+    flat = tmp_path / "flat"
+    save(flat / "images/x.jpg", np.zeros((3, 5, 3)))
+    save(flat / "masks/x.png", np.ones((3, 5)))
+    assert data.build_dataset("folder", flat, "train", num_classes=2)[0]["label"].eq(1).all()
+
+
+# ---- synthetic scenes ------------------------------------------------------------------------------------
+
+def test_synthetic_deterministic_per_seed_and_index():
+    a, b = data.SyntheticDataset("train", seed=3), data.SyntheticDataset("train", seed=3)
+    for k in ("image", "label", "modes"):
+        assert torch.equal(a[5][k], b[5][k])
+    assert not torch.equal(a[5]["image"], a[6]["image"])
+    assert not torch.equal(a[5]["image"], data.SyntheticDataset("train", seed=4)[5]["image"])
+
+
+def test_synthetic_train_and_val_differ():
+    tr, va = data.build_dataset("synthetic", split="train"), data.build_dataset("synthetic", split="val")
+    assert len(tr) == 2000 and len(va) == 100
+    train_images = [tr[i]["image"] for i in range(20)]
+    for i in range(20):
+        assert all(not torch.equal(va[i]["image"], t) for t in train_images)
+
+
+def test_synthetic_every_class_shows_all_its_modes_and_modes_agree_with_labels():
+    ds = data.SyntheticDataset("val")
+    assert ds.num_classes == len(data.SYNTHETIC_MODES) == 5 and ds.palette.shape == (5, 3)
+    seen = set()
+    for i in range(40):
+        s = ds[i]
+        lab, modes = s["label"], s["modes"]
+        assert s["image"].shape == (3, 160, 160) and lab.shape == modes.shape == (160, 160)
+        assert ((lab == 255) == (modes == 255)).all()
+        for c in range(5):
+            assert (modes[lab == c] < data.SYNTHETIC_MODES[c]).all()
+        seen |= set(zip(lab.flatten().tolist(), modes.flatten().tolist()))
+    assert seen == {(c, m) for c in range(5) for m in range(data.SYNTHETIC_MODES[c])}
+
+
+def test_synthetic_colour_and_texture_are_each_shared_across_classes():
+    # the class is decided only by (colour, texture): no colour or texture belongs to a single class
+    pairs = {(c, m): ((c - 1 + m) % 4, m) for c in range(1, 5) for m in range(3)}
+    assert len(set(pairs.values())) == 12
+    for colour in range(4):
+        assert len({c for (c, m), (col, _) in pairs.items() if col == colour}) == 3
+    for tex in range(3):
+        assert len({c for (c, m), (_, t) in pairs.items() if t == tex}) == 4
+
+
+# ---- augmentation ----------------------------------------------------------------------------------------
+
+def blocky_scene(h=96, w=128, n=6, seed=0):
+    """A label map of large blocks and an image whose colour is palette[label]."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, n, (h // 16 + 1, w // 16 + 1)).astype(np.uint8)
+    label = np.repeat(np.repeat(blocks, 16, 0), 16, 1)[:h, :w]
+    palette = data.default_palette(n)
+    return palette[label], label, palette
+
+
+def test_train_transform_keeps_image_and_label_aligned():
+    # pixels 2+ px away from any block edge (in the output) must show exactly their label's colour
+    image, label, palette = blocky_scene()
+    t = data.TrainTransform(crop_size=(64, 80), jitter=0)
+    for i in range(20):
+        img, (lab,) = t(image, [label], np.random.default_rng(i))
+        rgb = img.permute(1, 2, 0).numpy() * data.STD + data.MEAN
+        lab = lab.numpy()
+        windows = np.lib.stride_tricks.sliding_window_view(np.pad(lab, 2, constant_values=254), (5, 5))
+        interior = (windows == lab[..., None, None]).all((-1, -2)) & (lab != 255)
+        assert interior.mean() > 0.3
+        assert (np.abs(rgb[interior] - palette[lab[interior]]).max(1) < 2).all()
+
+
+def test_train_transform_pads_with_ignore_and_outputs_crop_size():
+    image, label, _ = blocky_scene(40, 50)
+    img, (lab, modes) = data.TrainTransform((64, 80), scale=(1, 1), flip=False)(image, [label, label],
+                                                                              np.random.default_rng(0))
+    assert img.shape == (3, 64, 80) and lab.shape == modes.shape == (64, 80)
+    assert img.dtype == torch.float32 and lab.dtype == torch.int64
+    assert (lab[40:] == 255).all() and (lab[:, 50:] == 255).all() and (img[:, 40:] == 0).all()
+    assert (lab[:40, :50].numpy() == label).all() and torch.equal(lab, modes)
+
+
+def test_eval_transform_keeps_whole_image():
+    image, label, _ = blocky_scene(37, 53)
+    img, (lab,) = data.EvalTransform()(image, [label])
+    assert img.shape == (3, 37, 53) and (lab.numpy() == label).all() and lab.dtype == torch.int64
+
+
+def test_augmentation_reproducible_per_seed_epoch_index():
+    ds = data.SyntheticDataset("train", data.TrainTransform((96, 96)), seed=1)
+    a = ds[7]
+    assert a["image"].dtype == torch.float32 and a["image"].shape == (3, 96, 96)
+    assert torch.equal(a["image"], ds[7]["image"]) and torch.equal(a["label"], ds[7]["label"])
+    ds.set_epoch(1)
+    assert not torch.equal(a["image"], ds[7]["image"])
+    ds.set_epoch(0)
+    assert torch.equal(a["image"], ds[7]["image"])
+
+
+# ---- errors a user can act on ----------------------------------------------------------------------------
+
+def test_error_missing_root_names_path_and_layout(tmp_path):
+    with pytest.raises(data.DatasetError, match="(?s)nowhere/leftImg8bit/train.*expected layout.*gtFine_labelIds"):
+        data.build_dataset("cityscapes", tmp_path / "nowhere", "train")
+    with pytest.raises(data.DatasetError, match="training"):
+        data.build_dataset("ade20k", REF / "ade20k_sample", "test")  # no such split
+
+
+def test_error_no_images(tmp_path):
+    (tmp_path / "images/val2017").mkdir(parents=True)
+    (tmp_path / "annotations/val2017").mkdir(parents=True)
+    with pytest.raises(data.DatasetError, match="no images"):
+        data.build_dataset("coco_stuff", tmp_path, "val")
+
+
+def test_error_image_without_label_and_label_without_image(tmp_path):
+    save(tmp_path / "images/a.png", np.zeros((4, 4, 3)))
+    save(tmp_path / "masks/b.png", np.zeros((4, 4)))
+    with pytest.raises(data.DatasetError, match="a.png has no label"):
+        data.build_dataset("folder", tmp_path, num_classes=2)
+    save(tmp_path / "masks/a.png", np.zeros((4, 4)))
+    with pytest.raises(data.DatasetError, match="b.png has no image"):
+        data.build_dataset("folder", tmp_path, num_classes=2)
+
+
+def test_error_size_mismatch_names_file_and_sizes(tmp_path):
+    save(tmp_path / "images/a.png", np.zeros((4, 6, 3)))
+    save(tmp_path / "masks/a.png", np.zeros((4, 5)))
+    with pytest.raises(data.DatasetError, match=r"a.png: label size 5x4 .* image size 6x4"):
+        data.build_dataset("folder", tmp_path, num_classes=2)[0]
+
+
+def test_error_unreadable_file_named(tmp_path):
+    save(tmp_path / "images/a.png", np.zeros((4, 4, 3)))
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks/a.png").write_bytes(b"not a png")
+    with pytest.raises(data.DatasetError, match="cannot read .*masks/a.png"):
+        data.build_dataset("folder", tmp_path, num_classes=2)[0]
+
+
+def test_error_label_values_outside_classes_named(tmp_path):
+    save(tmp_path / "images/a.png", np.zeros((2, 3, 3)))
+    save(tmp_path / "masks/a.png", [[0, 1, 5], [9, 255, 1]])
+    with pytest.raises(data.DatasetError, match=r"a.png: label values \[5, 9\]"):
+        data.build_dataset("folder", tmp_path, num_classes=2)[0]
+    save(tmp_path / "ade/images/training/x.jpg", np.zeros((2, 3, 3)))
+    save(tmp_path / "ade/annotations/training/x.png", [[0, 150, 151], [0, 0, 0]])
+    with pytest.raises(data.DatasetError, match=r"x.png: label values \[151\]"):
+        data.build_dataset("ade20k", tmp_path / "ade", "train")[0]
+    with pytest.raises(data.DatasetError, match="ignore_value >= num_classes"):
+        data.build_dataset("folder", tmp_path, num_classes=2, ignore_value=1)
+
+
+def test_error_unknown_dataset_and_missing_root():
+    with pytest.raises(data.DatasetError, match="unknown dataset 'voc'"):
+        data.build_dataset("voc", "x")
+    with pytest.raises(data.DatasetError, match="needs a data root"):
+        data.build_dataset("cityscapes")
+
+
+# ---- colouring -------------------------------------------------------------------------------------------
+
+def test_colorize_ignore_black_and_classes_palette():
+    pal = data.CITYSCAPES_PALETTE
+    label = torch.tensor([[0, 18, 255], [5, 19, 2]])
+    out = np.array(data.colorize(label, pal))
+    assert out.shape == (2, 3, 3)
+    assert out[0, 0].tolist() == pal[0].tolist() and out[0, 1].tolist() == pal[18].tolist()
+    assert out[0, 2].tolist() == [0, 0, 0] and out[1, 1].tolist() == [0, 0, 0]
+
+
+def test_trainid_to_labelid_round_trips_with_lut():
+    pred = np.arange(19).reshape(1, 19)
+    ids = data.trainid_to_labelid(pred)
+    assert ids.dtype == np.uint8 and ids[0].tolist() == data.CITYSCAPES_LABEL_IDS
+    assert (data.CITYSCAPES_LUT[ids] == pred).all()
+    assert data.trainid_to_labelid(torch.tensor([255]))[0] == 0

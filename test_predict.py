@@ -1,0 +1,44 @@
+"""predict.py on a tiny checkpoint: the files it writes, their sizes and palette colours; broken images skipped."""
+import dataclasses
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+import predict
+import train
+from models import build_model
+
+
+def test_predict_writes_pictures_and_skips_broken_images(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = dataclasses.asdict(train.Config(num_prototypes=3))
+    model = build_model(cfg["backbone"], "protoseg", 5, num_prototypes=3)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save({"model": model.state_dict(), "config": cfg}, ckpt)
+    rng = np.random.default_rng(0)
+    good = [tmp_path / "a.png", tmp_path / "b.jpg"]
+    Image.fromarray(rng.integers(0, 255, (45, 61, 3), dtype=np.uint8)).save(good[0])
+    Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(good[1])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    written, skipped = predict.main(["--checkpoint", str(ckpt), str(good[0]), str(broken), str(good[1]),
+                                     "--out", str(out), "--class", "alpha"])
+    assert (written, skipped) == (2, 1)
+    err = capsys.readouterr().err
+    assert f"skipping {broken}" in err
+    palette = {tuple(c) for c in data.SYNTHETIC_PALETTE}
+    for path, (h, w) in zip(good, [(45, 61), (32, 40)]):
+        for kind in ("pred", "overlay", "protos"):
+            img = Image.open(out / f"{path.stem}_{kind}.png")
+            assert img.size == (w, h) and img.mode == "RGB"
+        colours = {tuple(c) for c in np.asarray(Image.open(out / f"{path.stem}_pred.png")).reshape(-1, 3)}
+        assert colours <= palette
+    assert not (out / "broken_pred.png").exists()
+
+
+def test_prototype_colours_are_distinct():
+    colours = predict.prototype_colours(10)
+    assert len({tuple(c) for c in colours.round(3)}) == 10
