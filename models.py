@@ -136,9 +136,10 @@ class HRNet(nn.Module):
             setattr(self, f"stage{s + 2}", nn.Sequential(
                 *[HighResolutionModule(num_blocks, cur) for _ in range(num_modules[s])]))
             prev = cur
-        for m in self.modules():  # HRNet-seg init: N(0, 0.001) convs, BN = identity
+        # He init (not HRNet-seg's N(0, 0.001), which only waits for ImageNet weights and trains badly from scratch)
+        for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, std=0.001)
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     @staticmethod
     def _transition(prev, cur):

@@ -14,7 +14,7 @@ from models import build_model
 def test_predict_writes_pictures_and_skips_broken_images(tmp_path, capsys):
     torch.manual_seed(0)
     cfg = dataclasses.asdict(train.Config(num_prototypes=3))
-    model = build_model(cfg["backbone"], "protoseg", 5, num_prototypes=3)
+    model = build_model(cfg["backbone"], "protoseg", 5, num_prototypes=3, class_layernorm=cfg["class_layernorm"])
     ckpt = tmp_path / "tiny.pt"
     torch.save({"model": model.state_dict(), "config": cfg}, ckpt)
     rng = np.random.default_rng(0)
