@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from protoseg import HEADS, momentum_update, pixel_prototype_similarity, ppc_loss, ppd_loss
+from protoseg import HEADS, momentum_update, pixel_prototype_similarity, ppc_loss, ppd_loss, seg_loss
 from sinkhorn import sinkhorn, sinkhorn_batched
 
 
@@ -84,7 +84,6 @@ def train_step_child(queue, backbone, head, size, device_name):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     images = torch.randn(2, 3, *size, device=device)
     labels = torch.randint(0, 19, (2, *size), device=device)
-    from protoseg import seg_loss
 
     def step():
         loss, _ = seg_loss(model(images, labels), labels)
