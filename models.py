@@ -1,4 +1,4 @@
-"""Backbones and the segmentation model: HRNetV2 (W18-small-v2/18/32/48), dilated ResNet-18/50/101.
+"""Backbones and the segmentation model: HRNetV2 (W18-small-v2/18/32/48, tiny), dilated ResNet-18/50/101.
 
 Parameter names follow the checkpoints people load: HRNet-Semantic-Segmentation's `seg_hrnet` backbone
 (= `backbone.*` in the official ProtoSeg checkpoint) and torchvision's ResNet. `load_pretrained` matches
@@ -106,8 +106,11 @@ class HighResolutionModule(nn.Module):
         return out
 
 
-# width, Bottlenecks in layer1, modules in stages 2/3/4, BasicBlocks per branch. Branch channels = width * [1, 2, 4, 8].
+# width, Bottlenecks in layer1, modules in stages 2/3/4, BasicBlocks per branch (stem: 64 channels unless given).
+# Branch channels = width * [1, 2, 4, 8].
 HRNET_PRESETS = {
+    # CPU-sized, no checkpoint to match: 32-channel stem, one module per stage, branches 8/16/32/64
+    "hrnet_tiny": dict(width=8, stem=32, layer1_blocks=1, num_modules=(1, 1, 1), num_blocks=2),
     "hrnet18_small_v2": dict(width=18, layer1_blocks=2, num_modules=(1, 3, 2), num_blocks=2),
     "hrnet18": dict(width=18, layer1_blocks=4, num_modules=(1, 4, 3), num_blocks=4),
     "hrnet32": dict(width=32, layer1_blocks=4, num_modules=(1, 4, 3), num_blocks=4),
@@ -120,16 +123,16 @@ class HRNet(nn.Module):
     # ImageNet (HRNet-Image-Classification) checkpoints also hold the classification neck/head; HRNet-seg ones `last_layer`
     ignored_prefixes = ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier.", "last_layer.")
 
-    def __init__(self, width=48, layer1_blocks=4, num_modules=(1, 4, 3), num_blocks=4):
+    def __init__(self, width=48, layer1_blocks=4, num_modules=(1, 4, 3), num_blocks=4, stem=64):
         super().__init__()
         self.channels = [width * 2 ** i for i in range(4)]
-        self.conv1, self.bn1 = nn.Conv2d(3, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64)
-        self.conv2, self.bn2 = nn.Conv2d(64, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64)
+        self.conv1, self.bn1 = nn.Conv2d(3, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem)
+        self.conv2, self.bn2 = nn.Conv2d(stem, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem)
         self.relu = nn.ReLU(inplace=True)
-        down = nn.Sequential(conv1x1(64, 256), nn.BatchNorm2d(256))
-        self.layer1 = nn.Sequential(Bottleneck(64, 64, downsample=down),
-                                    *[Bottleneck(256, 64) for _ in range(layer1_blocks - 1)])
-        prev = [256]
+        down = nn.Sequential(conv1x1(stem, 4 * stem), nn.BatchNorm2d(4 * stem))
+        self.layer1 = nn.Sequential(Bottleneck(stem, stem, downsample=down),
+                                    *[Bottleneck(4 * stem, stem) for _ in range(layer1_blocks - 1)])
+        prev = [4 * stem]
         for s in range(3):  # transition{1,2,3}, stage{2,3,4}
             cur = self.channels[:s + 2]
             setattr(self, f"transition{s + 1}", self._transition(prev, cur))

@@ -60,6 +60,18 @@ def test_hrnet_neck_is_stride4_concat_of_15_widths():
     assert torch.equal(y[:, :18], xs[0])                              # branch 1 is not resampled
 
 
+def test_hrnet_tiny_is_the_same_network_with_a_narrow_stem_and_branches():
+    torch.manual_seed(0)
+    net = build_backbone("hrnet_tiny").eval()
+    with torch.no_grad():
+        xs = net(torch.randn(1, 3, 64, 96))
+    assert [tuple(x.shape[1:]) for x in xs] == [(8, 16, 24), (16, 8, 12), (32, 4, 6), (64, 2, 3)]
+    assert net.conv2.weight.shape == (32, 32, 3, 3) and net.layer1[0].conv3.weight.shape == (128, 32, 1, 1)
+    assert len(net.layer1) == 1 and [len(net.stage2), len(net.stage3), len(net.stage4)] == [1, 1, 1]
+    # same parameter names as the full HRNet, a subset of them (fewer modules / blocks)
+    assert set(net.state_dict()) <= set(build_backbone("hrnet18").state_dict())
+
+
 @pytest.mark.parametrize("name,params,tensors", [("resnet18", 11_176_512, 120), ("resnet50", 23_508_032, 318),
                                                  ("resnet101", 42_500_160, 624)])
 def test_resnet_matches_torchvision_names_and_param_counts_without_fc(name, params, tensors):

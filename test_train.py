@@ -12,7 +12,7 @@ import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # tiny: small images, 2-4 iterations, few val images, no loader workers
-TINY = ["--backbone", "hrnet18_small_v2", "--crop", "64", "64", "--batch-size", "4", "--val-size", "2",
+TINY = ["--backbone", "hrnet_tiny", "--crop", "64", "64", "--batch-size", "4", "--val-size", "2",
         "--workers", "0", "--log-every", "1", "--num-prototypes", "3"]
 
 
@@ -34,8 +34,8 @@ def test_command_line_runs_end_to_end(tmp_path):
     assert (tmp_path / "last.pt").exists() and (tmp_path / "metrics.json").exists()
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
     ckpt = state(tmp_path / "last.pt")
-    assert ckpt["iter"] == 2 and ckpt["config"]["backbone"] == "hrnet18_small_v2"
-    assert ckpt["model"]["head.prototypes"].shape == (5, 3, 270)
+    assert ckpt["iter"] == 2 and ckpt["config"]["backbone"] == "hrnet_tiny"
+    assert ckpt["model"]["head.prototypes"].shape == (5, 3, 120)   # D = 8+16+32+64
 
 
 def test_help_lists_every_setting():
