@@ -1,6 +1,6 @@
 """Train and evaluate ProtoSeg (or a softmax / query baseline) on one device or under torchrun.
 
-    python train.py                                   # embedded synthetic dataset, tiny HRNet, CPU, ~3.5 min
+    python train.py                                   # embedded synthetic dataset, tiny HRNet, CPU, ~4 min
     python train.py --dataset cityscapes --data-root /data/cityscapes --pretrained hrnetv2_w48_imagenet.pth
     torchrun --nproc_per_node=8 train.py --dataset cityscapes --data-root ...
     python train.py --eval-only --resume runs/cityscapes/last.pt --eval-flip --eval-scales 0.75 1 1.25
@@ -84,7 +84,7 @@ class Config:
 
 # The published recipes. Cityscapes: EQUATIONS.md; ADE20K / COCO-Stuff: the common 512x512 schedules.
 PRESETS = {
-    # CPU-sized: a tiny HRNet, 700 AdamW steps of batch 16 (~3.5 min on 2 cores). mu stays the paper's 0.999:
+    # CPU-sized: a tiny HRNet, 700 AdamW steps of batch 16 (~4.3 min on 2 cores). mu stays the paper's 0.999:
     # with 0.99 the prototypes of two classes followed the still-undiscriminating embeddings onto one point (README)
     "synthetic": dict(backbone="hrnet_tiny", iters=700, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
                       batch_size=16, ckpt_every=100, log_every=25),
