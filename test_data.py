@@ -9,7 +9,7 @@ from PIL import Image
 
 import data
 
-REF = Path(__file__).parent.parent / "shared/reference"
+REF = Path(__file__).parent / "testdata"  # copies of shared/reference, see testdata/README.md
 
 
 def ref(name):
