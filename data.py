@@ -2,10 +2,10 @@
 
 Every dataset item is a dict:
     "image": FloatTensor 3xHxW, RGB normalised with ImageNet mean/std
-    "label": LongTensor HxW, train ids 0..C-1, 255 = ignore
+    "label": LongTensor HxW, train ids 0..C-1, IGNORE (-1, protoseg.IGNORE_INDEX) = ignore
     "name":  str, the file path relative to its split folder, without suffix
-    "modes": LongTensor HxW, synthetic only: which sub-class (mode) of its class each pixel shows, 255 = ignore
-Each dataset has .num_classes, .ignore_index (255), .class_names, .palette (C x 3 uint8) and .set_epoch(epoch).
+    "modes": LongTensor HxW, synthetic only: which sub-class (mode) of its class each pixel shows, -1 = ignore
+Each dataset has .num_classes, .ignore_index (-1), .class_names, .palette (C x 3 uint8) and .set_epoch(epoch).
 
     build_dataset(name, root, split, transform, **kw)   name: synthetic | cityscapes | ade20k | coco_stuff | folder
     TrainTransform(crop_size, scale, flip, jitter), EvalTransform()
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-IGNORE = 255
+from protoseg import IGNORE_INDEX as IGNORE  # -1: raw files use 255 / 65535 / 0, mapped to this
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255  # ImageNet RGB statistics
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
@@ -34,11 +34,14 @@ def _hex_palette(s):
     return np.array([[int(h[i:i + 2], 16) for i in (0, 2, 4)] for h in s.split()], np.uint8)
 
 
+INVALID = -2  # lut entry of a raw value that is neither a class nor ignore: an error in the data
+
+
 def _lut(mapping, default, size=256):
-    """Raw label value -> train id (int16). One extra last entry, -1, catches values >= size; -1 = invalid."""
-    lut = np.full(size + 1, default, np.int16)
+    """Raw label value -> train id (int32). One extra last entry, INVALID, catches values >= size."""
+    lut = np.full(size + 1, default, np.int32)
     lut[list(mapping)] = list(mapping.values())
-    lut[-1] = -1
+    lut[-1] = INVALID
     return lut
 
 
@@ -85,7 +88,7 @@ ADE20K_PALETTE = _hex_palette(
     "5cff00 00e0ff 70e0ff 46b8a0 a300ff 9900ff 47ff00 ff00a3 ffcc00 ff008f 00ffeb 85ff00 ff00eb f500ff ff007a fff500 "
     "0abed4 d6ff00 00ccff 1400ff ffff00 0099ff 0029ff 00ffcc 2900ff 29ff00 ad00ff 00f5ff 4700ff 7a00ff 00ffb8 005cff "
     "b8ff00 0085ff ffd600 19c2c2 66ff00 5c00ff ")
-ADE20K_LUT = _lut({0: IGNORE, **{v: v - 1 for v in range(1, 151)}}, default=-1)
+ADE20K_LUT = _lut({0: IGNORE, **{v: v - 1 for v in range(1, 151)}}, default=INVALID)
 
 # COCO-Stuff-164k stuffthingmaps (mmseg coco_stuff.py / coco_stuff164k.py): PNG values 0..181 are the
 # cocostuff labels.txt id - 1; the 171 used ones map to 0..170 in order, the 11 unused thing ids and 255 -> ignore.
@@ -127,14 +130,14 @@ COCO_STUFF_PALETTE = _hex_palette(
 
 
 def map_labels(raw, lut, path, rule):
-    """The one place that turns dataset label ids into train ids (uint8, 255 = ignore); lut from _lut."""
+    """The one place that turns dataset label ids into train ids (int32, IGNORE = ignore); lut from _lut."""
     if raw.ndim != 2:
         raise DatasetError(f"{path}: a label map must have one channel, got shape {raw.shape}")
     out = lut[raw if raw.max() < len(lut) else np.minimum(raw, len(lut) - 1)]
-    if (out < 0).any():
-        bad = np.unique(raw[out < 0]).tolist()
+    if (out == INVALID).any():
+        bad = np.unique(raw[out == INVALID]).tolist()
         raise DatasetError(f"{path}: label values {bad[:20]} are not allowed ({rule})")
-    return out.astype(np.uint8)
+    return out
 
 
 def colorize(label, palette, ignore_index=IGNORE):
@@ -147,14 +150,14 @@ def colorize(label, palette, ignore_index=IGNORE):
 
 def trainid_to_labelid(pred):
     """Cityscapes train ids (HxW) -> uint8 labelIds, the format of the official evaluation server.
-    Anything that is not a train id (e.g. 255) becomes 0, 'unlabeled'."""
+    Anything that is not a train id (e.g. ignore) becomes 0, 'unlabeled'."""
     pred = np.asarray(pred.cpu() if torch.is_tensor(pred) else pred).astype(np.int64)
     lut = np.array(CITYSCAPES_LABEL_IDS + [0], np.uint8)
     return lut[np.where((pred >= 0) & (pred < 19), pred, 19)]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Transforms: callables (image HxWx3 uint8, [masks HxW uint8], rng) -> (FloatTensor 3xhxw, [LongTensor hxw])
+# Transforms: callables (image HxWx3 uint8, [masks HxW int], rng) -> (FloatTensor 3xhxw, [LongTensor hxw])
 
 def normalize(image):
     """HxWx3 RGB (0..255) -> 3xHxW float tensor with ImageNet mean/std."""
@@ -184,7 +187,7 @@ class TrainTransform:
         # Resample only the crop window: PIL's box= gives the pixels of scale-then-crop at a fraction of the cost.
         box = (x0 * w / sw, y0 * h / sh, (x0 + tw) * w / sw, (y0 + th) * h / sh)
         image = np.asarray(Image.fromarray(image).resize((tw, th), Image.BILINEAR, box=box), np.float32)
-        masks = [np.asarray(Image.fromarray(m).resize((tw, th), Image.NEAREST, box=box)) for m in masks]
+        masks = [np.asarray(Image.fromarray(m.astype(np.int32)).resize((tw, th), Image.NEAREST, box=box)) for m in masks]
         if self.flip and rng.random() < 0.5:
             image, masks = image[:, ::-1], [m[:, ::-1] for m in masks]
         if self.jitter:
@@ -314,7 +317,7 @@ def default_palette(n):
 
 def folder(root, split="train", transform=None, seed=0, num_classes=None, ignore_value=255, class_names=None):
     """Your own data: root/images/X.jpg|png with root/masks/X.png (or root/{images,masks}/{split}/...).
-    Mask values are 0..num_classes-1 or ignore_value (which becomes 255)."""
+    Mask values are 0..num_classes-1 or ignore_value (which becomes IGNORE)."""
     if not num_classes or not 0 < num_classes <= 255 or ignore_value < num_classes:
         raise DatasetError(f"folder dataset: need 1 <= num_classes <= 255 and ignore_value >= num_classes, "
                            f"got num_classes={num_classes}, ignore_value={ignore_value}")
@@ -327,7 +330,7 @@ def folder(root, split="train", transform=None, seed=0, num_classes=None, ignore
         raise DatasetError(f"split folder not found: {img_dir / split}\nexpected layout:\n{layout}")
     exts = ["*.jpg", "*.jpeg", "*.png", "*.bmp", "*.tif", "*.tiff", "*.JPG", "*.JPEG", "*.PNG"]
     pairs = _pairs(img_dir, lbl_dir, exts, exts, layout)
-    lut = _lut({**{v: v for v in range(num_classes)}, ignore_value: IGNORE}, -1, max(256, ignore_value + 1))
+    lut = _lut({**{v: v for v in range(num_classes)}, ignore_value: IGNORE}, INVALID, max(256, ignore_value + 1))
     rule = f"classes are 0..{num_classes - 1}, ignore is {ignore_value}"
     names = class_names or [f"class{i}" for i in range(num_classes)]
     return FileDataset(pairs, names, default_palette(num_classes), lut, rule, transform, seed)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from sinkhorn import all_reduce, is_distributed, sinkhorn_batched
 
-IGNORE_INDEX = 255
+IGNORE_INDEX = -1   # the ignore label of every label tensor in this project: no class id can be negative
 
 
 # ----------------------------------------------------------------------------- the math, as functions

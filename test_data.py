@@ -28,30 +28,30 @@ def test_cityscapes_tables_equal_official_labels():
     assert data.CITYSCAPES_CLASSES == j["train_classes"]["names"]
     assert data.CITYSCAPES_PALETTE.tolist() == j["train_classes"]["colors"]
     assert data.CITYSCAPES_LABEL_IDS == j["train_classes"]["labelIds"]
-    expect = np.full(256, 255)
+    expect = np.full(256, data.IGNORE)
     for k, v in j["labelId_to_trainId"].items():
-        expect[int(k)] = v
+        expect[int(k)] = v if v != 255 else data.IGNORE   # the file's 255 = ignore
     assert data.CITYSCAPES_LUT[:256].tolist() == expect.tolist()
     for lab in j["labels"]:  # the full table agrees too (license plate has id -1, not in a PNG)
         if lab["id"] >= 0:
-            assert data.CITYSCAPES_LUT[lab["id"]] == (lab["trainId"] if 0 <= lab["trainId"] < 19 else 255)
+            assert data.CITYSCAPES_LUT[lab["id"]] == (lab["trainId"] if 0 <= lab["trainId"] < 19 else data.IGNORE)
 
 
 def test_ade20k_tables_equal_reference():
     j = ref("ade20k_labels.json")
     assert data.ADE20K_CLASSES == j["classes"] and len(data.ADE20K_CLASSES) == 150
     assert data.ADE20K_PALETTE.tolist() == j["palette"]
-    assert data.ADE20K_LUT[0] == 255 and data.ADE20K_LUT[1:151].tolist() == list(range(150))
-    assert (data.ADE20K_LUT[151:] == -1).all()  # values above 150 are errors
+    assert data.ADE20K_LUT[0] == data.IGNORE and data.ADE20K_LUT[1:151].tolist() == list(range(150))
+    assert (data.ADE20K_LUT[151:] == data.INVALID).all()  # values above 150 are errors
 
 
 def test_coco_stuff_tables_equal_reference():
     j = ref("coco_stuff_labels.json")
     assert data.COCO_STUFF_CLASSES == j["classes"] and len(data.COCO_STUFF_CLASSES) == 171
     assert data.COCO_STUFF_PALETTE.tolist() == j["palette"]
-    assert data.COCO_STUFF_LUT[:256].tolist() == j["lut_raw_to_train_id_256"]
+    assert data.COCO_STUFF_LUT[:256].tolist() == [data.IGNORE if v == 255 else v for v in j["lut_raw_to_train_id_256"]]
     assert data.COCO_STUFF_RAW_IDS == j["train_id_to_raw_png_value"]
-    assert {int(k): v for k, v in j["clsID_to_trID_164k"].items()} == \
+    assert {int(k): (data.IGNORE if v == 255 else v) for k, v in j["clsID_to_trID_164k"].items()} == \
         {v: int(data.COCO_STUFF_LUT[v]) for v in data.COCO_STUFF_RAW_IDS + [255]}
 
 
@@ -59,7 +59,7 @@ def test_coco_stuff_tables_equal_reference():
 
 def test_cityscapes_sample_labels_equal_labelids_through_official_table():
     ds = data.build_dataset("cityscapes", REF / "cityscapes_sample", "val")
-    assert len(ds) == 1 and ds.num_classes == 19 and ds.ignore_index == 255
+    assert len(ds) == 1 and ds.num_classes == 19 and ds.ignore_index == data.IGNORE == -1
     s = ds[0]
     assert s["name"] == "frankfurt/frankfurt_000000_000294"
     assert s["image"].shape == (3, 128, 256) and s["image"].dtype == torch.float32
@@ -67,6 +67,7 @@ def test_cityscapes_sample_labels_equal_labelids_through_official_table():
     raw = np.array(Image.open(REF / f"cityscapes_sample/gtFine/{frame}_gtFine_labelIds.png"))
     lut = ref("cityscapes_labels.json")["labelId_to_trainId"]
     expect = np.vectorize(lambda v: lut.get(str(v), 255))(raw)
+    expect[expect == 255] = data.IGNORE
     assert s["label"].dtype == torch.int64 and (s["label"].numpy() == expect).all()
     rgb = np.array(Image.open(REF / f"cityscapes_sample/leftImg8bit/{frame}_leftImg8bit.png"))
     assert torch.allclose(s["image"], data.normalize(rgb))
@@ -79,7 +80,7 @@ def test_ade20k_sample_reduces_zero_label(split, raw_value):
         assert len(ds) == 1 and ds.num_classes == 150
         s = ds[0]
         assert s["image"].shape == (3, 128, 256)
-        assert set(s["label"].unique().tolist()) == {255, raw_value - 1}
+        assert set(s["label"].unique().tolist()) == {data.IGNORE, raw_value - 1}
 
 
 def test_coco_stuff_layout_maps_raw_ids(tmp_path):
@@ -87,7 +88,7 @@ def test_coco_stuff_layout_maps_raw_ids(tmp_path):
     save(tmp_path / "images/val2017/000001.jpg", np.zeros((2, 4, 3)))
     save(tmp_path / "annotations/val2017/000001.png", raw)
     s = data.build_dataset("coco_stuff", tmp_path, "val")[0]
-    assert s["label"].tolist() == [[0, 10, 255, 11], [170, 255, 255, 255]]
+    assert s["label"].tolist() == [[0, 10, -1, 11], [170, -1, -1, -1]]
 
 
 def test_folder_layout_maps_ignore_value_and_uses_split_folders(tmp_path):
@@ -96,7 +97,7 @@ def test_folder_layout_maps_ignore_value_and_uses_split_folders(tmp_path):
         save(tmp_path / f"masks/{split}/a.png", [[0, 1, 2, 7, 7], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
     ds = data.build_dataset("folder", tmp_path, "val", num_classes=3, ignore_value=7)
     assert ds.num_classes == 3 and ds.palette.shape == (3, 3) and len(set(map(tuple, ds.palette.tolist()))) == 3
-    assert ds[0]["label"][0].tolist() == [0, 1, 2, 255, 255] and ds[0]["name"] == "a"
+    assert ds[0]["label"][0].tolist() == [0, 1, 2, -1, -1] and ds[0]["name"] == "a"
     flat = tmp_path / "flat"
     save(flat / "images/x.jpg", np.zeros((3, 5, 3)))
     save(flat / "masks/x.png", np.ones((3, 5)))
@@ -129,7 +130,7 @@ def test_synthetic_every_class_shows_all_its_modes_and_modes_agree_with_labels()
         s = ds[i]
         lab, modes = s["label"], s["modes"]
         assert s["image"].shape == (3, 160, 160) and lab.shape == modes.shape == (160, 160)
-        assert ((lab == 255) == (modes == 255)).all()
+        assert ((lab == data.IGNORE) == (modes == data.IGNORE)).all()
         for c in range(5):
             assert (modes[lab == c] < data.SYNTHETIC_MODES[c]).all()
         seen |= set(zip(lab.flatten().tolist(), modes.flatten().tolist()))
@@ -166,7 +167,7 @@ def test_train_transform_keeps_image_and_label_aligned():
         rgb = img.permute(1, 2, 0).numpy() * data.STD + data.MEAN
         lab = lab.numpy()
         windows = np.lib.stride_tricks.sliding_window_view(np.pad(lab, 2, constant_values=254), (5, 5))
-        interior = (windows == lab[..., None, None]).all((-1, -2)) & (lab != 255)
+        interior = (windows == lab[..., None, None]).all((-1, -2)) & (lab != data.IGNORE)
         assert interior.mean() > 0.3
         assert (np.abs(rgb[interior] - palette[lab[interior]]).max(1) < 2).all()
 
@@ -177,7 +178,7 @@ def test_train_transform_pads_with_ignore_and_outputs_crop_size():
                                                                               np.random.default_rng(0))
     assert img.shape == (3, 64, 80) and lab.shape == modes.shape == (64, 80)
     assert img.dtype == torch.float32 and lab.dtype == torch.int64
-    assert (lab[40:] == 255).all() and (lab[:, 50:] == 255).all() and (img[:, 40:] == 0).all()
+    assert (lab[40:] == data.IGNORE).all() and (lab[:, 50:] == data.IGNORE).all() and (img[:, 40:] == 0).all()
     assert (lab[:40, :50].numpy() == label).all() and torch.equal(lab, modes)
 
 
@@ -263,7 +264,7 @@ def test_error_unknown_dataset_and_missing_root():
 
 def test_colorize_ignore_black_and_classes_palette():
     pal = data.CITYSCAPES_PALETTE
-    label = torch.tensor([[0, 18, 255], [5, 19, 2]])
+    label = torch.tensor([[0, 18, data.IGNORE], [5, 19, 2]])
     out = np.array(data.colorize(label, pal))
     assert out.shape == (2, 3, 3)
     assert out[0, 0].tolist() == pal[0].tolist() and out[0, 1].tolist() == pal[18].tolist()
@@ -275,4 +276,4 @@ def test_trainid_to_labelid_round_trips_with_lut():
     ids = data.trainid_to_labelid(pred)
     assert ids.dtype == np.uint8 and ids[0].tolist() == data.CITYSCAPES_LABEL_IDS
     assert (data.CITYSCAPES_LUT[ids] == pred).all()
-    assert data.trainid_to_labelid(torch.tensor([255]))[0] == 0
+    assert data.trainid_to_labelid(torch.tensor([data.IGNORE]))[0] == 0

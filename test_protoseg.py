@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from protoseg import (ProtoSegHead, QueryHead, SoftmaxHead, class_distance, momentum_update,
+from protoseg import (IGNORE_INDEX, ProtoSegHead, QueryHead, SoftmaxHead, class_distance, momentum_update,
                       nearest_prototype, pixel_prototype_similarity, ppc_loss, ppd_loss, seg_loss)
 from sinkhorn import sinkhorn, sinkhorn_batched
 
@@ -100,16 +100,16 @@ def test_eq5_head_scores_argmax_is_nearest_prototype_class():
     torch.testing.assert_close(scores, -class_distance(head.embed(feats), head.prototypes).permute(0, 3, 1, 2))
 
 
-def test_eq7_cross_entropy_matches_transcription_and_ignores_255():
+def test_eq7_cross_entropy_matches_transcription_and_skips_ignore():
     torch.manual_seed(0)
     s = torch.rand(2, 3, 4, 4) * 2 - 1                               # distances s in [-1, 1]
     labels = torch.randint(0, 3, (2, 4, 4))
-    labels[0, 0] = 255
+    labels[0, 0] = IGNORE_INDEX
     loss, terms = seg_loss(-s, labels)
     total, n = 0.0, 0
     for b, y, x in itertools.product(range(2), range(4), range(4)):
         c = labels[b, y, x].item()
-        if c == 255:
+        if c == IGNORE_INDEX:
             continue
         p = math.exp(-s[b, c, y, x]) / sum(math.exp(-s[b, j, y, x]) for j in range(3))   # Eq. 6
         total, n = total - math.log(p), n + 1
@@ -252,7 +252,7 @@ def test_eq14_head_updates_prototypes_only_in_training_and_never_gets_gradients(
 
 def test_head_all_ignored_batch_is_finite_and_moves_nothing():
     head = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3).train()
-    labels = torch.full((2, 4, 4), 255)
+    labels = torch.full((2, 4, 4), IGNORE_INDEX)
     before = head.prototypes.clone()
     out = head(torch.randn(2, 8, 4, 4), labels)
     total, terms = seg_loss(out, labels)

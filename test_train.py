@@ -86,7 +86,7 @@ def test_incompatible_checkpoint_says_what_differs(tmp_path):
 
 
 def test_metrics_equal_hand_computed_confusion_matrix():
-    label = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    label = torch.tensor([[0, 0, 1, 1], [2, 2, -1, 1]])
     pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 0]])
     conf = train.confusion_matrix(pred.flatten(), label.flatten(), 3)
     expected = torch.tensor([[1, 1, 0],            # gt 0: one right, one called 1

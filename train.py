@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DatasetError, EvalTransform, TrainTransform, build_dataset
 from models import build_model, load_pretrained, upsample
-from protoseg import seg_loss
+from protoseg import IGNORE_INDEX, seg_loss
 from sinkhorn import all_reduce
 
 # Cityscapes CE class weights (trainId order) of the official HRNet / ProtoSeg configs
@@ -39,7 +39,7 @@ class Config:
     dataset: str = "synthetic"        # synthetic | cityscapes | ade20k | coco_stuff | folder
     data_root: str = ""
     num_classes: int = 0              # folder dataset only
-    ignore_index: int = 255
+    ignore_value: int = 255           # folder dataset: the mask value meaning 'unlabelled'
     backbone: str = "hrnet18_small_v2"  # hrnet_tiny | hrnet18_small_v2 | hrnet18/32/48 | resnet18/50/101
     head: str = "protoseg"            # protoseg | softmax | query
     pretrained: str = ""              # ImageNet backbone weights (.pth), loaded strictly
@@ -131,7 +131,7 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 
 def make_datasets(cfg):
-    kw = dict(num_classes=cfg.num_classes, ignore_value=cfg.ignore_index) if cfg.dataset == "folder" else {}
+    kw = dict(num_classes=cfg.num_classes, ignore_value=cfg.ignore_value) if cfg.dataset == "folder" else {}
     train = build_dataset(cfg.dataset, cfg.data_root or None, "train",
                           TrainTransform(cfg.crop, cfg.scale, cfg.flip), seed=cfg.seed, **kw)
     val = build_dataset(cfg.dataset, cfg.data_root or None, "val", EvalTransform(), seed=cfg.seed, **kw)
@@ -175,7 +175,7 @@ def sliding_window(model, image, num_classes, crop):
     return (scores / count)[..., :H, :W]
 
 
-def confusion_matrix(pred, label, num_classes, ignore_index=255):
+def confusion_matrix(pred, label, num_classes, ignore_index=IGNORE_INDEX):
     """(C, C) counts, rows = ground truth, columns = prediction; ignore pixels are skipped."""
     keep = label != ignore_index
     return torch.bincount(label[keep] * num_classes + pred[keep], minlength=num_classes ** 2).reshape(
@@ -298,7 +298,7 @@ def main(argv=None):
         head_kw.update(num_prototypes=cfg.num_prototypes, kappa=cfg.kappa, sinkhorn_iters=cfg.sinkhorn_iters,
                        momentum=cfg.proto_momentum, class_layernorm=cfg.class_layernorm,
                        embed_layernorm=cfg.embed_layernorm, update_correct_only=cfg.update_correct_only,
-                       local_stats=cfg.local_stats, ignore_index=cfg.ignore_index)
+                       local_stats=cfg.local_stats)
     model = build_model(cfg.backbone, cfg.head, num_classes, **head_kw)
     if cfg.pretrained and ckpt is None:
         log(load_pretrained(model.backbone, cfg.pretrained))
@@ -368,7 +368,7 @@ def main(argv=None):
         torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + it)             # dropout: a function of it
         with autocast(cfg, device):
             out = model(images, labels)
-        loss, terms = seg_loss(out, labels, cfg.lambda_ppc, cfg.lambda_ppd, cfg.tau, weight, cfg.ignore_index)
+        loss, terms = seg_loss(out, labels, cfg.lambda_ppc, cfg.lambda_ppd, cfg.tau, weight)
         bad = all_reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device))
         if bad.item():
             log(f"error: non-finite loss at iteration {it} ({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); "
