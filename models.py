@@ -225,12 +225,15 @@ class ResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
+BACKBONES = list(HRNET_PRESETS) + list(RESNET_PRESETS)
+
+
 def build_backbone(name, output_stride=8):
     if name in HRNET_PRESETS:
         return HRNet(**HRNET_PRESETS[name])
     if name in RESNET_PRESETS:
         return ResNet(*RESNET_PRESETS[name], output_stride=output_stride)
-    raise ValueError(f"unknown backbone {name!r}; choose from {list(HRNET_PRESETS) + list(RESNET_PRESETS)}")
+    raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -242,8 +245,16 @@ class SegModel(nn.Module):
         super().__init__()
         self.backbone, self.neck, self.head = backbone, neck, head
 
+    def features(self, images):
+        """(B, 3, H, W) -> the head's input (B, Din, h, w)."""
+        return self.neck(self.backbone(images))
+
+    def embed(self, images):
+        """(B, 3, H, W) -> pixel embeddings (B, h, w, D) of the head (l2-normalised for ProtoSeg)."""
+        return self.head.embed(self.features(images))
+
     def forward(self, images, labels=None):
-        out = self.head(self.neck(self.backbone(images)), labels)
+        out = self.head(self.features(images), labels)
         size = images.shape[-2:]
         if isinstance(out, torch.Tensor):
             return upsample(out, size)
@@ -260,6 +271,18 @@ def build_model(backbone="hrnet48", head="protoseg", num_classes=19, output_stri
     neck = HRNetNeck(net.channels) if isinstance(net, HRNet) else nn.Identity()
     in_channels = neck.out_channels if isinstance(net, HRNet) else net.out_channels
     return SegModel(net, neck, heads[head](in_channels, num_classes, **head_kwargs))
+
+
+def model_from_config(cfg):
+    """The model a config describes (a dict or train.Config): backbone, head, classes and the head's switches."""
+    cfg = cfg if isinstance(cfg, dict) else vars(cfg)
+    kw = dict(dropout=cfg.get("dropout", 0.1))
+    if cfg["head"] == "protoseg":
+        kw.update(num_prototypes=cfg["num_prototypes"], kappa=cfg["kappa"], sinkhorn_iters=cfg["sinkhorn_iters"],
+                  momentum=cfg["proto_momentum"], class_layernorm=cfg["class_layernorm"],
+                  embed_layernorm=cfg["embed_layernorm"], normalize_width=cfg.get("normalize_width", False),
+                  update_correct_only=cfg["update_correct_only"], local_stats=cfg["local_stats"])
+    return build_model(cfg["backbone"], cfg["head"], cfg["num_classes"], **kw)
 
 
 # ---------------------------------------------------------------------------------------------- weights

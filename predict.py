@@ -1,17 +1,21 @@
-"""Pictures from a trained checkpoint: coloured prediction, overlay, and the paper's Fig. 3 prototype map.
+"""Pictures and submissions from a checkpoint: coloured prediction, overlay, the paper's Fig. 3 prototype map.
 
     python predict.py --checkpoint runs/synthetic/last.pt img1.png img2.jpg --out pictures
-    python predict.py --checkpoint runs/cityscapes/last.pt frames/*.png --out pred --eval-crop 1024 1024 --labelids
+    python predict.py --checkpoint runs/cityscapes/last.pt /data/cityscapes/leftImg8bit/test --labelids --out results
 
-For each image IMG it writes IMG_pred.png (palette colours), IMG_overlay.png (prediction blended on the image) and,
-for a ProtoSeg checkpoint, IMG_protos.png: the pixels predicted as --class, each coloured by its nearest prototype
-of that class (one hue per prototype), brightness = cosine similarity to it (Fig. 3). --labelids also writes
-Cityscapes labelId PNGs, the format of the official evaluation server. Unreadable images are reported and skipped.
+Inputs are image files and folders (walked recursively; names keep their sub-folders). For each image IMG it writes
+IMG_pred.png (palette colours), IMG_overlay.png (prediction blended on the image) and, for a ProtoSeg checkpoint,
+IMG_protos.png: the pixels predicted as --class, each coloured by its nearest prototype of that class (one hue per
+prototype), brightness = cosine similarity to it (Fig. 3).
+--labelids writes only IMG.png holding Cityscapes labelIds, one file per frame: the folder cityscapesScripts'
+evaluator takes as CITYSCAPES_RESULTS and the format of the test server. The checkpoint may be train.py's or the
+official ProtoSeg release. Exit code 1 when an input could not be read or nothing was written.
 """
 import argparse
 import colorsys
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,28 +23,39 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-from models import build_model
-from train import predict_scores
+from evaluate import CheckpointError, load_model, predict_scores
 
 LABELS = {"cityscapes": (data.CITYSCAPES_CLASSES, data.CITYSCAPES_PALETTE),
           "ade20k": (data.ADE20K_CLASSES, data.ADE20K_PALETTE),
           "coco_stuff": (data.COCO_STUFF_CLASSES, data.COCO_STUFF_PALETTE),
           "synthetic": (data.SYNTHETIC_CLASSES, data.SYNTHETIC_PALETTE)}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def load_model(path, device):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = ckpt["config"]
-    num_classes = ckpt["model"]["head.prototypes"].shape[0] if cfg["head"] == "protoseg" else None
-    names, palette = LABELS.get(cfg["dataset"], (None, None))
-    num_classes = num_classes or (len(names) if names else cfg["num_classes"])
-    if names is None:
-        names, palette = [str(i) for i in range(num_classes)], data.default_palette(num_classes)
-    kw = dict(num_prototypes=cfg["num_prototypes"], class_layernorm=cfg["class_layernorm"],
-              embed_layernorm=cfg["embed_layernorm"]) if cfg["head"] == "protoseg" else {}
-    model = build_model(cfg["backbone"], cfg["head"], num_classes, **kw)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), cfg, list(names), np.asarray(palette, np.uint8)
+def class_table(cfg):
+    """(class names, palette (C, 3) uint8) of the checkpoint's dataset; numbered names otherwise."""
+    names, palette = LABELS.get(cfg.get("dataset"), (None, None))
+    if names is None or len(names) != cfg["num_classes"]:
+        return [str(i) for i in range(cfg["num_classes"])], data.default_palette(cfg["num_classes"])
+    return list(names), np.asarray(palette, np.uint8)
+
+
+def output_names(inputs):
+    """[(image path, output stem relative to --out)]: folders walked; a stem two inputs share keeps its suffix."""
+    found = []
+    for arg in map(Path, inputs):
+        if arg.is_dir():
+            files = sorted(p for p in arg.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not files:
+                print(f"warning: no images in folder {arg}", file=sys.stderr)
+            found += [(p, p.relative_to(arg).with_suffix("")) for p in files]
+        else:
+            found.append((arg, Path(arg.stem)))
+    seen = {}
+    for _, stem in found:
+        seen[stem] = seen.get(stem, 0) + 1
+    return [(p, stem.with_name(stem.name + "_" + p.suffix.lstrip(".").lower()) if seen[stem] > 1 else stem)
+            for p, stem in found]
 
 
 def prototype_colours(k):
@@ -51,9 +66,8 @@ def prototype_colours(k):
 @torch.no_grad()
 def prototype_map(model, image, pred, class_index):
     """Fig. 3: pixels predicted as class c coloured by argmax_k i^T p_ck, brightness = that similarity."""
-    head = model.head
-    embed = head.embed(model.neck(model.backbone(image)))[0]                   # (h, w, D)
-    protos = F.normalize(head.prototypes[class_index].float(), dim=-1)           # (K, D)
+    embed = model.embed(image)[0]                                                # (h, w, D)
+    protos = F.normalize(model.head.prototypes[class_index].float(), dim=-1)     # (K, D)
     sim = embed.float() @ protos.T                                               # (h, w, K)
     sim = F.interpolate(sim.permute(2, 0, 1)[None], size=pred.shape, mode="nearest")[0]   # (K, H, W)
     best, k = sim.max(0)
@@ -63,53 +77,82 @@ def prototype_map(model, image, pred, class_index):
     return Image.fromarray((out * 255).astype(np.uint8))
 
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", help="image files (RGB)")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
-    p.add_argument("--out", default="predictions", help="output folder")
+    p.add_argument("images", nargs="+", help="image files and/or folders of images")
+    p.add_argument("--checkpoint", required=True, help="train.py's last.pt or an official ProtoSeg checkpoint")
+    p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--class", dest="cls", default=None,
                    help="class (name or index) for the prototype map (default: the most predicted non-first class)")
-    p.add_argument("--eval-crop", nargs=2, type=int, default=(0, 0), help="sliding-window size h w (0 0: whole)")
-    p.add_argument("--labelids", action="store_true", help="also write Cityscapes labelId PNGs")
+    p.add_argument("--eval-crop", nargs="+", type=int, default=[0], help="sliding-window size H W or N (0: whole)")
+    p.add_argument("--eval-scales", nargs="+", type=float, default=[1.0], help="test-time scales (default: 1)")
+    p.add_argument("--eval-flip", action="store_true", help="add the horizontally flipped image")
+    p.add_argument("--labelids", action="store_true", help="only Cityscapes labelId PNGs (a submission folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if not os.path.isfile(args.checkpoint):
-        sys.exit(f"error: checkpoint {args.checkpoint} not found")
+    if len(args.eval_crop) > 2 or min(args.eval_crop) < 0:
+        p.error(f"--eval-crop takes N or H W (>= 0), got {args.eval_crop}")
+    args.eval_crop = tuple((args.eval_crop * 2)[:2])
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device(args.device)
-    model, cfg, names, palette = load_model(args.checkpoint, device)
-    if args.labelids and cfg["dataset"] != "cityscapes":
-        sys.exit(f"error: --labelids needs a Cityscapes checkpoint, this one is {cfg['dataset']!r}")
+    try:
+        model, cfg = load_model(args.checkpoint, device)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    names, palette = class_table(cfg)
+    if args.labelids and cfg.get("dataset") != "cityscapes":
+        sys.exit(f"error: --labelids needs a Cityscapes checkpoint; {args.checkpoint} is {cfg.get('dataset')!r}")
     cls = None
     if args.cls is not None:
         cls = int(args.cls) if args.cls.isdigit() else (names.index(args.cls) if args.cls in names else None)
         if cls is None or not 0 <= cls < len(names):
             sys.exit(f"error: --class {args.cls!r} is not one of {names}")
-    os.makedirs(args.out, exist_ok=True)
-    written, skipped = 0, 0
-    for path in args.images:
+    written, failed = 0, 0
+    for path, stem in output_names(args.images):
         try:
-            rgb = np.asarray(Image.open(path).convert("RGB"))
-        except Exception as e:                                  # unreadable: report, go on with the rest
-            print(f"skipping {path}: cannot read it as an image ({e})", file=sys.stderr)
-            skipped += 1
+            rgb = read_rgb(path)
+        except (OSError, ValueError, SyntaxError, data.DatasetError) as e:   # report, go on with the rest
+            print(f"skipping {path}: cannot read it as an image ({' '.join(str(e).split())[:200]})", file=sys.stderr)
+            failed += 1
             continue
-        image = data.normalize(rgb.astype(np.float32))[None].to(device)
-        scores = predict_scores(model, image, len(names), tuple(args.eval_crop))
-        pred = scores.argmax(1)[0]
-        stem = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0])
-        coloured = data.colorize(pred, palette)
-        coloured.save(stem + "_pred.png")
-        Image.blend(Image.fromarray(rgb), coloured, 0.5).save(stem + "_overlay.png")
-        if cfg["head"] == "protoseg":
-            c = cls if cls is not None else int(torch.bincount(pred.flatten(), minlength=len(names))[1:].argmax()) + 1
-            prototype_map(model, image, pred, c).save(stem + "_protos.png")
-        if args.labelids:
-            Image.fromarray(data.trainid_to_labelid(pred)).save(stem + "_labelIds.png")
+        out = Path(args.out) / stem
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_outputs(model, cfg, rgb, out, names, palette, cls, args, device)
         written += 1
-        print(f"{path} -> {stem}_*.png", flush=True)
-    print(f"wrote {written} image(s) to {args.out}" + (f"; skipped {skipped} unreadable" if skipped else ""))
-    return written, skipped
+        print(f"{path} -> {out}{'.png' if args.labelids else '_*.png'}", flush=True)
+    print(f"wrote {written} image(s) to {args.out}" + (f"; {failed} could not be read" if failed else ""))
+    if failed or not written:
+        raise SystemExit(1)
+    return written, failed
+
+
+def read_rgb(path):
+    """HxWx3 uint8; 16-bit and other modes brought to 8-bit RGB."""
+    reader = getattr(data, "read_image", None)
+    if reader is not None:
+        return reader(path)
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def write_outputs(model, cfg, rgb, out, names, palette, cls, args, device):
+    image = data.normalize(rgb.astype(np.float32))[None].to(device)
+    scores = predict_scores(model, image, len(names), args.eval_crop, tuple(args.eval_scales), args.eval_flip)
+    pred = scores.argmax(1)[0]
+    if args.labelids:
+        Image.fromarray(data.trainid_to_labelid(pred)).save(f"{out}.png")
+        return
+    coloured = data.colorize(pred, palette)
+    coloured.save(f"{out}_pred.png")
+    Image.blend(Image.fromarray(rgb), coloured, 0.5).save(f"{out}_overlay.png")
+    if cfg["head"] == "protoseg":
+        counts = torch.bincount(pred.flatten(), minlength=len(names))
+        c = cls if cls is not None else int(counts[1:].argmax()) + 1
+        prototype_map(model, image, pred, c).save(f"{out}_protos.png")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Switches for the official code's departures from the paper (all off by default; 
   embed_layernorm      learnable LayerNorm on the embedding before l2 normalisation (official item 2)
   update_correct_only  only correctly predicted pixels move the prototypes (official item 4)
   local_stats          Sinkhorn and Eq. 14 on the local batch, prototypes averaged over ranks (item 6)
+  normalize_width      the projection output is l2-normalised over the WIDTH axis, not D (item 7; only to
+                       reproduce the released checkpoint)
   PPC without temperature (official item 3) is simply tau = 1 in seg_loss().
 """
 import torch
@@ -155,13 +157,14 @@ class ProtoSegHead(nn.Module):
 
     def __init__(self, in_channels, num_classes, embed_dim=None, num_prototypes=10, kappa=0.05,
                  sinkhorn_iters=3, momentum=0.999, class_layernorm=False, embed_layernorm=False,
-                 update_correct_only=False, local_stats=False, dropout=0.1, ignore_index=IGNORE_INDEX):
+                 update_correct_only=False, local_stats=False, dropout=0.1, ignore_index=IGNORE_INDEX,
+                 normalize_width=False):
         super().__init__()
         embed_dim = embed_dim or in_channels
         self.num_classes, self.num_prototypes = num_classes, num_prototypes
         self.kappa, self.sinkhorn_iters, self.momentum = kappa, sinkhorn_iters, momentum
         self.update_correct_only, self.local_stats = update_correct_only, local_stats
-        self.ignore_index = ignore_index
+        self.ignore_index, self.normalize_width = ignore_index, normalize_width
         self.trunk = Trunk(in_channels, embed_dim, dropout)
         self.feat_norm = nn.LayerNorm(embed_dim) if embed_layernorm else None
         self.mask_norm = nn.LayerNorm(num_classes) if class_layernorm else None
@@ -171,9 +174,10 @@ class ProtoSegHead(nn.Module):
 
     def embed(self, feats):
         """Pixel embeddings, l2-normalised: (B, Din, h, w) -> (B, h, w, D)."""
-        x = self.trunk(feats).permute(0, 2, 3, 1)
+        x = self.trunk(feats).permute(0, 2, 3, 1)                             # (B, h, w, D)
+        x = F.normalize(x, dim=2 if self.normalize_width else -1)              # official item 7: over w
         if self.feat_norm is not None:
-            x = self.feat_norm(F.normalize(x, dim=-1))
+            x = self.feat_norm(x)
         return F.normalize(x, dim=-1)
 
     def forward(self, feats, labels=None):

@@ -2,6 +2,7 @@
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -13,7 +14,7 @@ from models import build_model
 
 def test_predict_writes_pictures_and_skips_broken_images(tmp_path, capsys):
     torch.manual_seed(0)
-    cfg = dataclasses.asdict(train.Config(num_prototypes=3))
+    cfg = {**dataclasses.asdict(train.Config(num_prototypes=3)), "num_classes": 5}
     model = build_model(cfg["backbone"], "protoseg", 5, num_prototypes=3, class_layernorm=cfg["class_layernorm"])
     ckpt = tmp_path / "tiny.pt"
     torch.save({"model": model.state_dict(), "config": cfg}, ckpt)
@@ -24,9 +25,10 @@ def test_predict_writes_pictures_and_skips_broken_images(tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     out = tmp_path / "out"
-    written, skipped = predict.main(["--checkpoint", str(ckpt), str(good[0]), str(broken), str(good[1]),
-                                     "--out", str(out), "--class", "alpha"])
-    assert (written, skipped) == (2, 1)
+    with pytest.raises(SystemExit) as e:                              # exit 1: one input failed
+        predict.main(["--checkpoint", str(ckpt), str(good[0]), str(broken), str(good[1]), "--out", str(out),
+                      "--class", "alpha"])
+    assert e.value.code == 1
     err = capsys.readouterr().err
     assert f"skipping {broken}" in err
     palette = {tuple(c) for c in data.SYNTHETIC_PALETTE}

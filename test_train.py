@@ -1,4 +1,5 @@
 """Tests of train.py: command line end to end, exact resume, 2-rank gloo == 1 rank, metrics, NaN stop."""
+import json
 import os
 import socket
 import subprocess
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import evaluate
 import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -32,7 +34,14 @@ def test_command_line_runs_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "val mIoU" in out.stdout and "prototype purity" in out.stdout and "it 2/2" in out.stdout
     assert (tmp_path / "last.pt").exists() and (tmp_path / "metrics.json").exists()
-    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
+    rows = [json.loads(r) for r in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [1, 2, 2] and "final" in rows[2]       # 2 steps, then the final metrics
+    text = (tmp_path / "metrics.json").read_text()
+    assert "NaN" not in text                                                    # strict JSON (NaN -> null)
+    m = json.loads(text)
+    assert set(m["classes"]) == {"background", "alpha", "beta", "gamma", "delta"} and 0 <= m["miou"] <= 1
+    assert {"iou", "acc", "purity", "prototypes_in_use"} <= set(m["classes"]["alpha"]) and "macc" in m
+    assert json.loads((tmp_path / "config.json").read_text())["iters"] == 2
     ckpt = state(tmp_path / "last.pt")
     assert ckpt["iter"] == 2 and ckpt["config"]["backbone"] == "hrnet_tiny"
     assert ckpt["model"]["head.prototypes"].shape == (5, 3, 120)   # D = 8+16+32+64
@@ -44,7 +53,8 @@ def test_help_lists_every_setting():
 
 
 def test_presets_and_overrides():
-    cfg = train.parse_args(["--dataset", "cityscapes", "--iters", "5"])
+    cfg, given = train.parse_args(["--dataset", "Cityscapes", "--iters", "5"])
+    assert given == {"dataset", "iters"}
     assert (cfg.backbone, cfg.crop, cfg.batch_size, cfg.lr, cfg.iters) == ("hrnet48", (512, 1024), 8, 0.01, 5)
     assert cfg.class_weights == "cityscapes" and cfg.weight_decay == 5e-4 and cfg.scale == (0.5, 2.0)
 
@@ -68,44 +78,48 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert_same_state(a["model"], b["model"])                  # weights AND prototypes, bit for bit
 
 
-def test_nan_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch):
+def test_nan_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch, capsys):
     train.main(TINY + ["--iters", "2", "--ckpt-every", "2", "--out-dir", str(tmp_path)])
     before = (tmp_path / "last.pt").read_bytes()
     real_loss = train.seg_loss
     monkeypatch.setattr(train, "seg_loss", lambda *a, **k: (lambda l, t: (l * float("nan"), t))(*real_loss(*a, **k)))
     with pytest.raises(SystemExit) as e:
-        train.main(TINY + ["--iters", "4", "--ckpt-every", "2", "--out-dir", str(tmp_path), "--resume", "auto"])
+        train.main(TINY + ["--iters", "4", "--ckpt-every", "2", "--out-dir", str(tmp_path), "--resume", "auto",
+                           "--allow-changes"])
     assert e.value.code == 1
+    assert "non-finite loss at iteration 3" in capsys.readouterr().err
     assert (tmp_path / "last.pt").read_bytes() == before
 
 
-def test_incompatible_checkpoint_says_what_differs(tmp_path):
+def test_incompatible_checkpoint_says_what_differs(tmp_path, capsys):
     train.main(TINY + ["--iters", "1", "--out-dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="head: checkpoint 'protoseg' vs now 'softmax'"):
+    with pytest.raises(SystemExit):
         train.main(TINY + ["--head", "softmax", "--eval-only", "--resume", str(tmp_path / "last.pt")])
+    assert "head: checkpoint 'protoseg' vs now 'softmax'" in capsys.readouterr().err
 
 
 def test_metrics_equal_hand_computed_confusion_matrix():
     label = torch.tensor([[0, 0, 1, 1], [2, 2, -1, 1]])
     pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 0]])
-    conf = train.confusion_matrix(pred.flatten(), label.flatten(), 3)
+    conf = evaluate.confusion_matrix(pred.flatten(), label.flatten(), 3)
     expected = torch.tensor([[1, 1, 0],            # gt 0: one right, one called 1
                              [1, 2, 0],            # gt 1: two right, one called 0 (ignore pixel skipped)
                              [1, 0, 1]])           # gt 2: one right, one called 0
     assert torch.equal(conf, expected)
-    m = train.metrics_from_confusion(conf)
+    m = evaluate.metrics_from_confusion(conf)
     iou = [1 / (2 + 3 - 1), 2 / (3 + 3 - 2), 1 / (2 + 1 - 1)]
     assert m["iou"] == pytest.approx(iou) and m["miou"] == pytest.approx(sum(iou) / 3)
-    assert m["pixel_acc"] == pytest.approx(4 / 7)
+    assert m["aacc"] == pytest.approx(4 / 7)
+    assert m["acc"] == pytest.approx([1 / 2, 2 / 3, 1 / 2]) and m["macc"] == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 3)
 
 
 def test_sliding_window_and_flip_equal_whole_image_for_a_pointwise_model():
     torch.manual_seed(0)
     model = torch.nn.Conv2d(3, 4, 1).eval()
     image = torch.randn(1, 3, 37, 53)
-    whole = train.predict_scores(model, image, 4)
-    torch.testing.assert_close(train.predict_scores(model, image, 4, crop=(16, 24)), whole)
-    torch.testing.assert_close(train.predict_scores(model, image, 4, flip=True), 2 * whole)
+    whole = evaluate.predict_scores(model, image, 4)
+    torch.testing.assert_close(evaluate.predict_scores(model, image, 4, crop=(16, 24)), whole)
+    torch.testing.assert_close(evaluate.predict_scores(model, image, 4, flip=True), 2 * whole)
 
 
 def _free_port():

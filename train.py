@@ -3,83 +3,92 @@
     python train.py                                   # embedded synthetic dataset, tiny HRNet, CPU, ~4 min
     python train.py --dataset cityscapes --data-root /data/cityscapes --pretrained hrnetv2_w48_imagenet.pth
     torchrun --nproc_per_node=8 train.py --dataset cityscapes --data-root ...
+    python train.py --resume auto --dataset cityscapes                       # continue runs/cityscapes/last.pt
     python train.py --eval-only --resume runs/cityscapes/last.pt --eval-flip --eval-scales 0.75 1 1.25
 
-Settings = Config defaults, then the dataset's preset, then the command line. Resolved settings are printed and
-saved in every checkpoint. Exact resume: dropout is reseeded from (seed, rank, iteration) every step, data
-order and augmentation are functions of (seed, epoch, index), so a resumed run replays the same stream.
+Settings = Config defaults, then the dataset's preset, then (when resuming) the checkpoint's, then the command line.
+They are printed, written to out_dir/config.json and saved in every checkpoint. out_dir holds last.pt (the latest
+checkpoint), log.jsonl (one row per logged iteration and evaluation) and metrics.json (the final evaluation).
+Exact resume: dropout is reseeded from (seed, rank, iteration) every step, data order and augmentation are
+functions of (seed, epoch, index), so a resumed run replays the same stream.
 """
 import argparse
 import dataclasses
+import inspect
 import json
-import math
 import os
+import re
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import models
 from data import DatasetError, EvalTransform, TrainTransform, build_dataset
-from models import build_model, load_pretrained, upsample
-from protoseg import IGNORE_INDEX, seg_loss
+from evaluate import CheckpointError, autocast, evaluate, format_metrics, load_checkpoint, metrics_report
+from models import load_pretrained, model_from_config
+from protoseg import seg_loss
 from sinkhorn import all_reduce
 
 # Cityscapes CE class weights (trainId order) of the official HRNet / ProtoSeg configs
 CITYSCAPES_CLASS_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023,
                             0.9539, 0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]
+DIVERGED = 1e8   # a weight or buffer above this magnitude: the run diverged; such a model is never checkpointed
 
 
 @dataclass
 class Config:
     dataset: str = "synthetic"        # synthetic | cityscapes | ade20k | coco_stuff | folder
-    data_root: str = ""
+    data_root: str = ""               # dataset folder (not needed for synthetic)
     num_classes: int = 0              # folder dataset only
     ignore_value: int = 255           # folder dataset: the mask value meaning 'unlabelled'
-    backbone: str = "hrnet18_small_v2"  # hrnet_tiny | hrnet18_small_v2 | hrnet18/32/48 | resnet18/50/101
-    head: str = "protoseg"            # protoseg | softmax | query
+    backbone: str = "hrnet18_small_v2"  # see models.BACKBONES
+    head: str = "protoseg"            # protoseg | softmax (Eq. 1) | query (Eq. 2)
     pretrained: str = ""              # ImageNet backbone weights (.pth), loaded strictly
-    out_dir: str = "runs/synthetic"
-    crop: tuple = (128, 128)          # training crop (h, w)
+    out_dir: str = "runs/synthetic"   # last.pt, log.jsonl, metrics.json, config.json
+    crop: tuple = (128, 128)          # training crop: H W, or one N for N x N
     scale: tuple = (0.5, 2.0)         # random scale range
-    flip: bool = True
+    flip: bool = True                 # random horizontal flip
     batch_size: int = 8               # global, split over ranks
-    iters: int = 1000
+    iters: int = 1000                 # optimizer steps
     optimizer: str = "sgd"            # sgd | adamw
     lr: float = 0.01                  # poly decay to 0 with power lr_power
-    lr_power: float = 0.9
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr_power: float = 0.9             # poly exponent
+    momentum: float = 0.9             # SGD momentum
+    weight_decay: float = 5e-4        # none on BN / LayerNorm / biases
     class_weights: str = "none"       # none | cityscapes (official CE weights)
-    num_prototypes: int = 10          # K
+    num_prototypes: int = 10          # K prototypes per class
     kappa: float = 0.05               # Sinkhorn entropy weight (Eq. 9)
-    sinkhorn_iters: int = 3
+    sinkhorn_iters: int = 3           # Sinkhorn-Knopp iterations (Eq. 10)
     proto_momentum: float = 0.999     # mu of Eq. 14
     lambda_ppc: float = 0.01          # lambda_1 of Eq. 13
     lambda_ppd: float = 0.001         # lambda_2 of Eq. 13
     tau: float = 0.1                  # PPC temperature (Eq. 11); official code: 1
-    class_layernorm: bool = True      # official departure 1; default chosen by measurement (README)
-    embed_layernorm: bool = False     # official departure 2
-    update_correct_only: bool = False  # official departure 4
-    local_stats: bool = False         # official departure 6
-    dropout: float = 0.1
+    class_layernorm: bool = True      # official departure 1 (LayerNorm class scores); default by measurement
+    embed_layernorm: bool = False     # official departure 2 (LayerNorm on the embedding)
+    update_correct_only: bool = False  # official departure 4 (only correct pixels move prototypes)
+    local_stats: bool = False         # official departure 6 (per-rank Sinkhorn, averaged prototypes)
+    normalize_width: bool = False     # official departure 7 (l2 over the width axis; released checkpoint)
+    dropout: float = 0.1              # Dropout2d in the head
     freeze_bn: bool = False           # BatchNorm uses running statistics (tiny per-device batches)
     amp: str = "bf16"                 # bf16 | fp16 | none (GPU only; the CPU runs fp32)
-    workers: int = 2
-    seed: int = 0
-    log_every: int = 20
-    eval_every: int = 0               # 0: only at the end
-    ckpt_every: int = 500
-    eval_crop: tuple = (0, 0)         # sliding-window size (h, w); 0 0 = whole image
-    eval_scales: tuple = (1.0,)
-    eval_flip: bool = False
-    resume: str = ""                  # checkpoint to resume from ('auto' = out_dir/last.pt if present)
-    eval_only: bool = False
+    workers: int = 2                  # DataLoader workers (training and evaluation)
+    seed: int = 0                     # weights, data order, augmentation, dropout
+    log_every: int = 20               # iterations between progress lines
+    eval_every: int = 0               # iterations between evaluations; 0: only at the end
+    ckpt_every: int = 500             # iterations between checkpoints (and at the end)
+    eval_crop: tuple = (0, 0)         # sliding-window size H W (or N); 0: whole image
+    eval_scales: tuple = (1.0,)       # test-time scales, scores summed
+    eval_flip: bool = False           # add the horizontally flipped image
     val_size: int = 0                 # evaluate on the first N val images only (0 = all)
+    resume: str = ""                  # checkpoint to continue or evaluate ('auto' = out_dir/last.pt if present)
+    eval_only: bool = False           # evaluate the --resume checkpoint (its model settings) and stop
+    overwrite: bool = False           # start afresh in an out_dir that holds an earlier run's last.pt
+    allow_changes: bool = False       # resume with settings that change the training trajectory
 
 
 # The published recipes. Cityscapes: EQUATIONS.md; ADE20K / COCO-Stuff: the common 512x512 schedules.
@@ -96,28 +105,292 @@ PRESETS = {
                        out_dir="runs/coco_stuff", eval_every=8000, ckpt_every=1000),
     "folder": dict(out_dir="runs/folder"),
 }
-MODEL_KEYS = ("backbone", "head", "num_classes", "num_prototypes", "class_layernorm", "embed_layernorm")
+MODEL_KEYS = ("backbone", "head", "num_classes", "num_prototypes", "class_layernorm", "embed_layernorm",
+              "normalize_width")
+# settings that change the training trajectory: a resumed run refuses other values unless --allow-changes
+TRAJECTORY_KEYS = ("dataset", "crop", "scale", "flip", "batch_size", "iters", "optimizer", "lr", "lr_power",
+                   "momentum", "weight_decay", "class_weights", "kappa", "sinkhorn_iters", "proto_momentum",
+                   "lambda_ppc", "lambda_ppd", "tau", "update_correct_only", "local_stats", "dropout", "freeze_bn",
+                   "amp", "seed")
+CHOICES = {"dataset": list(PRESETS), "backbone": models.BACKBONES, "head": ["protoseg", "softmax", "query"],
+           "optimizer": ["sgd", "adamw"], "class_weights": ["none", "cityscapes"], "amp": ["bf16", "fp16", "none"]}
+POSITIVE = {"batch_size", "iters", "lr", "log_every", "ckpt_every", "num_prototypes", "kappa", "sinkhorn_iters",
+            "tau", "crop"}
+NON_NEGATIVE = {"workers", "eval_every", "val_size", "lambda_ppc", "lambda_ppd", "weight_decay", "momentum",
+                "dropout", "num_classes", "eval_crop", "lr_power", "seed"}
+
+
+# ----------------------------------------------------------------------------- settings
+
+def is_master():
+    return os.environ.get("RANK", "0") == "0"
+
+
+def fail(message):
+    """A user error: one line on stderr (printed by rank 0 only), exit code 1."""
+    if is_master():
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                                   # flag errors: once, not once per rank
+        if is_master():
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def number(kind, name):
+    """argparse type: int/float with the range this setting allows, named in the error."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if name in POSITIVE and not v > 0 or name in NON_NEGATIVE and not v >= 0:
+            raise argparse.ArgumentTypeError(f"{text} must be {'> 0' if name in POSITIVE else '>= 0'}")
+        return v
+    return parse
+
+
+def field_comments():
+    """Config field -> its comment above, so --help shows the same words as the source."""
+    return dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(Config), re.M))
+
+
+def make_parser(dataset):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shown = {**dataclasses.asdict(Config()), **PRESETS.get(dataset, {})}
+    comments = field_comments()
+    for f in dataclasses.fields(Config):
+        flag, default = "--" + f.name.replace("_", "-"), shown[f.name]
+        helptext = f"{comments.get(f.name, '')} (default{' for ' + dataset if f.name in PRESETS.get(dataset, {}) else ''}: {default})"
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        elif f.name in CHOICES:
+            p.add_argument(flag, type=str.lower, choices=CHOICES[f.name], default=None, help=helptext)
+        elif f.type is tuple:
+            kind = type(Config.__dataclass_fields__[f.name].default[0])
+            p.add_argument(flag, nargs="+", type=number(kind, f.name), default=None, help=helptext)
+        else:
+            p.add_argument(flag, type=number(f.type, f.name) if f.type in (int, float) else f.type, default=None,
+                           help=helptext)
+    return p
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
-        elif f.type is tuple:
-            p.add_argument(flag, nargs="+", type=type(f.default[0]), default=None, help=f"(default {f.default})")
-        else:
-            p.add_argument(flag, type=f.type, default=None, help=f"(default {f.default!r})")
-    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    dataset = args.get("dataset", Config.dataset)
-    if dataset not in PRESETS:
-        p.error(f"--dataset {dataset!r}: choose from {', '.join(PRESETS)}")
-    cfg = Config(**{**PRESETS[dataset], **{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}})
-    return cfg
+    """-> (Config, the names given on the command line). Presets by --dataset; `--crop N` means N x N."""
+    argv = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", type=str.lower, default=Config.dataset)
+    dataset = pre.parse_known_args(argv)[0].dataset
+    p = make_parser(dataset)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    for name in ("crop", "eval_crop"):
+        if name in given:
+            if len(given[name]) > 2:
+                p.error(f"--{name.replace('_', '-')} takes N or H W, got {len(given[name])} numbers")
+            given[name] = tuple(given[name] * (3 - len(given[name])))[:2]
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    cfg = Config(**{**PRESETS[dataset], **given})
+    if cfg.eval_only and not cfg.resume:
+        p.error("--eval-only needs --resume CHECKPOINT")
+    return cfg, set(given)
 
 
-# ----------------------------------------------------------------------------- data
+def resolve(cfg, given):
+    """Settings for a resumed or evaluated checkpoint -> (cfg, checkpoint or None). The checkpoint's settings fill
+    everything not given; a given model setting must agree; a given trajectory setting must agree unless
+    --allow-changes (evaluation takes the model from the checkpoint and any other setting from the command line)."""
+    path = os.path.join(cfg.out_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
+    if cfg.resume == "auto" and not os.path.isfile(path) or not cfg.resume:
+        return cfg, None
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        fail(str(e))
+    saved = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__ and k not in ("resume", "eval_only")}
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    keys = MODEL_KEYS + (() if cfg.eval_only or cfg.allow_changes else TRAJECTORY_KEYS)
+    diff = [f"{k}: checkpoint {saved[k]!r} vs now {getattr(cfg, k)!r}" for k in keys
+            if k in given and k in saved and saved[k] != getattr(cfg, k)]
+    if diff:
+        hint = "" if any(k in MODEL_KEYS for k in given if k in saved and saved[k] != getattr(cfg, k)) else \
+            "; pass --allow-changes to continue with the new values"
+        fail(f"checkpoint {path} was made with other settings: " + "; ".join(diff) + hint)
+    base = {**dataclasses.asdict(Config()), **PRESETS.get(saved.get("dataset", cfg.dataset), {}), **saved}
+    cfg = Config(**{**base, **{k: getattr(cfg, k) for k in given | {"eval_only", "resume"}}})
+    if ckpt.get("official"):
+        print(f"{path}: the official ProtoSeg format; evaluating it with official departures 1, 2 and 7 on")
+    return cfg, ckpt
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def setup_distributed():
+    """-> (rank, world, device). Under torchrun (RANK set): NCCL on GPUs, gloo on CPUs."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def make_datasets(cfg):
+    """(train set or None for --eval-only, val set). Data errors become one-line user errors."""
+    kw = dict(num_classes=cfg.num_classes, ignore_value=cfg.ignore_value) if cfg.dataset == "folder" else {}
+    try:
+        train = None if cfg.eval_only else build_dataset(
+            cfg.dataset, cfg.data_root or None, "train", TrainTransform(cfg.crop, cfg.scale, cfg.flip), seed=cfg.seed, **kw)
+        val = build_dataset(cfg.dataset, cfg.data_root or None, "val", EvalTransform(), seed=cfg.seed, **kw)
+    except DatasetError as e:
+        fail(one_line(e))
+    return train, val
+
+
+def one_line(error):
+    """A DatasetError's message, also when a DataLoader worker wrapped it with its traceback."""
+    lines = [l for l in str(error).splitlines() if l.strip()]
+    wrapped = [l.split(": ", 1)[1] for l in lines if l.startswith(("DatasetError: ", "data.DatasetError: "))]
+    return wrapped[-1] if wrapped else (lines[0] if lines else type(error).__name__)
+
+
+def build(cfg, ckpt, device, world, log):
+    """-> (model (DDP-wrapped under torchrun), bare model)."""
+    torch.manual_seed(cfg.seed)                                 # same initial weights on every rank
+    net = model_from_config(cfg)
+    if cfg.pretrained and ckpt is None:
+        try:
+            log(load_pretrained(net.backbone, cfg.pretrained))
+        except (ValueError, RuntimeError, OSError, EOFError) as e:
+            fail(f"--pretrained {cfg.pretrained}: {' '.join(str(e).split())[:400]}")
+    if ckpt is not None:
+        try:
+            net.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            fail(f"checkpoint {cfg.resume} does not fit the model: {' '.join(str(e).split())[:300]}")
+    net.to(device)
+    if world > 1 and device.type == "cuda":
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+    log(f"model: {cfg.backbone} + {cfg.head} head, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M "
+        f"learnable parameters, {world} rank(s) on {device.type}")
+    return model, net
+
+
+def make_optimizer(cfg, net):
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.ndim <= 1]     # no weight decay on norms and biases
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def claim_out_dir(cfg, resuming):
+    """out_dir belongs to one run: a lock file keeps a second one out; an earlier run's last.pt needs
+    --resume or --overwrite. Returns the lock path (removed at exit)."""
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        lock = os.path.join(cfg.out_dir, "run.lock")
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        pid = open(lock).read().strip()
+        if pid.isdigit() and _alive(int(pid)):
+            fail(f"out_dir {cfg.out_dir} is in use by another run (pid {pid}, {lock}); wait for it or choose "
+                 "another --out-dir")
+        os.remove(lock)                                         # left by a run that died
+        return claim_out_dir(cfg, resuming)
+    except OSError as e:
+        fail(f"cannot write to out_dir {cfg.out_dir}: {e.strerror}; choose a writable --out-dir")
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    last = os.path.join(cfg.out_dir, "last.pt")
+    if os.path.exists(last) and not resuming and not cfg.overwrite and not cfg.eval_only:
+        os.remove(lock)
+        fail(f"{last} holds an earlier run; continue it with --resume auto, or replace it with --overwrite "
+             "(or choose another --out-dir)")
+    return lock
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return pid != os.getpid()
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+# ----------------------------------------------------------------------------- checkpoints and logs
+
+def atomic_save(obj, path):
+    """Write, fsync, rename: a crash leaves either the old or the new checkpoint, never half of one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def unhealthy(net):
+    """The first parameter or buffer that is non-finite or above DIVERGED, as text; None when all are fine."""
+    for name, t in net.state_dict().items():
+        if t.is_floating_point():
+            if not torch.isfinite(t).all():
+                return f"{name} is not finite"
+            if t.abs().max() > DIVERGED:
+                return f"{name} reached |w| = {t.abs().max().item():.3g} (> {DIVERGED:g})"
+    return None
+
+
+def save_checkpoint(cfg, net, opt, scaler, it, saved_it):
+    """Checkpoint after `it` steps unless the model is unhealthy (then stop: exit 1). Returns `it`."""
+    problem = unhealthy(net)
+    if problem:
+        fail(f"the model diverged by iteration {it}: {problem}; not saved. " + last_good(cfg, saved_it))
+    state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+             "iter": it, "config": dataclasses.asdict(cfg)}
+    try:
+        atomic_save(state, os.path.join(cfg.out_dir, "last.pt"))
+    except (OSError, RuntimeError) as e:
+        fail(f"cannot write checkpoint {os.path.join(cfg.out_dir, 'last.pt')}: {' '.join(str(e).split())[:200]} "
+             f"(disk full?); {last_good(cfg, saved_it)}")
+    return it
+
+
+def last_good(cfg, saved_it):
+    path = os.path.join(cfg.out_dir, "last.pt")
+    if saved_it:
+        return f"The last good checkpoint, after iteration {saved_it}, is {path}."
+    return "No checkpoint of this run was written."
+
+
+def open_log(cfg, start):
+    """log.jsonl, keeping only the rows up to the resumed iteration (a replayed stretch is logged again)."""
+    path = os.path.join(cfg.out_dir, "log.jsonl")
+    rows = []
+    if start and os.path.exists(path):
+        rows = [r for r in open(path).read().splitlines() if r.strip() and json.loads(r).get("iter", 0) <= start]
+    f = open(path, "w")
+    f.write("".join(r + "\n" for r in rows))
+    f.flush()
+    return f
+
+
+def log_row(f, row):
+    if f is not None:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+# ----------------------------------------------------------------------------- training
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler (this rank's share of a (seed, epoch) permutation) that can start mid-epoch."""
@@ -130,299 +403,158 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return iter(list(super().__iter__())[getattr(self, "skip", 0):])
 
 
-def make_datasets(cfg):
-    kw = dict(num_classes=cfg.num_classes, ignore_value=cfg.ignore_value) if cfg.dataset == "folder" else {}
-    train = build_dataset(cfg.dataset, cfg.data_root or None, "train",
-                          TrainTransform(cfg.crop, cfg.scale, cfg.flip), seed=cfg.seed, **kw)
-    val = build_dataset(cfg.dataset, cfg.data_root or None, "val", EvalTransform(), seed=cfg.seed, **kw)
-    if cfg.val_size:
-        val = torch.utils.data.Subset(val, range(min(cfg.val_size, len(val))))
-        for attr in ("num_classes", "ignore_index", "class_names", "palette"):
-            setattr(val, attr, getattr(val.dataset, attr))
-    return train, val
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def predict_scores(model, image, num_classes, crop=(0, 0), scales=(1.0,), flip=False):
-    """Class scores (1, C, H, W) for one image (1, 3, H, W): whole image or sliding window, averaged over
-    scales and the horizontal flip."""
-    H, W = image.shape[-2:]
-    total = image.new_zeros(1, num_classes, H, W)
-    for s in scales:
-        x = F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else image
-        for flipped in ((False, True) if flip else (False,)):
-            xi = x.flip(-1) if flipped else x
-            out = sliding_window(model, xi, num_classes, crop) if crop[0] else model(xi)
-            total += upsample(out.flip(-1) if flipped else out, (H, W)).float()
-    return total
-
-
-def sliding_window(model, image, num_classes, crop):
-    """Windows of `crop` with stride 2/3 crop; the image is padded up to the crop; scores averaged."""
-    (H, W), (ch, cw) = image.shape[-2:], crop
-    padded = F.pad(image, (0, max(cw - W, 0), 0, max(ch - H, 0)))
-    ph, pw = padded.shape[-2:]
-    sh, sw = max(1, ch * 2 // 3), max(1, cw * 2 // 3)
-    scores = image.new_zeros(1, num_classes, ph, pw)
-    count = image.new_zeros(1, 1, ph, pw)
-    for y in range(0, max(ph - ch, 0) + sh, sh):
-        for x in range(0, max(pw - cw, 0) + sw, sw):
-            y0, x0 = min(y, ph - ch), min(x, pw - cw)
-            scores[..., y0:y0 + ch, x0:x0 + cw] += model(padded[..., y0:y0 + ch, x0:x0 + cw]).float()
-            count[..., y0:y0 + ch, x0:x0 + cw] += 1
-    return (scores / count)[..., :H, :W]
-
-
-def confusion_matrix(pred, label, num_classes, ignore_index=IGNORE_INDEX):
-    """(C, C) counts, rows = ground truth, columns = prediction; ignore pixels are skipped."""
-    keep = label != ignore_index
-    return torch.bincount(label[keep] * num_classes + pred[keep], minlength=num_classes ** 2).reshape(
-        num_classes, num_classes)
-
-
-def metrics_from_confusion(conf):
-    """IoU_c = TP / (TP + FP + FN); classes absent from both ground truth and prediction are left out."""
-    conf = conf.double()
-    tp, gt, pr = conf.diag(), conf.sum(1), conf.sum(0)
-    union = gt + pr - tp
-    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-    return {"miou": iou.nanmean().item(), "iou": iou.tolist(), "pixel_acc": (tp.sum() / conf.sum()).item()}
-
-
-def prototype_purity(counts):
-    """counts (C, K, M): pixels of class c nearest to its prototype k with mode m. Purity of class c =
-    sum_k max_m counts / sum counts: 1 when every prototype holds a single mode."""
-    counts = counts.double()
-    return (counts.amax(2).sum(1) / counts.sum((1, 2)).clamp(min=1)).tolist()
-
-
-@torch.no_grad()
-def evaluate(model, dataset, cfg, device, rank=0, world=1):
-    """Confusion matrix over this rank's share of the images, all-reduced -> mIoU, IoU, pixel accuracy
-    (+ prototype purity when the dataset gives modes and the head has prototypes)."""
-    net = model.module if isinstance(model, DDP) else model
-    was_training = net.training
-    net.eval()
-    C = dataset.num_classes
-    conf = torch.zeros(C, C, dtype=torch.long, device=device)
-    protos = getattr(net.head, "prototypes", None)
-    modes = torch.zeros(C, protos.shape[1] if protos is not None else 1, 16, dtype=torch.long, device=device)
-    for i in range(rank, len(dataset), world):
-        item = dataset[i]
-        image, label = item["image"][None].to(device), item["label"].to(device)
-        with autocast(cfg, device):
-            scores = predict_scores(net, image, C, tuple(cfg.eval_crop), tuple(cfg.eval_scales), cfg.eval_flip)
-        conf += confusion_matrix(scores.argmax(1)[0], label, C, dataset.ignore_index)
-        if "modes" in item and protos is not None:              # which prototype of its class each pixel picks
-            with autocast(cfg, device):
-                emb = net.head.embed(net.neck(net.backbone(image)))[0].float()      # (h, w, D)
-            lab, mod = (F.interpolate(t[None, None].float().to(device), size=emb.shape[:2], mode="nearest")
-                        .long().flatten() for t in (item["label"], item["modes"]))
-            keep = lab != dataset.ignore_index
-            lab, mod, emb = lab[keep], mod[keep].clamp(max=15), emb.flatten(0, 1)[keep]
-            k = torch.einsum("nd,nkd->nk", emb, F.normalize(protos[lab].float(), dim=-1)).argmax(1)
-            modes.view(-1).index_add_(0, (lab * modes.shape[1] + k) * 16 + mod, torch.ones_like(mod))
-    all_reduce(conf)
-    all_reduce(modes)
-    net.train(was_training)
-    out = metrics_from_confusion(conf)
-    if modes.sum() > 0:
-        out["purity"] = prototype_purity(modes)
-        out["mean_purity"] = sum(out["purity"]) / C
-    return out
-
-
-# ----------------------------------------------------------------------------- training
-
-def autocast(cfg, device):
-    enabled = device.type == "cuda" and cfg.amp != "none"
-    return torch.autocast(device.type, dtype=torch.float16 if cfg.amp == "fp16" else torch.bfloat16,
-                          enabled=enabled)
-
-
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)                                       # never a half-written checkpoint
-
-
-def load_checkpoint(path, cfg):
-    if not os.path.isfile(path):
-        sys.exit(f"error: checkpoint {path} not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    saved = ckpt.get("config", {})
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in MODEL_KEYS
-            if k in saved and saved[k] != getattr(cfg, k)]
-    if diff:
-        sys.exit(f"error: checkpoint {path} was made by another model; differs in " + "; ".join(diff))
-    return ckpt
-
-
-def main(argv=None):
-    cfg = parse_args(argv)
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    try:
-        train_set, val_set = make_datasets(cfg)
-    except DatasetError as e:
-        sys.exit(f"error: {e}")
-    if cfg.dataset == "folder":
-        cfg.num_classes = train_set.num_classes
-    num_classes = train_set.num_classes
-    if cfg.batch_size % world:
-        sys.exit(f"error: --batch-size {cfg.batch_size} must be divisible by the number of ranks ({world})")
-    ckpt = None
-    if cfg.resume:
-        path = os.path.join(cfg.out_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
-        if cfg.resume != "auto" or os.path.isfile(path):
-            ckpt = load_checkpoint(path, cfg)
-    if cfg.eval_only and ckpt is None:
-        sys.exit("error: --eval-only needs --resume CHECKPOINT")
-    log("settings: " + json.dumps(dataclasses.asdict(cfg)))
-
-    torch.manual_seed(cfg.seed)                                 # same initial weights on every rank
-    head_kw = dict(dropout=cfg.dropout)
-    if cfg.head == "protoseg":
-        head_kw.update(num_prototypes=cfg.num_prototypes, kappa=cfg.kappa, sinkhorn_iters=cfg.sinkhorn_iters,
-                       momentum=cfg.proto_momentum, class_layernorm=cfg.class_layernorm,
-                       embed_layernorm=cfg.embed_layernorm, update_correct_only=cfg.update_correct_only,
-                       local_stats=cfg.local_stats)
-    model = build_model(cfg.backbone, cfg.head, num_classes, **head_kw)
-    if cfg.pretrained and ckpt is None:
-        log(load_pretrained(model.backbone, cfg.pretrained))
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    model.to(device)
-    if ddp and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = model
-    if ddp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    log(f"model: {cfg.backbone} + {cfg.head} head, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M "
-        f"learnable parameters, {world} rank(s) on {device.type}")
-
-    if cfg.eval_only:
-        metrics = evaluate(model, val_set, cfg, device, rank, world)
-        log(format_metrics(metrics, val_set.class_names))
-        return metrics
-
-    decay = [p for n, p in net.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in net.named_parameters() if p.ndim <= 1]     # no weight decay on BN/bias
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = (torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum) if cfg.optimizer == "sgd"
-           else torch.optim.AdamW(groups, lr=cfg.lr))
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.amp == "fp16")
-    start = 0
-    if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start = ckpt["iter"]
-        log(f"resumed from iteration {start}")
-    weight = (torch.tensor(CITYSCAPES_CLASS_WEIGHTS, device=device) if cfg.class_weights == "cityscapes"
-              else None)
-
+def batches(cfg, train_set, rank, world, start, device):
+    """Endless (images, labels) from iteration `start` on; epochs restart at the right batch."""
     per_rank = cfg.batch_size // world
     sampler = ResumableSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
     steps_per_epoch = len(sampler) // per_rank
     if steps_per_epoch == 0:
-        sys.exit(f"error: {len(train_set)} training images are fewer than one batch of {per_rank} per rank")
+        fail(f"{len(train_set)} training images are fewer than one batch of {per_rank} per rank; lower --batch-size")
     loader = torch.utils.data.DataLoader(train_set, per_rank, sampler=sampler, num_workers=cfg.workers,
                                          drop_last=True, pin_memory=device.type == "cuda")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
+    it = start
+    while True:
+        epoch, skip = divmod(it, steps_per_epoch)
+        train_set.set_epoch(epoch)
+        sampler.set_epoch(epoch, skip=skip * per_rank)
+        for batch in loader:
+            yield batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+            it += 1
 
-    def checkpoint(it):
-        if master:
-            atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                         "iter": it, "config": dataclasses.asdict(cfg)}, os.path.join(cfg.out_dir, "last.pt"))
 
+def next_batch(stream, world):
+    """The next batch; a data error on any rank stops every rank (printed once, by the first failing rank)."""
+    error, batch = None, None
+    try:
+        batch = next(stream)
+    except DatasetError as e:
+        error = one_line(e)
+    if world == 1:
+        return batch if error is None else fail(error)
+    flags = torch.zeros(world)
+    flags[dist.get_rank()] = error is not None
+    flags = all_reduce(flags.to("cuda" if torch.cuda.is_available() else "cpu")).cpu()
+    if flags.any():
+        if error is not None and dist.get_rank() == int(flags.nonzero()[0]):
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    return batch
+
+
+def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, log_file):
+    """The loop: poly lr, one step, log, checkpoint, evaluate now and then. Returns nothing; exits on failure."""
+    opt = make_optimizer(cfg, net)
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.amp == "fp16")
+    start = saved_it = 0
+    if ckpt is not None and not ckpt.get("official"):
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, ValueError) as e:
+            fail(f"checkpoint {cfg.resume}: its optimizer state does not fit --optimizer {cfg.optimizer} ({e})")
+        start = saved_it = ckpt["iter"]
+        log(f"resumed after iteration {start}")
+    weight = torch.tensor(CITYSCAPES_CLASS_WEIGHTS, device=device) if cfg.class_weights == "cityscapes" else None
+    stream = batches(cfg, train_set, rank, world, start, device)
     model.train()
     if cfg.freeze_bn:
         for m in net.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
-    it, batches, t0, t_last = start, None, time.time(), time.time()
-    while it < cfg.iters:
-        if batches is None or it % steps_per_epoch == 0:        # (re)start the epoch at the right batch
-            train_set.set_epoch(it // steps_per_epoch)
-            sampler.set_epoch(it // steps_per_epoch, skip=(it % steps_per_epoch) * per_rank)
-            batches = iter(loader)
-        batch = next(batches)
-        images = batch["image"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
-        lr = cfg.lr * (1 - it / cfg.iters) ** cfg.lr_power                    # poly schedule
+    t0 = t_last = time.time()
+    for it in range(start, cfg.iters):                          # `it` steps done; this one is iteration it + 1
+        images, labels = next_batch(stream, world)
+        lr = cfg.lr * (1 - it / cfg.iters) ** cfg.lr_power                     # poly schedule
         for g in opt.param_groups:
             g["lr"] = lr
         torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + it)             # dropout: a function of it
-        with autocast(cfg, device):
+        with autocast(cfg.amp, device):
             out = model(images, labels)
         loss, terms = seg_loss(out, labels, cfg.lambda_ppc, cfg.lambda_ppd, cfg.tau, weight)
-        bad = all_reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device))
-        if bad.item():
-            log(f"error: non-finite loss at iteration {it} ({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); "
-                f"stopping. The last good checkpoint {os.path.join(cfg.out_dir, 'last.pt')} is untouched.")
-            if ddp:
-                dist.destroy_process_group()
-            sys.exit(1)
+        if all_reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)).item():
+            fail(f"non-finite loss at iteration {it + 1} ({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); "
+                 f"stopping. {last_good(cfg, saved_it)}")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        it += 1
-        if master and (it % cfg.log_every == 0 or it == cfg.iters):
-            now = time.time()
-            speed = cfg.log_every / max(now - t_last, 1e-9) if it - start >= cfg.log_every else (it - start) / (now - t0)
-            t_last = now
-            mem = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
-                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-            row = {"iter": it, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "lr": lr,
-                   "it_per_s": speed, "eta_s": (cfg.iters - it) / max(speed, 1e-9), "mem_gb": mem}
-            log(f"it {it}/{cfg.iters} | loss {row['loss']:.4f} (" + " ".join(f"{k} {row[k]:.4f}" for k in terms)
-                + f") | lr {lr:.2e} | {speed:.2f} it/s | ETA {row['eta_s'] / 60:.1f} min | mem {mem:.2f} GB",
-                flush=True)
-            log_file.write(json.dumps(row) + "\n")
-            log_file.flush()
-        if it % cfg.ckpt_every == 0 or it == cfg.iters:
-            checkpoint(it)
-        if cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iters:
-            m = evaluate(model, val_set, cfg, device, rank, world)
-            log(f"it {it}: val mIoU {100 * m['miou']:.2f}")
-            if master:
-                log_file.write(json.dumps({"iter": it, "val": m}) + "\n")
-
-    metrics = evaluate(model, val_set, cfg, device, rank, world)
-    metrics.update(iters=cfg.iters, train_time_s=time.time() - t0)
-    log(format_metrics(metrics, val_set.class_names))
-    if master:
-        with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
-        log_file.close()
-    if ddp:
-        dist.destroy_process_group()
-    return metrics
+        done = it + 1
+        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.iters):
+            speed = (done - max(start, done - cfg.log_every)) / max(time.time() - t_last, 1e-9)
+            t_last = time.time()
+            log_progress(cfg, done, loss, terms, lr, speed, device, log, log_file)
+        if done % cfg.ckpt_every == 0 or done == cfg.iters:
+            saved_it = save_checkpoint(cfg, net, opt, scaler, done, saved_it) if rank == 0 else done
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iters:
+            m = run_evaluation(cfg, model, val_set, device, rank, world, log)
+            log(f"it {done}: val mIoU {100 * m['miou']:.2f}")
+            log_row(log_file, {"iter": done, "val": metrics_report(m, val_set.class_names)})
+    return time.time() - t0
 
 
-def format_metrics(m, class_names):
-    lines = [f"val mIoU {100 * m['miou']:.2f} | pixel acc {100 * m['pixel_acc']:.2f}"]
-    for i, name in enumerate(class_names):
-        iou = m["iou"][i]
-        pur = f" | prototype purity {100 * m['purity'][i]:.1f}" if "purity" in m else ""
-        lines.append(f"  {name:>20s}: IoU {'  n/a' if math.isnan(iou) else f'{100 * iou:5.1f}'}{pur}")
-    if "purity" in m:
-        lines.append(f"mean prototype purity {100 * m['mean_purity']:.1f}")
-    return "\n".join(lines)
+def log_progress(cfg, it, loss, terms, lr, speed, device, log, log_file):
+    """One line: loss = ce + lambda1 ppc + lambda2 ppd (Eq. 13), lr, speed, ETA, peak memory; and a log.jsonl row."""
+    mem = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    row = {"iter": it, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "lr": lr,
+           "it_per_s": speed, "eta_s": (cfg.iters - it) / max(speed, 1e-9), "mem_gb": mem}
+    log(f"it {it}/{cfg.iters} | loss {row['loss']:.4f} (" + " ".join(f"{k} {row[k]:.4f}" for k in terms)
+        + f") | lr {lr:.2e} | {speed:.2f} it/s | ETA {row['eta_s'] / 60:.1f} min | mem {mem:.2f} GB", flush=True)
+    log_row(log_file, row)
+
+
+def run_evaluation(cfg, model, val_set, device, rank, world, log):
+    try:
+        return evaluate(model, val_set, device, cfg.eval_crop, cfg.eval_scales, cfg.eval_flip, cfg.amp,
+                        cfg.val_size, cfg.workers, rank, world, log)
+    except DatasetError as e:
+        fail(one_line(e))
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    cfg, given = parse_args(argv)
+    cfg, ckpt = resolve(cfg, given)
+    rank, world, device = setup_distributed()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    lock = None
+    try:
+        train_set, val_set = make_datasets(cfg)
+        if ckpt is not None and ckpt["config"]["num_classes"] != val_set.num_classes:
+            fail(f"checkpoint {cfg.resume} predicts {ckpt['config']['num_classes']} classes "
+                 f"({ckpt['config'].get('dataset')}); --dataset {cfg.dataset} has {val_set.num_classes}")
+        cfg.num_classes = val_set.num_classes
+        if cfg.batch_size % world:
+            fail(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks ({world})")
+        if not cfg.eval_only and ckpt is not None and ckpt.get("official"):
+            fail(f"{cfg.resume} is an official ProtoSeg checkpoint: it holds no optimizer state; use --eval-only, "
+                 "or --pretrained for its backbone")
+        lock = claim_out_dir(cfg, ckpt is not None) if rank == 0 else None
+        log("settings: " + json.dumps(dataclasses.asdict(cfg)))
+        if rank == 0:
+            with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=1)
+        model, net = build(cfg, ckpt, device, world, log)
+        log_file = open_log(cfg, ckpt["iter"] if ckpt and not cfg.eval_only and "iter" in ckpt else 0) \
+            if rank == 0 and not cfg.eval_only else None
+        seconds = 0.0 if cfg.eval_only else train(cfg, model, net, train_set, val_set, ckpt, device, rank, world,
+                                                   log, log_file)
+        metrics = run_evaluation(cfg, model, val_set, device, rank, world, log)
+        metrics["train_time_s"] = seconds
+        log(format_metrics(metrics, val_set.class_names))
+        if rank == 0:
+            report = metrics_report(metrics, val_set.class_names)
+            with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
+                json.dump(report, f, indent=1, allow_nan=False)
+            log_row(log_file, {"iter": cfg.iters, "final": report})
+            log(f"wrote {os.path.join(cfg.out_dir, 'metrics.json')}")
+        return metrics
+    finally:
+        if lock and os.path.exists(lock):
+            os.remove(lock)
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

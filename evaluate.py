@@ -1,0 +1,399 @@
+"""Evaluation and checkpoints: inference (whole image, sliding window, scales + flip), the confusion matrix and its
+metrics (IoU and accuracy; Cityscapes categories and instance-weighted iIoU as cityscapesScripts computes them),
+prototype purity and use, and reading checkpoints: this project's and the official ProtoSeg release.
+
+    python train.py --eval-only --resume runs/cityscapes/last.pt              # settings come from the checkpoint
+    python train.py --eval-only --resume hrnet_w48_proto_lr1x_hrnet_proto_80k_latest.pth --data-root /data/cityscapes
+
+train.py evaluates with `evaluate`; predict.py reads checkpoints with `load_model` and infers with `predict_scores`.
+Metrics are fractions in [0, 1]; a class absent from both ground truth and prediction has no IoU (null in JSON).
+"""
+import math
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+from models import model_from_config, upsample
+from protoseg import IGNORE_INDEX
+from sinkhorn import all_reduce
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file, what was found and what was expected."""
+
+
+def autocast(amp, device):
+    """bf16 / fp16 autocast on a GPU; the CPU runs fp32."""
+    enabled = device.type == "cuda" and amp != "none"
+    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16, enabled=enabled)
+
+
+# ----------------------------------------------------------------------------- inference
+
+@torch.no_grad()
+def predict_scores(model, image, num_classes, crop=(0, 0), scales=(1.0,), flip=False):
+    """Class scores (1, C, H, W) for one image (1, 3, H, W): whole image or sliding window, summed over
+    scales and the horizontal flip (the argmax is what counts)."""
+    H, W = image.shape[-2:]
+    total = image.new_zeros(1, num_classes, H, W, dtype=torch.float32)
+    for s in scales:
+        x = F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else image
+        for flipped in ((False, True) if flip else (False,)):
+            xi = x.flip(-1) if flipped else x
+            out = sliding_window(model, xi, num_classes, crop) if crop[0] else model(xi)
+            total += upsample(out.flip(-1) if flipped else out, (H, W)).float()
+    return total
+
+
+def sliding_window(model, image, num_classes, crop):
+    """Windows of `crop` with stride 2/3 crop; the image is padded up to the crop; scores averaged."""
+    (H, W), (ch, cw) = image.shape[-2:], crop
+    padded = F.pad(image, (0, max(cw - W, 0), 0, max(ch - H, 0)))
+    ph, pw = padded.shape[-2:]
+    sh, sw = max(1, ch * 2 // 3), max(1, cw * 2 // 3)
+    scores = image.new_zeros(1, num_classes, ph, pw, dtype=torch.float32)
+    count = image.new_zeros(1, 1, ph, pw, dtype=torch.float32)
+    for y in range(0, max(ph - ch, 0) + sh, sh):
+        for x in range(0, max(pw - cw, 0) + sw, sw):
+            y0, x0 = min(y, ph - ch), min(x, pw - cw)
+            scores[..., y0:y0 + ch, x0:x0 + cw] += model(padded[..., y0:y0 + ch, x0:x0 + cw]).float()
+            count[..., y0:y0 + ch, x0:x0 + cw] += 1
+    return (scores / count)[..., :H, :W]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def confusion_matrix(pred, label, num_classes, ignore_index=IGNORE_INDEX):
+    """(C, C) counts, rows = ground truth, columns = prediction; ignore pixels are skipped."""
+    keep = label != ignore_index
+    return torch.bincount(label[keep] * num_classes + pred[keep], minlength=num_classes ** 2).reshape(
+        num_classes, num_classes)
+
+
+def metrics_from_confusion(conf):
+    """IoU_c = TP / (TP + FP + FN), Acc_c = TP / (TP + FN); mIoU / mAcc over classes that have a value;
+    aAcc = all correct / all labelled pixels."""
+    conf = conf.double()
+    tp, gt, pr = conf.diag(), conf.sum(1), conf.sum(0)
+    union = gt + pr - tp
+    nan = torch.full_like(tp, float("nan"))
+    iou = torch.where(union > 0, tp / union.clamp(min=1), nan)
+    acc = torch.where(gt > 0, tp / gt.clamp(min=1), nan)
+    return {"miou": iou.nanmean().item(), "macc": acc.nanmean().item(),
+            "aacc": (tp.sum() / conf.sum().clamp(min=1)).item(), "iou": iou.tolist(), "acc": acc.tolist()}
+
+
+# Cityscapes facts (cityscapesScripts 2.3.0: labels.py categories; evalPixelLevelSemanticLabeling.py avgClassSize).
+# Train ids of each of the 7 categories, and the mean instance size (pixels) that weights each class's iIoU.
+CITYSCAPES_CATEGORIES = {"flat": [0, 1], "construction": [2, 3, 4], "object": [5, 6, 7], "nature": [8, 9],
+                         "sky": [10], "human": [11, 12], "vehicle": [13, 14, 15, 16, 17, 18]}
+CITYSCAPES_MEAN_INSTANCE_SIZE = {11: 3462.4756337644, 12: 3930.4788056518, 13: 12794.0202738185,   # person rider car
+                                 14: 27855.1264367816, 15: 35732.1511111111, 16: 67583.7075812274,  # truck bus train
+                                 17: 6298.7200839748, 18: 4672.3249222261}                        # motorcycle bicycle
+INSTANCE_CATEGORIES = ("human", "vehicle")               # the categories whose classes all have instances
+
+
+def instance_counts(pred, instances):
+    """Instance-weighted TP and FN of one image, as cityscapesScripts: each ground-truth instance (instanceIds
+    value = labelId * 1000 + k, > 1000) of class c counts with weight mean_size[c] / its size.
+    pred: (H, W) train ids; instances: (H, W) instanceIds. Returns (2, 19) [tp, fn] per class and
+    (2, 2) [tp, fn] per instance category (a pixel counts for the category if predicted as any of its classes)."""
+    pred, instances = np.asarray(pred).ravel(), np.asarray(instances).ravel().astype(np.int64)
+    ids, inverse, sizes = np.unique(instances, return_inverse=True, return_counts=True)
+    cls = np.where(ids > 1000, data.CITYSCAPES_LUT[np.minimum(ids // 1000, 255)], -1)
+    weight = np.array([CITYSCAPES_MEAN_INSTANCE_SIZE.get(int(c), 0.0) for c in cls]) / sizes
+    category = np.full(20, -1)                            # train id -> index in INSTANCE_CATEGORIES
+    for j, name in enumerate(INSTANCE_CATEGORIES):
+        category[CITYSCAPES_CATEGORIES[name]] = j
+    tp = np.bincount(inverse, weights=pred == cls[inverse], minlength=len(ids))
+    cat_tp = np.bincount(inverse, weights=category[pred] == category[cls][inverse], minlength=len(ids))
+    per_class, per_category = np.zeros((2, 19)), np.zeros((2, 2))
+    for i in np.flatnonzero(weight > 0):                 # instances of the 8 evaluated thing classes
+        per_class[:, cls[i]] += weight[i] * np.array([tp[i], sizes[i] - tp[i]])
+        per_category[:, category[cls[i]]] += weight[i] * np.array([cat_tp[i], sizes[i] - cat_tp[i]])
+    return per_class, per_category
+
+
+def cityscapes_scores(conf, per_class, per_category):
+    """The 7 category IoUs and the iIoU of classes and categories: iIoU = wTP / (wTP + FP + wFN), FP unweighted."""
+    conf = conf.double().numpy()
+    col = conf.sum(0)
+
+    def category_sets(name):
+        s = CITYSCAPES_CATEGORIES[name]
+        tp = conf[np.ix_(s, s)].sum()
+        return tp, conf[s].sum() - tp, conf[:, s].sum() - tp              # tp, fn, fp
+
+    cat_iou = {}
+    for name in CITYSCAPES_CATEGORIES:
+        tp, fn, fp = category_sets(name)
+        cat_iou[name] = tp / (tp + fn + fp) if tp + fn + fp > 0 else float("nan")
+    iiou = {}
+    for c in CITYSCAPES_MEAN_INSTANCE_SIZE:
+        wtp, wfn, fp = per_class[0, c], per_class[1, c], col[c] - conf[c, c]
+        iiou[data.CITYSCAPES_CLASSES[c]] = wtp / (wtp + wfn + fp) if wtp + wfn + fp > 0 else float("nan")
+    cat_iiou = {}
+    for j, name in enumerate(INSTANCE_CATEGORIES):
+        (wtp, wfn), fp = per_category[:, j], category_sets(name)[2]
+        cat_iiou[name] = wtp / (wtp + wfn + fp) if wtp + wfn + fp > 0 else float("nan")
+    mean = lambda d: mean_of(list(d.values()))
+    return {"category_iou": cat_iou, "mean_category_iou": mean(cat_iou), "iiou": iiou, "mean_iiou": mean(iiou),
+            "category_iiou": cat_iiou, "mean_category_iiou": mean(cat_iiou)}
+
+
+def prototype_counts(embed, label, modes, prototypes, num_modes=1):
+    """(C, K, M) counts: labelled pixels of class c whose nearest prototype OF CLASS c is k, split by the
+    pixel's mode m (synthetic data; M = 1 without modes). embed: (h, w, D) unit vectors; label, modes: (H, W)."""
+    C, K, _ = prototypes.shape
+    size = embed.shape[:2]
+    lab = F.interpolate(label[None, None].float(), size=size, mode="nearest").long().flatten()
+    mod = (F.interpolate(modes[None, None].float(), size=size, mode="nearest").long().flatten()
+           if modes is not None else torch.zeros_like(lab))
+    keep = lab != IGNORE_INDEX
+    lab, mod, emb = lab[keep], mod[keep].clamp(0, num_modes - 1), embed.flatten(0, 1)[keep].float()
+    k = torch.einsum("nd,nkd->nk", emb, F.normalize(prototypes.float(), dim=-1)[lab]).argmax(1)
+    return torch.bincount((lab * K + k) * num_modes + mod, minlength=C * K * num_modes).reshape(C, K, num_modes)
+
+
+def prototype_summary(counts, min_share=0.05):
+    """Purity of class c = sum_k max_m counts / sum counts (1 when every prototype holds one mode); share of the
+    class's pixels each prototype takes; prototypes in use = how many take >= min_share."""
+    counts = counts.double()
+    total = counts.sum((1, 2))
+    present = total > 0                                                             # classes seen at all
+    share = counts.sum(2) / total.clamp(min=1)[:, None]                             # (C, K)
+    in_use = [int(n) if p else None for n, p in zip((share >= min_share).sum(1).tolist(), present.tolist())]
+    out = {"prototype_share": [s if p else None for s, p in zip(share.tolist(), present.tolist())],
+           "prototypes_in_use": in_use}
+    if counts.shape[2] > 1:
+        purity = counts.amax(2).sum(1) / total.clamp(min=1)
+        out["purity"] = torch.where(present, purity, float("nan")).tolist()
+    return out
+
+
+# ----------------------------------------------------------------------------- the evaluation loop
+
+class _Items(torch.utils.data.Dataset):
+    """The images of one rank, plus Cityscapes instanceIds maps (for iIoU) where the label files have them."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+        pairs = getattr(dataset, "pairs", None)
+        self.instance_paths = None
+        if pairs and all(str(p[2]).endswith("_gtFine_labelIds.png") for p in pairs):
+            self.instance_paths = [str(p[2]).replace("_gtFine_labelIds.png", "_gtFine_instanceIds.png") for p in pairs]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        i = self.indices[j]
+        item = self.dataset[i]
+        if self.instance_paths and Path(self.instance_paths[i]).is_file():
+            item["instances"] = np.asarray(Image.open(self.instance_paths[i]), dtype=np.int64)
+        return item
+
+
+def _progress(log, done, total, t0, world):
+    rate = done * world / max(time.time() - t0, 1e-9)
+    log(f"eval {min(done * world, total)}/{total} images | {rate:.2f} img/s | "
+        f"ETA {(total - done * world) / max(rate, 1e-9) / 60:.1f} min", flush=True)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, device, crop=(0, 0), scales=(1.0,), flip=False, amp="none", limit=0, workers=0,
+             rank=0, world=1, log=print):
+    """Confusion matrix over this rank's share of the (first `limit`) images, all-reduced -> metrics dict.
+    Adds prototype use (and purity, when the dataset gives modes) for a head with prototypes, and the
+    Cityscapes category / iIoU scores when instanceIds maps sit beside the labels."""
+    net = getattr(model, "module", model)
+    was_training = net.training
+    net.eval()
+    C, n = dataset.num_classes, min(limit or len(dataset), len(dataset))
+    items = _Items(dataset, list(range(rank, n, world)))
+    loader = torch.utils.data.DataLoader(items, batch_size=None, num_workers=workers)
+    protos = getattr(net.head, "prototypes", None)
+    num_modes = 16
+    conf = torch.zeros(C, C, dtype=torch.long, device=device)
+    counts = torch.zeros(C, protos.shape[1] if protos is not None else 1, num_modes, dtype=torch.long, device=device)
+    inst = torch.zeros(2, 19 + 2, dtype=torch.float64)
+    has_modes, has_inst, t0, last = False, False, time.time(), time.time()
+    for done, item in enumerate(loader, 1):
+        image, label = item["image"][None].to(device), item["label"].to(device)
+        single = not crop[0] and tuple(scales) == (1.0,) and not flip
+        with autocast(amp, device):
+            if single and protos is not None:                  # one pass gives both scores and embeddings
+                feats = net.features(image)
+                scores, embed = upsample(net.head(feats), image.shape[-2:]).float(), net.head.embed(feats)
+            else:
+                scores = predict_scores(net, image, C, crop, scales, flip)
+                embed = net.embed(image) if protos is not None else None
+        pred = scores.argmax(1)[0]
+        conf += confusion_matrix(pred, label, C)
+        if protos is not None:
+            modes = item.get("modes")
+            has_modes |= modes is not None
+            counts += prototype_counts(embed[0], label, None if modes is None else modes.to(device), protos, num_modes)
+        if "instances" in item:
+            has_inst = True
+            per_class, per_category = instance_counts(pred.cpu().numpy(), item["instances"])
+            inst += torch.from_numpy(np.concatenate([per_class, per_category], 1))
+        if rank == 0 and (time.time() - last > 20 or done == len(items)) and len(items) > 1:
+            _progress(log, done, n, t0, world)
+            last = time.time()
+    flags = all_reduce(torch.tensor([float(has_modes), float(has_inst)], device=device))
+    all_reduce(conf)
+    all_reduce(counts)
+    inst = all_reduce(inst.to(device)).cpu()
+    net.train(was_training)
+    out = metrics_from_confusion(conf.cpu())
+    out.update(images=n, seconds=time.time() - t0)
+    if protos is not None:
+        out.update(prototype_summary(counts.cpu() if flags[0] else counts.cpu().sum(2, keepdim=True)))
+    if flags[1] and C == 19:
+        out.update(cityscapes_scores(conf.cpu(), inst[:, :19].numpy(), inst[:, 19:].numpy()))
+    return out
+
+
+# ----------------------------------------------------------------------------- reports
+
+def mean_of(values):
+    """Mean over the entries that have a value (not None / NaN)."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _clean(x):
+    """NaN / inf -> None (strict JSON), recursively."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def metrics_report(m, class_names):
+    """metrics.json content: summary numbers, then each class by name; strict JSON (NaN -> null)."""
+    per_class = {}
+    for c, name in enumerate(class_names):
+        row = {"iou": m["iou"][c], "acc": m["acc"][c]}
+        for key in ("purity", "prototypes_in_use", "prototype_share"):
+            if key in m:
+                row[key] = m[key][c]
+        per_class[name] = row
+    summary = {k: v for k, v in m.items() if k not in ("iou", "acc", "purity", "prototypes_in_use", "prototype_share")}
+    if "purity" in m:
+        summary["mean_purity"] = mean_of(m["purity"])
+    if "prototypes_in_use" in m:
+        summary["mean_prototypes_in_use"] = mean_of(m["prototypes_in_use"])
+    return _clean({**summary, "classes": per_class})
+
+
+def format_metrics(m, class_names):
+    """Console summary: mIoU, mAcc, aAcc, then a line per class."""
+    pct = lambda v: "  n/a" if v is None or math.isnan(v) else f"{100 * v:5.1f}"
+    lines = [f"val mIoU {pct(m['miou'])} | mAcc {pct(m['macc'])} | aAcc {pct(m['aacc'])} | {m['images']} images"]
+    for c, name in enumerate(class_names):
+        extra = f" | prototypes in use {m['prototypes_in_use'][c]}" if "prototypes_in_use" in m else ""
+        extra += f" | prototype purity {pct(m['purity'][c])}" if "purity" in m else ""
+        lines.append(f"  {name[:20]:>20s}: IoU {pct(m['iou'][c])} | Acc {pct(m['acc'][c])}{extra}")
+    if "purity" in m:
+        lines.append(f"mean prototype purity {pct(mean_of(m['purity']))}")
+    if "mean_iiou" in m:
+        lines.append(f"Cityscapes: iIoU {pct(m['mean_iiou'])} | category IoU {pct(m['mean_category_iou'])} | "
+                     f"category iIoU {pct(m['mean_category_iiou'])}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def read_checkpoint(path):
+    """torch.load with weights_only (never unpickles code); every failure is one CheckpointError naming the file."""
+    path = str(path)
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} not found; expected a file written by train.py (runs/*/last.pt) "
+                              "or the official ProtoSeg release")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain containers "
+                              f"({str(e).splitlines()[0][:160]}); it was not loaded, since unpickling could run "
+                              "code. Re-save only its state_dict with torch.save where you trust the file") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:160]}; the file is "
+                              "truncated or not a PyTorch checkpoint") from None
+
+
+def is_official(sd):
+    """The official ProtoSeg (openseg) layout: prototypes, backbone.*, cls_head.*, proj_head.* at top level."""
+    return isinstance(sd, dict) and "prototypes" in sd and "cls_head.0.weight" in sd and \
+        any(k.startswith("backbone.") for k in sd)
+
+
+def official_to_project(sd):
+    """Official state dict -> (this project's state dict, config). Renames the head's keys into ProtoSegHead's,
+    drops proj_head.mlp2.* (aliases of proj_head.proj.*), and sets the switches the official model computes
+    with: class and embedding LayerNorms, l2 over the width axis (official items 1, 2, 7; 4 and 6 for training)."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("proj_head.mlp2."):
+            continue
+        if k == "prototypes" or k.startswith(("feat_norm.", "mask_norm.")):
+            out["head." + k] = v
+        elif k.startswith(("cls_head.", "proj_head.")):
+            out["head.trunk." + k] = v
+        else:
+            out[k] = v
+    width = sd["backbone.stage2.0.branches.0.0.conv1.weight"].shape[0]
+    deep = "backbone.layer1.3.conv1.weight" in sd
+    backbone = {48: "hrnet48", 32: "hrnet32", 18: "hrnet18" if deep else "hrnet18_small_v2"}.get(width)
+    if backbone is None:
+        raise CheckpointError(f"official checkpoint with HRNet width {width}: expected 18, 32 or 48")
+    C, K, _ = sd["prototypes"].shape
+    cfg = dict(backbone=backbone, head="protoseg", num_classes=C, num_prototypes=K, class_layernorm="mask_norm.weight" in sd,
+               embed_layernorm="feat_norm.weight" in sd, normalize_width=True, update_correct_only=True,
+               local_stats=True, kappa=0.05, sinkhorn_iters=3, proto_momentum=0.999, dropout=0.1, tau=1.0,
+               dataset="cityscapes" if C == 19 else "folder")
+    return out, cfg
+
+
+def load_checkpoint(path):
+    """{"model": state dict, "config": dict, ...} from a train.py checkpoint or an official ProtoSeg file
+    (a dict whose `state_dict` holds the model, keys prefixed `module.` under DDP); adds "official": bool."""
+    ckpt = read_checkpoint(path)
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if isinstance(sd, dict):
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if is_official(sd):
+        model, cfg = official_to_project(sd)
+        return {"model": model, "config": cfg, "official": True}
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("config"), dict)):
+        keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"checkpoint {path} has {keys}; expected train.py's {{'model', 'config', ...}} or the "
+                              "official ProtoSeg {'state_dict': {'prototypes', 'backbone.*', ...}}. For ImageNet "
+                              "backbone weights use train.py --pretrained")
+    if not ckpt["config"].get("num_classes"):                  # older checkpoints: read it off the head
+        head = {k: v for k, v in ckpt["model"].items() if k in ("head.prototypes", "head.classifier.weight", "head.queries")}
+        ckpt["config"]["num_classes"] = next(iter(head.values())).shape[0]
+    return {**ckpt, "official": False}
+
+
+def load_model(path, device="cpu", defaults=None):
+    """(model in eval mode on device, config dict) from any checkpoint load_checkpoint reads."""
+    ckpt = load_checkpoint(path)
+    cfg = {**(defaults or {}), **ckpt["config"]}
+    model = model_from_config(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit a {cfg['backbone']} + {cfg['head']} model: "
+                              f"{' '.join(str(e).split())[:300]}") from None
+    return model.to(device).eval(), cfg
