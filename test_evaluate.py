@@ -163,8 +163,20 @@ def test_official_checkpoint_computes_what_the_official_model_computes(official_
         assert (model.head(feats).argmax(1) != official.argmax(1)).float().mean() > 0.05
 
 
-def test_official_checkpoint_evaluates_and_predicts_through_both_scripts(official_file, tmp_path):
-    path, _ = official_file
+def small_official_file(tmp_path):
+    """An official-format file around HRNet-W18-small-v2 (D = 270): the same layout as the W48 release, smaller."""
+    cfg = {**vars(train.Config()), "backbone": "hrnet18_small_v2", "num_classes": 19, "embed_layernorm": True}
+    torch.manual_seed(0)
+    ours = model_from_config(cfg).state_dict()
+    sd = {k.removeprefix("head.").removeprefix("trunk."): v for k, v in ours.items()}
+    sd.update({k.replace("proj_head.proj.", "proj_head.mlp2."): v for k, v in sd.items() if k.startswith("proj_head.proj.")})
+    path = tmp_path / "hrnet_w18_small_proto.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, path)
+    return path
+
+
+def test_official_checkpoint_evaluates_and_predicts_through_both_scripts(tmp_path):
+    path = small_official_file(tmp_path)
     m = train.main(["--eval-only", "--resume", str(path), "--data-root", str(SAMPLE), "--out-dir", str(tmp_path),
                     "--workers", "0"])
     assert m["images"] == 1 and 0 <= m["miou"] <= 1 and "mean_iiou" in m

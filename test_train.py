@@ -63,19 +63,23 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     args = TINY + ["--iters", "4", "--ckpt-every", "2"]
     train.main(args + ["--out-dir", str(tmp_path / "full")])
 
-    real_save = train.atomic_save
-    def interrupted_save(obj, path):                           # the run dies right after its first checkpoint
-        real_save(obj, path)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "atomic_save", interrupted_save)
+    real_log_row = train.log_row
+    def interrupted_log(f, row):                               # the run dies after logging iteration 3
+        real_log_row(f, row)
+        if row.get("iter") == 3:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, "log_row", interrupted_log)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--out-dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(train, "atomic_save", real_save)
+    monkeypatch.setattr(train, "log_row", real_log_row)
     assert state(tmp_path / "cut" / "last.pt")["iter"] == 2
+    assert not (tmp_path / "cut" / "run.lock").exists()                        # released on the way out
     train.main(args + ["--out-dir", str(tmp_path / "cut"), "--resume", "auto"])
     a, b = state(tmp_path / "full" / "last.pt"), state(tmp_path / "cut" / "last.pt")
     assert b["iter"] == 4
     assert_same_state(a["model"], b["model"])                  # weights AND prototypes, bit for bit
+    rows = [json.loads(r)["iter"] for r in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4, 4]                             # iteration 3's first row dropped on resume
 
 
 def test_nan_loss_stops_with_checkpoint_intact(tmp_path, monkeypatch, capsys):
@@ -145,3 +149,68 @@ def test_ddp_two_ranks_equal_one_rank(tmp_path):
     mp.spawn(_rank, args=(2, _free_port(), args + ["--out-dir", str(tmp_path / "two")]), nprocs=2)
     a, b = state(tmp_path / "one" / "last.pt"), state(tmp_path / "two" / "last.pt")
     assert_same_state(a["model"], b["model"], atol=1e-4)            # summation order only (--local-stats: 0.045)
+
+
+# ----------------------------------------------------------------------------- bad input: flags, run dirs, resume
+
+@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--ckpt-every", "0"], ["--crop", "1", "2", "3"],
+                                   ["--optimizer", "adam"], ["--lr", "-1"], ["--iters", "x"], ["--eval-only"]])
+def test_bad_flags_are_refused_by_the_parser(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(flags)
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_flags_are_case_insensitive_and_crop_n_is_square():
+    cfg, _ = train.parse_args(["--optimizer", "SGD", "--class-weights", "Cityscapes", "--crop", "32",
+                               "--eval-crop", "48"])
+    assert (cfg.optimizer, cfg.class_weights, cfg.crop, cfg.eval_crop) == ("sgd", "cityscapes", (32, 32), (48, 48))
+
+
+def test_help_shows_the_chosen_presets_values():
+    out = subprocess.run([sys.executable, "train.py", "--dataset", "cityscapes", "--help"], cwd=ROOT,
+                         capture_output=True, text=True).stdout
+    assert "(default for cityscapes: hrnet48)" in " ".join(out.split()) and "lambda_1 of Eq. 13" in out
+
+
+def test_out_dir_belongs_to_one_run(tmp_path, capsys):
+    args = TINY + ["--iters", "1", "--out-dir", str(tmp_path)]
+    train.main(args)
+    with pytest.raises(SystemExit):
+        train.main(args)                                           # would overwrite the first run's last.pt
+    assert "holds an earlier run; continue it with --resume auto" in capsys.readouterr().err
+    (tmp_path / "run.lock").write_text(str(os.getppid()))         # a live process holds the directory
+    with pytest.raises(SystemExit):
+        train.main(args + ["--overwrite"])
+    assert "is in use by another run" in capsys.readouterr().err
+    (tmp_path / "run.lock").write_text("999999999")                # a dead one: the stale lock is taken over
+    train.main(args + ["--overwrite"])
+
+
+def test_resume_refuses_settings_that_change_the_trajectory(tmp_path, capsys):
+    args = TINY + ["--iters", "2", "--ckpt-every", "1", "--out-dir", str(tmp_path)]
+    train.main(TINY + ["--iters", "1", "--ckpt-every", "1", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        train.main(args + ["--resume", "auto", "--lr", "0.5", "--optimizer", "sgd"])
+    err = capsys.readouterr().err
+    assert "iters: checkpoint 1 vs now 2" in err and "lr: checkpoint 0.003 vs now 0.5" in err
+    assert "optimizer: checkpoint 'adamw' vs now 'sgd'" in err and "--allow-changes" in err
+    train.main(args + ["--resume", "auto", "--allow-changes"])    # a longer schedule, knowingly
+    assert state(tmp_path / "last.pt")["iter"] == 2
+
+
+def test_a_diverged_model_is_never_checkpointed(tmp_path, capsys):
+    cfg = train.Config(out_dir=str(tmp_path))
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler(enabled=False)
+    assert train.save_checkpoint(cfg, net, opt, scaler, 5, 0) == 5
+    before = (tmp_path / "last.pt").read_bytes()
+    for bad in (float("nan"), 1.9e22):
+        with torch.no_grad():
+            net.weight[0, 0] = bad
+        with pytest.raises(SystemExit):
+            train.save_checkpoint(cfg, net, opt, scaler, 6, 5)
+        err = capsys.readouterr().err
+        assert "diverged by iteration 6: weight" in err and "last good checkpoint, after iteration 5" in err
+        assert (tmp_path / "last.pt").read_bytes() == before
