@@ -1,5 +1,26 @@
 """Tests of the method: every equation of the paper (Eq. 1-14) against a direct transcription, a brute-force
-optimum or a known invariant. Tiny sizes, CPU, seconds."""
+optimum or a known invariant. Tiny sizes, CPU, seconds.
+
+Which test guards which equation (this file: the functions) and which wiring (test_wiring.py: how
+ProtoSegHead and seg_loss connect them; each line there was checked by planting the bug named):
+  Eq. 1-4   test_eq1_*, test_eq2_*, test_eq4_*                   parametric heads = unified view
+  Eq. 3, 5  test_eq3_eq5_*, test_eq5_head_*                      nearest prototype
+  Eq. 6     test_eq6_*; wiring: test_head_eq5_eq6_scores_are_cosines_of_unit_norm_embeddings
+            (embedding not l2-normalised)
+  Eq. 7     test_eq7_*; wiring: test_seg_loss_passes_tau_class_weight_lambdas_and_ignore_index_on
+            (class_weight or ignore_index dropped)
+  Eq. 8-10  test_eq8_*, test_eq9_eq10_*, test_eq10_*; wiring: test_head_eq10_targets_from_prototypes_before_update
+            (greedy argmax instead of Sinkhorn; kappa/iterations not passed on; losses with the prototypes
+            after the update), test_head_labels_larger_than_features_are_brought_down_by_nearest (bilinear labels)
+  Eq. 11-13 test_eq11_*, test_eq12_*, test_eq13_*; wiring: test_seg_loss_passes_* (tau not passed on, lambdas)
+  Eq. 14    test_eq14_*; wiring: test_head_eq14_new_prototypes_from_sinkhorn_targets (momentum, assignment)
+  2 ranks   test_ddp_sinkhorn_and_update_match_single_process (the functions); the head itself:
+            test_ddp_head_global_sinkhorn_identical_prototypes_and_local_stats_average (wrong `distributed`
+            flag to Sinkhorn or to Eq. 14, local_stats without the cross-rank average or re-normalisation)
+  all       test_end_to_end_sgd_steps_match_slow_transcription_of_eq5_to_eq14: 3 SGD steps against loops
+            over pixels and classes (catches tau, class weights, bilinear labels, greedy assignment,
+            unnormalised embeddings and after-update prototypes again, in one run)
+"""
 import itertools
 import math
 import os
