@@ -13,7 +13,6 @@ official ProtoSeg release. Exit code 1 when an input could not be read or nothin
 """
 import argparse
 import colorsys
-import os
 import sys
 from pathlib import Path
 

@@ -32,12 +32,12 @@ from data import DatasetError, EvalTransform, TrainTransform, build_dataset
 from evaluate import CheckpointError, autocast, evaluate, format_metrics, load_checkpoint, metrics_report
 from models import load_pretrained, model_from_config
 from protoseg import seg_loss
+from runs import claim_out_dir, fail, is_master, last_good, log_row, one_line, open_log, save_checkpoint
 from sinkhorn import all_reduce
 
 # Cityscapes CE class weights (trainId order) of the official HRNet / ProtoSeg configs
 CITYSCAPES_CLASS_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023,
                             0.9539, 0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]
-DIVERGED = 1e8   # a weight or buffer above this magnitude: the run diverged; such a model is never checkpointed
 
 
 @dataclass
@@ -121,17 +121,6 @@ NON_NEGATIVE = {"workers", "eval_every", "val_size", "lambda_ppc", "lambda_ppd",
 
 
 # ----------------------------------------------------------------------------- settings
-
-def is_master():
-    return os.environ.get("RANK", "0") == "0"
-
-
-def fail(message):
-    """A user error: one line on stderr (printed by rank 0 only), exit code 1."""
-    if is_master():
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(1)
-
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):                                   # flag errors: once, not once per rank
@@ -252,13 +241,6 @@ def make_datasets(cfg):
     return train, val
 
 
-def one_line(error):
-    """A DatasetError's message, also when a DataLoader worker wrapped it with its traceback."""
-    lines = [l for l in str(error).splitlines() if l.strip()]
-    wrapped = [l.split(": ", 1)[1] for l in lines if l.startswith(("DatasetError: ", "data.DatasetError: "))]
-    return wrapped[-1] if wrapped else (lines[0] if lines else type(error).__name__)
-
-
 def build(cfg, ckpt, device, world, log):
     """-> (model (DDP-wrapped under torchrun), bare model)."""
     torch.manual_seed(cfg.seed)                                 # same initial weights on every rank
@@ -289,105 +271,6 @@ def make_optimizer(cfg, net):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def claim_out_dir(cfg, resuming):
-    """out_dir belongs to one run: a lock file keeps a second one out; an earlier run's last.pt needs
-    --resume or --overwrite. Returns the lock path (removed at exit)."""
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        lock = os.path.join(cfg.out_dir, "run.lock")
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        pid = open(lock).read().strip()
-        if pid.isdigit() and _alive(int(pid)):
-            fail(f"out_dir {cfg.out_dir} is in use by another run (pid {pid}, {lock}); wait for it or choose "
-                 "another --out-dir")
-        os.remove(lock)                                         # left by a run that died
-        return claim_out_dir(cfg, resuming)
-    except OSError as e:
-        fail(f"cannot write to out_dir {cfg.out_dir}: {e.strerror}; choose a writable --out-dir")
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    last = os.path.join(cfg.out_dir, "last.pt")
-    if os.path.exists(last) and not resuming and not cfg.overwrite and not cfg.eval_only:
-        os.remove(lock)
-        fail(f"{last} holds an earlier run; continue it with --resume auto, or replace it with --overwrite "
-             "(or choose another --out-dir)")
-    return lock
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-        return pid != os.getpid()
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-# ----------------------------------------------------------------------------- checkpoints and logs
-
-def atomic_save(obj, path):
-    """Write, fsync, rename: a crash leaves either the old or the new checkpoint, never half of one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def unhealthy(net):
-    """The first parameter or buffer that is non-finite or above DIVERGED, as text; None when all are fine."""
-    for name, t in net.state_dict().items():
-        if t.is_floating_point():
-            if not torch.isfinite(t).all():
-                return f"{name} is not finite"
-            if t.abs().max() > DIVERGED:
-                return f"{name} reached |w| = {t.abs().max().item():.3g} (> {DIVERGED:g})"
-    return None
-
-
-def save_checkpoint(cfg, net, opt, scaler, it, saved_it):
-    """Checkpoint after `it` steps unless the model is unhealthy (then stop: exit 1). Returns `it`."""
-    problem = unhealthy(net)
-    if problem:
-        fail(f"the model diverged by iteration {it}: {problem}; not saved. " + last_good(cfg, saved_it))
-    state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-             "iter": it, "config": dataclasses.asdict(cfg)}
-    try:
-        atomic_save(state, os.path.join(cfg.out_dir, "last.pt"))
-    except (OSError, RuntimeError) as e:
-        fail(f"cannot write checkpoint {os.path.join(cfg.out_dir, 'last.pt')}: {' '.join(str(e).split())[:200]} "
-             f"(disk full?); {last_good(cfg, saved_it)}")
-    return it
-
-
-def last_good(cfg, saved_it):
-    path = os.path.join(cfg.out_dir, "last.pt")
-    if saved_it:
-        return f"The last good checkpoint, after iteration {saved_it}, is {path}."
-    return "No checkpoint of this run was written."
-
-
-def open_log(cfg, start):
-    """log.jsonl, keeping only the rows up to the resumed iteration (a replayed stretch is logged again)."""
-    path = os.path.join(cfg.out_dir, "log.jsonl")
-    rows = []
-    if start and os.path.exists(path):
-        rows = [r for r in open(path).read().splitlines() if r.strip() and json.loads(r).get("iter", 0) <= start]
-    f = open(path, "w")
-    f.write("".join(r + "\n" for r in rows))
-    f.flush()
-    return f
-
-
-def log_row(f, row):
-    if f is not None:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
 
 
 # ----------------------------------------------------------------------------- training
@@ -469,7 +352,7 @@ def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, l
             g["lr"] = lr
         torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + it)             # dropout: a function of it
         with autocast(cfg.amp, device):
-            out = model(images, labels)
+            out = forward(model, images, labels, cfg)
         loss, terms = seg_loss(out, labels, cfg.lambda_ppc, cfg.lambda_ppd, cfg.tau, weight)
         if all_reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)).item():
             fail(f"non-finite loss at iteration {it + 1} ({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); "
@@ -490,6 +373,16 @@ def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, l
             log(f"it {done}: val mIoU {100 * m['miou']:.2f}")
             log_row(log_file, {"iter": done, "val": metrics_report(m, val_set.class_names)})
     return time.time() - t0
+
+
+def forward(model, images, labels, cfg):
+    try:
+        return model(images, labels)
+    except ValueError as e:                                     # BatchNorm on a 1-value channel
+        if "Expected more than 1 value per channel" not in str(e):
+            raise
+        fail(f"BatchNorm in training got one value per channel (per-rank batch {len(images)}, crop {cfg.crop}); "
+             "use a per-rank batch >= 2, a larger --crop, or --freeze-bn")
 
 
 def log_progress(cfg, it, loss, terms, lr, speed, device, log, log_file):

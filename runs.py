@@ -1,0 +1,132 @@
+"""The run directory (out_dir) of train.py: one run at a time, checkpoints written atomically and only when the model
+is healthy, log.jsonl that a resumed run continues, and one-line user errors.
+
+    out_dir/last.pt       the latest checkpoint: {"model", "optimizer", "scaler", "iter", "config"}
+    out_dir/log.jsonl     one JSON row per logged iteration, evaluation and the final metrics
+    out_dir/metrics.json  the final evaluation (strict JSON, class names beside each number)
+    out_dir/config.json   the resolved settings
+    out_dir/run.lock      the pid of the run using the folder (removed when it ends)
+"""
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+DIVERGED = 1e8   # a weight or buffer above this magnitude: the run diverged; such a model is never checkpointed
+
+
+def is_master():
+    return os.environ.get("RANK", "0") == "0"
+
+
+def fail(message):
+    """A user error: one line on stderr (printed by rank 0 only), exit code 1."""
+    if is_master():
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+def one_line(error):
+    """A DatasetError's message, also when a DataLoader worker wrapped it with its traceback."""
+    lines = [l for l in str(error).splitlines() if l.strip()]
+    wrapped = [l.split(": ", 1)[1] for l in lines if l.startswith(("DatasetError: ", "data.DatasetError: "))]
+    return wrapped[-1] if wrapped else (lines[0] if lines else type(error).__name__)
+
+
+def claim_out_dir(cfg, resuming):
+    """out_dir belongs to one run: a lock file keeps a second one out; an earlier run's last.pt needs
+    --resume or --overwrite. Returns the lock path (removed at exit)."""
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        lock = os.path.join(cfg.out_dir, "run.lock")
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        pid = open(lock).read().strip()
+        if pid.isdigit() and _alive(int(pid)):
+            fail(f"out_dir {cfg.out_dir} is in use by another run (pid {pid}, {lock}); wait for it or choose "
+                 "another --out-dir")
+        os.remove(lock)                                         # left by a run that died
+        return claim_out_dir(cfg, resuming)
+    except OSError as e:
+        fail(f"cannot write to out_dir {cfg.out_dir}: {e.strerror}; choose a writable --out-dir")
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    last = os.path.join(cfg.out_dir, "last.pt")
+    if os.path.exists(last) and not resuming and not cfg.overwrite and not cfg.eval_only:
+        os.remove(lock)
+        fail(f"{last} holds an earlier run; continue it with --resume auto, or replace it with --overwrite "
+             "(or choose another --out-dir)")
+    return lock
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return pid != os.getpid()
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def atomic_save(obj, path):
+    """Write, fsync, rename: a crash leaves either the old or the new checkpoint, never half of one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def unhealthy(net):
+    """The first parameter or buffer that is non-finite or above DIVERGED, as text; None when all are fine."""
+    for name, t in net.state_dict().items():
+        if t.is_floating_point():
+            if not torch.isfinite(t).all():
+                return f"{name} is not finite"
+            if t.abs().max() > DIVERGED:
+                return f"{name} reached |w| = {t.abs().max().item():.3g} (> {DIVERGED:g})"
+    return None
+
+
+def save_checkpoint(cfg, net, opt, scaler, it, saved_it):
+    """Checkpoint after `it` steps unless the model is unhealthy (then stop: exit 1). Returns `it`."""
+    problem = unhealthy(net)
+    if problem:
+        fail(f"the model diverged by iteration {it}: {problem}; not saved. " + last_good(cfg, saved_it))
+    state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+             "iter": it, "config": dataclasses.asdict(cfg)}
+    try:
+        atomic_save(state, os.path.join(cfg.out_dir, "last.pt"))
+    except (OSError, RuntimeError) as e:
+        fail(f"cannot write checkpoint {os.path.join(cfg.out_dir, 'last.pt')}: {' '.join(str(e).split())[:200]} "
+             f"(disk full?); {last_good(cfg, saved_it)}")
+    return it
+
+
+def last_good(cfg, saved_it):
+    path = os.path.join(cfg.out_dir, "last.pt")
+    if saved_it:
+        return f"The last good checkpoint, after iteration {saved_it}, is {path}."
+    return "No checkpoint of this run was written."
+
+
+def open_log(cfg, start):
+    """log.jsonl, keeping only the rows up to the resumed iteration (a replayed stretch is logged again)."""
+    path = os.path.join(cfg.out_dir, "log.jsonl")
+    rows = []
+    if start and os.path.exists(path):
+        rows = [r for r in open(path).read().splitlines() if r.strip() and json.loads(r).get("iter", 0) <= start]
+    f = open(path, "w")
+    f.write("".join(r + "\n" for r in rows))
+    f.flush()
+    return f
+
+
+def log_row(f, row):
+    if f is not None:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
