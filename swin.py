@@ -94,7 +94,8 @@ def shift_mask(Hp, Wp, ws, shift, device=None):
         return (r >= n - ws).long() + (r >= n - shift).long()
     region = bands(Hp)[:, None] * 3 + bands(Wp)[None, :]                    # (Hp, Wp) region id
     region = window_partition(region[None, :, :, None], ws)[..., 0]         # (nW, ws*ws)
-    return (region[:, :, None] != region[:, None, :]).float() * -100.0
+    across = region[:, :, None] != region[:, None, :]
+    return torch.zeros(across.shape, device=device).masked_fill(across, -100.0)
 
 
 # ----------------------------------------------------------------------------- Swin backbone
