@@ -10,8 +10,8 @@ import torch
 
 from models import SegModel, build_backbone, build_model, load_pretrained
 from protoseg import HEADS, seg_loss
-from swin import (RECIPES, SWIN_PRESETS, SwinTransformer, aux_loss, no_weight_decay, relative_position_index,
-                  shift_mask, window_merge, window_partition)
+from swin import (RECIPES, SWIN_PRESETS, SwinBlock, SwinTransformer, aux_loss, no_weight_decay,
+                  relative_position_index, shift_mask, window_merge, window_partition)
 
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")  # see testdata/README.md
 FILES = {"swin_tiny": "swin_tiny", "swin_small": "swin_small", "swin_base": "swin_base_w7",
@@ -43,7 +43,8 @@ def test_swin_keys_shapes_order_and_count_equal_released_checkpoint_plus_norm0_3
     skipped = [k for k, _ in ref["state_dict"] if k not in used_keys]       # backbone ignores + index buffers
     assert skipped == [k for k, _ in ref["state_dict"] if k.endswith("relative_position_index")
                        or k in ref["uper_seg_backbone"]["checkpoint_keys_ignored_by_seg_backbone"]]
-    assert sum(p.numel() for p in net.parameters()) == ref["uper_seg_backbone"]["seg_backbone_num_params_out_indices_0123"]
+    count = ref["uper_seg_backbone"]["seg_backbone_num_params_out_indices_0123"]
+    assert sum(p.numel() for p in net.parameters()) == count
 
 
 @pytest.mark.parametrize("ws", [7, 12])
@@ -182,3 +183,31 @@ def test_recipe_equals_reference_and_no_decay_on_norms_and_bias_tables():
     assert no_decay == tables | layernorms and len(tables) == 12
     assert "backbone.norm0.weight" in no_decay and "backbone.layers.0.downsample.norm.bias" in no_decay
     assert not any(k.startswith(("neck.", "head.")) for k in no_decay)     # UperNet BNs (`.bn.`) keep weight decay
+
+
+def test_shifted_block_equals_direct_attention_within_shifted_windows():
+    """SW-MSA by roll + window partition + mask equals attention computed token by token: each token attends to the
+    tokens of its shifted window that were its neighbours before the roll, with the bias of their offset."""
+    torch.manual_seed(0)
+    H = W = 6
+    ws, s, dim, heads = 3, 1, 4, 2
+    block = SwinBlock(dim, heads, ws, s, drop_path=0.0).eval()
+    torch.nn.init.zeros_(block.mlp.fc2.weight)                             # out = x + attention(norm1(x))
+    torch.nn.init.zeros_(block.mlp.fc2.bias)
+    x = torch.randn(1, H * W, dim)
+    with torch.no_grad():
+        ours = block(x, H, W, shift_mask(H, W, ws, s)) - x
+        a = block.attn
+        q, k, v = a.qkv(block.norm1(x))[0].view(H * W, 3, heads, dim // heads).unbind(1)
+        rolled = [((i // W - s) % H, (i % W - s) % W) for i in range(H * W)]   # position after the roll by -s
+        direct = torch.zeros(H * W, dim)
+        for p, (yp, xp) in enumerate(rolled):
+            keys = [t for t, (yt, xt) in enumerate(rolled)
+                    if (yt // ws, xt // ws) == (yp // ws, xp // ws)                           # same window
+                    and (yt >= H - s) == (yp >= H - s) and (xt >= W - s) == (xp >= W - s)]    # same region
+            rel = [(yp - rolled[t][0] + ws - 1) * (2 * ws - 1) + xp - rolled[t][1] + ws - 1 for t in keys]
+            logits = (q[p] * a.scale)[:, None, :].mul(k[keys].transpose(0, 1)).sum(-1)        # (heads, keys)
+            logits = logits + a.relative_position_bias_table[rel].T
+            out = (logits.softmax(-1)[:, :, None] * v[keys].transpose(0, 1)).sum(1)          # (heads, d)
+            direct[p] = a.proj(out.reshape(dim))
+    assert torch.allclose(ours[0], direct, atol=1e-6)
