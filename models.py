@@ -3,7 +3,8 @@ the MiT + all-MLP decoder (segformer.py) and Swin + UperNet (swin.py) presets ar
 
 Parameter names follow the checkpoints people load: HRNet-Semantic-Segmentation's `seg_hrnet` backbone
 (= `backbone.*` in the official ProtoSeg checkpoint), torchvision's ResNet, NVlabs' mit_bN.pth and
-microsoft/Swin-Transformer's releases. `load_pretrained` matches them strictly. A model is backbone -> neck -> head (protoseg.py); `SegModel` returns scores at input size.
+microsoft/Swin-Transformer's releases. `load_pretrained` matches them strictly. A model is backbone -> neck ->
+head (protoseg.py); `SegModel` returns scores at input size.
 """
 import fnmatch
 
@@ -322,7 +323,7 @@ def load_pretrained(backbone, path):
         keys = [k for k in sd if fnmatch.fnmatchcase(k, pattern)]
         if keys:
             skipped[f"{pattern} ({why})"] = keys
-            sd = {k: v for k, v in sd.items() if k not in keys}
+            sd = {k: v for k, v in sd.items() if not fnmatch.fnmatchcase(k, pattern)}
     problem = backbone.check_checkpoint(sd) if hasattr(backbone, "check_checkpoint") else None
     if problem:
         raise ValueError(f"{path}: {problem}")
@@ -343,6 +344,7 @@ def load_pretrained(backbone, path):
     ignored = [k for keys in skipped.values() for k in keys]
     groups = sorted({k.split(".")[0] for k in ignored})
     why = "".join(f"; {len(keys)} {reason}" for reason, keys in skipped.items())
-    kept_msg = "".join(f"; kept the init of {len(kept)} keys {p} ({r})" for p, r in own_only.items() if kept)
+    kept_msg = "".join(f"; kept the init of {n} keys {p} ({r})" for p, r in own_only.items()
+                       if (n := sum(fnmatch.fnmatchcase(k, p) for k in kept)))
     return (f"loaded {len(own) - len(kept)} tensors from {path}; ignored {len(ignored)} unused keys {groups}"
             f"{why}{kept_msg}")
