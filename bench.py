@@ -144,7 +144,7 @@ def main():
         return
     # (c)
     size = (256, 512) if args.quick else (512, 1024)
-    backbones = ["hrnet18_small_v2"] + ([] if args.quick else ["hrnet48"])
+    backbones = ["hrnet18_small_v2", "mit_b0", "swin_tiny"] + ([] if args.quick else ["hrnet48"])
     for backbone in backbones:
         times = {}
         for head in ("protoseg", "softmax"):
@@ -166,10 +166,11 @@ def main():
         row(f"    peak memory ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})",
             f"{mp_:.2f} / {ms:.2f} GB", f"ratio {mp_ / ms:.3f}")
     # (e)
-    for c in (19, 150, 847):
-        count = {h: sum(q.numel() for q in HEADS[h](720, c).parameters()) for h in ("protoseg", "softmax")}
-        row(f"(e) head learnable parameters, C={c}, D=720: ProtoSeg / softmax",
-            f"{count['protoseg']:,} / {count['softmax']:,}", f"diff {count['softmax'] - count['protoseg']:+,}")
+    for backbone, d in (("hrnet48", 720), ("mit_b0", 256), ("swin_tiny", 512)):  # D: the neck's width
+        for c in (19, 150, 847):
+            count = {h: sum(q.numel() for q in HEADS[h](d, c).parameters()) for h in ("protoseg", "softmax")}
+            row(f"(e) head learnable parameters, {backbone}, C={c}, D={d}: ProtoSeg / softmax",
+                f"{count['protoseg']:,} / {count['softmax']:,}", f"diff {count['softmax'] - count['protoseg']:+,}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
-"""Backbones and the segmentation model: HRNetV2 (W18-small-v2/18/32/48, tiny), dilated ResNet-18/50/101.
+"""Backbones and the segmentation model: HRNetV2 (W18-small-v2/18/32/48, tiny), dilated ResNet-18/50/101;
+the MiT + all-MLP decoder (segformer.py) and Swin + UperNet (swin.py) presets are built here too.
 
 Parameter names follow the checkpoints people load: HRNet-Semantic-Segmentation's `seg_hrnet` backbone
-(= `backbone.*` in the official ProtoSeg checkpoint) and torchvision's ResNet. `load_pretrained` matches
-them strictly. A model is backbone -> neck -> head (protoseg.py); `SegModel` returns scores at input size.
+(= `backbone.*` in the official ProtoSeg checkpoint), torchvision's ResNet, NVlabs' mit_bN.pth and
+microsoft/Swin-Transformer's releases. `load_pretrained` matches them strictly. A model is backbone -> neck ->
+head (protoseg.py); `SegModel` returns scores at input size.
 """
+import fnmatch
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -120,8 +124,11 @@ HRNET_PRESETS = {
 
 class HRNet(nn.Module):
     """HRNetV2 backbone; returns 4 maps at strides 4, 8, 16, 32 with width * [1, 2, 4, 8] channels."""
-    # ImageNet (HRNet-Image-Classification) checkpoints also hold the classification neck/head; HRNet-seg ones `last_layer`
-    ignored_prefixes = ("incre_modules.", "downsamp_modules.", "final_layer.", "classifier.", "last_layer.")
+    # checkpoint keys not used here (pattern -> why), reported by load_pretrained
+    skipped_keys = {"incre_modules.*": "ImageNet classification neck",
+                    "downsamp_modules.*": "ImageNet classification neck",
+                    "final_layer.*": "ImageNet classification neck", "classifier.*": "ImageNet classifier",
+                    "last_layer.*": "HRNet-seg classifier"}
 
     def __init__(self, width=48, layer1_blocks=4, num_modules=(1, 4, 3), num_blocks=4, stem=64):
         super().__init__()
@@ -189,7 +196,7 @@ RESNET_PRESETS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottlenec
 class ResNet(nn.Module):
     """torchvision ResNet without avgpool/fc; layer3/4 strides become dilations for output stride 8 or 16.
     Returns the layer4 map (B, 512 * expansion, H/os, W/os)."""
-    ignored_prefixes = ("fc.",)  # torchvision ImageNet classifier, unused for segmentation
+    skipped_keys = {"fc.*": "torchvision ImageNet classifier"}  # unused for segmentation
 
     def __init__(self, block, layers, output_stride=8):
         super().__init__()
@@ -225,15 +232,41 @@ class ResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-BACKBONES = list(HRNET_PRESETS) + list(RESNET_PRESETS)
+def backbone_names():
+    from segformer import MIT_PRESETS
+    from swin import SWIN_PRESETS
+    return list(HRNET_PRESETS) + list(RESNET_PRESETS) + list(MIT_PRESETS) + list(SWIN_PRESETS)
 
 
 def build_backbone(name, output_stride=8):
+    """HRNet / ResNet presets here; MiT (segformer.py) and Swin (swin.py) presets in their files."""
+    from segformer import MIT_PRESETS, MixTransformer
+    from swin import SWIN_PRESETS, SwinTransformer
     if name in HRNET_PRESETS:
         return HRNet(**HRNET_PRESETS[name])
     if name in RESNET_PRESETS:
         return ResNet(*RESNET_PRESETS[name], output_stride=output_stride)
-    raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")
+    if name in MIT_PRESETS:
+        return MixTransformer(**MIT_PRESETS[name])
+    if name in SWIN_PRESETS:
+        return SwinTransformer(**SWIN_PRESETS[name])
+    raise ValueError(f"unknown backbone {name!r}; choose from {backbone_names()}")
+
+
+def build_neck(net, num_classes=0, aux_head=False):
+    """The decoder up to its classifier: HRNetV2 concat, SegFormer's all-MLP decoder, UperNet (+ its optional
+    auxiliary FCN head); ResNet feeds the head directly."""
+    from segformer import MixTransformer, MLPDecoder
+    from swin import SwinTransformer, UperNet
+    if aux_head and not isinstance(net, SwinTransformer):
+        raise ValueError("aux_head: the auxiliary FCN head belongs to UperNet (Swin backbones)")
+    if isinstance(net, HRNet):
+        return HRNetNeck(net.channels)
+    if isinstance(net, MixTransformer):
+        return MLPDecoder(net.channels, net.decoder_dim)
+    if isinstance(net, SwinTransformer):
+        return UperNet(net.channels, aux_classes=num_classes if aux_head else 0)
+    return nn.Identity()
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -262,14 +295,15 @@ class SegModel(nn.Module):
         return out
 
 
-def build_model(backbone="hrnet48", head="protoseg", num_classes=19, output_stride=8, **head_kwargs):
-    """e.g. build_model("hrnet48", "protoseg", 19, num_prototypes=10). `output_stride` applies to ResNets only."""
+def build_model(backbone="hrnet48", head="protoseg", num_classes=19, output_stride=8, aux_head=False, **head_kwargs):
+    """e.g. build_model("hrnet48", "protoseg", 19, num_prototypes=10). `output_stride` applies to ResNets only;
+    `aux_head` (Swin + UperNet only) adds UperNet's auxiliary FCN head, see swin.UperNet."""
     from protoseg import HEADS as heads
     if head not in heads:
         raise ValueError(f"unknown head {head!r}; choose from {list(heads)}")
     net = build_backbone(backbone, output_stride)
-    neck = HRNetNeck(net.channels) if isinstance(net, HRNet) else nn.Identity()
-    in_channels = neck.out_channels if isinstance(net, HRNet) else net.out_channels
+    neck = build_neck(net, num_classes, aux_head)
+    in_channels = getattr(neck, "out_channels", getattr(net, "out_channels", None))
     return SegModel(net, neck, heads[head](in_channels, num_classes, **head_kwargs))
 
 
@@ -282,7 +316,8 @@ def model_from_config(cfg):
                   momentum=cfg["proto_momentum"], class_layernorm=cfg["class_layernorm"],
                   embed_layernorm=cfg["embed_layernorm"], normalize_width=cfg.get("normalize_width", False),
                   update_correct_only=cfg["update_correct_only"], local_stats=cfg["local_stats"])
-    return build_model(cfg["backbone"], cfg["head"], cfg["num_classes"], **kw)
+    aux = cfg.get("aux_loss_weight", 0) > 0
+    return build_model(cfg["backbone"], cfg["head"], cfg["num_classes"], aux_head=aux, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -292,27 +327,37 @@ def _short(keys, n=5):
 
 
 def load_pretrained(backbone, path):
-    """Load backbone weights strictly; returns a one-line summary.
+    """Load backbone weights strictly; returns a one-line summary of what was loaded, skipped and kept.
 
     Accepts a bare state dict or one wrapped in {"state_dict": ...} / {"model": ...}, keys prefixed by `module.`
     (DDP) and/or `backbone.` (ProtoSeg / SegModel checkpoints, whose non-backbone keys are then ignored).
-    Ignores only `backbone.ignored_prefixes` (ImageNet heads). `num_batches_tracked` may be absent (kept as is).
-    Any other missing or unexpected key, or any shape mismatch, raises ValueError.
+    Skips only the checkpoint keys matching `backbone.skipped_keys` (pattern -> why: ImageNet classifiers, Swin's
+    recomputed buffers); only keys matching `backbone.own_keys` (Swin's norm0-3) or `num_batches_tracked` may be
+    missing, and keep their current values. Any other missing or unexpected key, any shape mismatch, or what
+    `backbone.check_checkpoint` objects to (Swin: another window size), raises ValueError.
     """
     sd = torch.load(path, map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model"):
         if isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    ignored = []
+    skipped = {}  # reason -> keys
     if any(k.startswith("backbone.") for k in sd):
-        ignored = [k for k in sd if not k.startswith("backbone.")]
+        skipped["not the backbone's"] = [k for k in sd if not k.startswith("backbone.")]
         sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
-    ignored += [k for k in sd if k.startswith(backbone.ignored_prefixes)]
-    sd = {k: v for k, v in sd.items() if not k.startswith(backbone.ignored_prefixes)}
+    for pattern, why in getattr(backbone, "skipped_keys", {}).items():
+        keys = [k for k in sd if fnmatch.fnmatchcase(k, pattern)]
+        if keys:
+            skipped[f"{pattern} ({why})"] = keys
+            sd = {k: v for k, v in sd.items() if not fnmatch.fnmatchcase(k, pattern)}
+    problem = backbone.check_checkpoint(sd) if hasattr(backbone, "check_checkpoint") else None
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     own = backbone.state_dict()
+    own_only = getattr(backbone, "own_keys", {})
+    kept = [k for k in own if k not in sd and any(fnmatch.fnmatchcase(k, p) for p in own_only)]
     for k, v in own.items():
-        if k.endswith("num_batches_tracked") and k not in sd:
+        if k not in sd and (k in kept or k.endswith("num_batches_tracked")):
             sd[k] = v
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -322,5 +367,10 @@ def load_pretrained(backbone, path):
         raise ValueError(f"{path} does not match {type(backbone).__name__}: missing {_short(missing)}; "
                          f"unexpected {_short(unexpected)}; shape mismatches {_short(shapes, 3)}")
     backbone.load_state_dict(sd, strict=True)
+    ignored = [k for keys in skipped.values() for k in keys]
     groups = sorted({k.split(".")[0] for k in ignored})
-    return f"loaded {len(own)} tensors from {path}; ignored {len(ignored)} unused keys {groups}"
+    why = "".join(f"; {len(keys)} {reason}" for reason, keys in skipped.items())
+    kept_msg = "".join(f"; kept the init of {n} keys {p} ({r})" for p, r in own_only.items()
+                       if (n := sum(fnmatch.fnmatchcase(k, p) for k in kept)))
+    return (f"loaded {len(own) - len(kept)} tensors from {path}; ignored {len(ignored)} unused keys {groups}"
+            f"{why}{kept_msg}")

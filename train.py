@@ -34,6 +34,7 @@ from models import load_pretrained, model_from_config
 from protoseg import seg_loss
 from runs import claim_out_dir, fail, is_master, last_good, log_row, one_line, open_log, save_checkpoint
 from sinkhorn import all_reduce
+from swin import aux_loss
 
 # Cityscapes CE class weights (trainId order) of the official HRNet / ProtoSeg configs
 CITYSCAPES_CLASS_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023,
@@ -58,6 +59,9 @@ class Config:
     optimizer: str = "sgd"            # sgd | adamw
     lr: float = 0.01                  # poly decay to 0 with power lr_power
     lr_power: float = 0.9             # poly exponent
+    warmup_iters: int = 0             # linear lr warm-up from 1e-6 x lr (transformer recipes: 1500)
+    head_lr_mult: float = 1.0         # lr multiplier of the decoder and head (SegFormer recipe: 10)
+    aux_loss_weight: float = 0.0      # UperNet's auxiliary FCN head on stage 3 (Swin recipe: 0.4; 0 = none)
     momentum: float = 0.9             # SGD momentum
     weight_decay: float = 5e-4        # none on BN / LayerNorm / biases
     class_weights: str = "none"       # none | cityscapes (official CE weights)
@@ -105,14 +109,17 @@ PRESETS = {
                        out_dir="runs/coco_stuff", eval_every=8000, ckpt_every=1000),
     "folder": dict(out_dir="runs/folder"),
 }
+FAMILIES = {"mit_": "segformer", "swin_": "swin"}  # backbone prefix -> the file holding its RECIPES
+RECIPE_KEYS = ("optimizer", "lr", "weight_decay", "head_lr_mult", "lr_power", "warmup_iters", "iters", "batch_size",
+               "crop", "scale", "aux_loss_weight")
 MODEL_KEYS = ("backbone", "head", "num_classes", "num_prototypes", "class_layernorm", "embed_layernorm",
               "normalize_width")
 # settings that change the training trajectory: a resumed run refuses other values unless --allow-changes
 TRAJECTORY_KEYS = ("dataset", "crop", "scale", "flip", "batch_size", "iters", "optimizer", "lr", "lr_power",
                    "momentum", "weight_decay", "class_weights", "kappa", "sinkhorn_iters", "proto_momentum",
                    "lambda_ppc", "lambda_ppd", "tau", "update_correct_only", "local_stats", "dropout", "freeze_bn",
-                   "amp", "seed")
-CHOICES = {"dataset": list(PRESETS), "backbone": models.BACKBONES, "head": ["protoseg", "softmax", "query"],
+                   "amp", "seed", "warmup_iters", "head_lr_mult", "aux_loss_weight")
+CHOICES = {"dataset": list(PRESETS), "backbone": models.backbone_names(), "head": ["protoseg", "softmax", "query"],
            "optimizer": ["sgd", "adamw"], "class_weights": ["none", "cityscapes"], "amp": ["bf16", "fp16", "none"]}
 POSITIVE = {"batch_size", "iters", "lr", "log_every", "ckpt_every", "num_prototypes", "kappa", "sinkhorn_iters",
             "tau", "crop"}
@@ -148,13 +155,14 @@ def field_comments():
     return dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(Config), re.M))
 
 
-def make_parser(dataset):
+def make_parser(dataset, backbone=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shown = {**dataclasses.asdict(Config()), **PRESETS.get(dataset, {})}
+    chosen = preset(dataset, backbone) if dataset in PRESETS else {}
+    shown = {**dataclasses.asdict(Config()), **chosen}
     comments = field_comments()
     for f in dataclasses.fields(Config):
         flag, default = "--" + f.name.replace("_", "-"), shown[f.name]
-        helptext = f"{comments.get(f.name, '')} (default{' for ' + dataset if f.name in PRESETS.get(dataset, {}) else ''}: {default})"
+        helptext = f"{comments.get(f.name, '')} (default{' for ' + dataset if f.name in chosen else ''}: {default})"
         if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
         elif f.name in CHOICES:
@@ -168,13 +176,34 @@ def make_parser(dataset):
     return p
 
 
+def family(backbone):
+    """The module (segformer / swin) whose published recipe a transformer backbone trains with, or None."""
+    prefix = next((p for p in FAMILIES if backbone.startswith(p)), None)
+    return __import__(FAMILIES[prefix]) if prefix else None
+
+
+def preset(dataset, backbone=None):
+    """The dataset's preset; for a MiT / Swin backbone on ADE20K or Cityscapes, the published transformer recipe
+    (segformer.RECIPES / swin.RECIPES) over it."""
+    out = dict(PRESETS.get(dataset, {}))
+    fam = family(backbone or out.get("backbone", Config.backbone))
+    if fam is not None and dataset in fam.RECIPES:
+        out.update({k: v for k, v in fam.RECIPES[dataset].items() if k in RECIPE_KEYS})
+        if backbone == "mit_b5" and dataset in fam.MIT_CROP_B5:
+            out["crop"] = fam.MIT_CROP_B5[dataset]
+    return out
+
+
 def parse_args(argv=None):
-    """-> (Config, the names given on the command line). Presets by --dataset; `--crop N` means N x N."""
+    """-> (Config, the names given on the command line). Presets by --dataset (and a transformer --backbone);
+    `--crop N` means N x N."""
     argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--dataset", type=str.lower, default=Config.dataset)
-    dataset = pre.parse_known_args(argv)[0].dataset
-    p = make_parser(dataset)
+    pre.add_argument("--backbone", type=str.lower, default=None)
+    known = pre.parse_known_args(argv)[0]
+    dataset, backbone = known.dataset, known.backbone
+    p = make_parser(dataset, backbone)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     for name in ("crop", "eval_crop"):
         if name in given:
@@ -182,7 +211,7 @@ def parse_args(argv=None):
                 p.error(f"--{name.replace('_', '-')} takes N or H W, got {len(given[name])} numbers")
             given[name] = tuple(given[name] * (3 - len(given[name])))[:2]
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-    cfg = Config(**{**PRESETS[dataset], **given})
+    cfg = Config(**{**preset(dataset, backbone), **given})
     if cfg.eval_only and not cfg.resume:
         p.error("--eval-only needs --resume CHECKPOINT")
     return cfg, set(given)
@@ -208,7 +237,7 @@ def resolve(cfg, given):
         hint = "" if any(k in MODEL_KEYS for k in given if k in saved and saved[k] != getattr(cfg, k)) else \
             "; pass --allow-changes to continue with the new values"
         fail(f"checkpoint {path} was made with other settings: " + "; ".join(diff) + hint)
-    base = {**dataclasses.asdict(Config()), **PRESETS.get(saved.get("dataset", cfg.dataset), {}), **saved}
+    base = {**dataclasses.asdict(Config()), **preset(saved.get("dataset", cfg.dataset), saved.get("backbone")), **saved}
     cfg = Config(**{**base, **{k: getattr(cfg, k) for k in given | {"eval_only", "resume"}}})
     if ckpt.get("official"):
         print(f"{path}: the official ProtoSeg format; evaluating it with official departures 1, 2 and 7 on")
@@ -265,9 +294,16 @@ def build(cfg, ckpt, device, world, log):
 
 
 def make_optimizer(cfg, net):
-    decay = [p for p in net.parameters() if p.ndim > 1]
-    no_decay = [p for p in net.parameters() if p.ndim <= 1]     # no weight decay on norms and biases
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """Parameter groups by (weight decay?, lr multiplier). CNNs: no decay on norms and biases. MiT / Swin: the
+    family's no_weight_decay(name) (norms, position-bias tables); head_lr_mult on the decoder and head."""
+    fam = family(cfg.backbone)
+    groups = {}
+    for name, p in net.named_parameters():
+        decay = not fam.no_weight_decay(name) if fam else p.ndim > 1
+        mult = cfg.head_lr_mult if name.startswith(("neck.", "head.")) else 1.0
+        groups.setdefault((decay, mult), []).append(p)
+    groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_mult": mult}
+              for (decay, mult), ps in groups.items()]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr)
@@ -347,13 +383,17 @@ def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, l
     t0 = t_last = time.time()
     for it in range(start, cfg.iters):                          # `it` steps done; this one is iteration it + 1
         images, labels = next_batch(stream, world)
-        lr = cfg.lr * (1 - it / cfg.iters) ** cfg.lr_power                     # poly schedule
+        lr = learning_rate(cfg, it)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_mult"]
         torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + it)             # dropout: a function of it
         with autocast(cfg.amp, device):
             out = forward(model, images, labels, cfg)
         loss, terms = seg_loss(out, labels, cfg.lambda_ppc, cfg.lambda_ppd, cfg.tau, weight)
+        if cfg.aux_loss_weight:                                 # UperNet's auxiliary FCN head (Swin recipe)
+            terms["aux"] = aux_loss(net.neck.aux_scores, labels, cfg.aux_loss_weight)
+            loss = loss + terms["aux"]
+            terms["aux"] = terms["aux"].detach()
         if all_reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)).item():
             fail(f"non-finite loss at iteration {it + 1} ({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); "
                  f"stopping. {last_good(cfg, saved_it)}")
@@ -373,6 +413,14 @@ def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, l
             log(f"it {done}: val mIoU {100 * m['miou']:.2f}")
             log_row(log_file, {"iter": done, "val": metrics_report(m, val_set.class_names)})
     return time.time() - t0
+
+
+def learning_rate(cfg, it):
+    """Poly: lr (1 - it / iters)^power; during a linear warm-up times 1 - (1 - it / warmup)(1 - 1e-6) (mmcv's)."""
+    lr = cfg.lr * (1 - it / cfg.iters) ** cfg.lr_power
+    if it < cfg.warmup_iters:
+        lr *= 1 - (1 - it / cfg.warmup_iters) * (1 - 1e-6)
+    return lr
 
 
 def forward(model, images, labels, cfg):
@@ -424,6 +472,9 @@ def main(argv=None):
             fail(f"{cfg.resume} is an official ProtoSeg checkpoint: it holds no optimizer state; use --eval-only, "
                  "or --pretrained for its backbone")
         lock = claim_out_dir(cfg, ckpt is not None) if rank == 0 else None
+        fam = family(cfg.backbone)
+        if fam is not None and cfg.dataset in fam.RECIPES:
+            log(f"recipe: {fam.__name__}.RECIPES[{cfg.dataset!r}], the published {cfg.backbone} recipe")
         log("settings: " + json.dumps(dataclasses.asdict(cfg)))
         if rank == 0:
             with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
