@@ -1,4 +1,5 @@
 """Tests of train.py: command line end to end, exact resume, 2-rank gloo == 1 rank, metrics, NaN stop."""
+import dataclasses
 import json
 import os
 import socket
@@ -214,3 +215,25 @@ def test_a_diverged_model_is_never_checkpointed(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "diverged by iteration 6: weight" in err and "last good checkpoint, after iteration 5" in err
         assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_transformer_backbones_take_the_published_recipe():
+    cfg, _ = train.parse_args(["--dataset", "ade20k", "--backbone", "mit_b0"])
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.warmup_iters, cfg.head_lr_mult, cfg.lr_power) == \
+        ("adamw", 6e-5, 0.01, 1500, 10.0, 1.0)
+    assert (cfg.iters, cfg.batch_size, cfg.crop) == (160000, 16, (512, 512))
+    assert train.learning_rate(cfg, 0) == pytest.approx(6e-5 * 1e-6)                    # linear warm-up from 1e-6
+    assert train.learning_rate(cfg, 750) == pytest.approx(6e-5 * (1 - 750 / 160000) * (1 - 0.5 * (1 - 1e-6)))
+    assert train.learning_rate(cfg, 1500) == pytest.approx(6e-5 * (1 - 1500 / 160000))  # then poly, power 1
+    cfg = dataclasses.replace(cfg, num_classes=150)
+    net = train.model_from_config(cfg)
+    opt = train.make_optimizer(cfg, net)
+    group = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for name, p in net.named_parameters():
+        g = group[id(p)]
+        assert g["lr_mult"] == (10.0 if name.startswith(("neck.", "head.")) else 1.0), name
+        assert g["weight_decay"] == (0.0 if "norm" in name and name.startswith("backbone.") else 0.01), name
+    cfg, _ = train.parse_args(["--dataset", "ade20k", "--backbone", "swin_tiny"])
+    assert (cfg.aux_loss_weight, cfg.head_lr_mult, cfg.warmup_iters) == (0.4, 1.0, 1500)
+    cfg, _ = train.parse_args(["--dataset", "synthetic", "--backbone", "mit_b0"])   # no published recipe: the preset
+    assert (cfg.lr, cfg.warmup_iters, cfg.iters) == (3e-3, 0, 700)
