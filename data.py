@@ -231,9 +231,11 @@ def _by_name(d, exts, what):
     found = {}
     for p in sorted(d.iterdir()):
         ext = p.suffix.lower()
+        if p.name.startswith(".") or not p.is_file():  # hidden files, e.g. macOS ._NAME.png
+            continue
         if what == "mask" and ext in (".jpg", ".jpeg"):
             raise DatasetError(f"JPEG mask in {p}: {LOSSY}")
-        if p.name.startswith(".") or ext not in exts or not p.is_file():
+        if ext not in exts:
             continue
         if p.stem in found:
             raise DatasetError(f"two {what}s named {p.stem} in {d}: {found[p.stem].name} and {p.name}, expected one "
@@ -254,7 +256,7 @@ def folder(root, split="train", transform=None, seed=0, num_classes=None, ignore
                            f"{ignore_value}, binary_masks={binary_masks}, expected 1 <= num_classes <= ignore_value "
                            f"<= 65535 (and num_classes 2 with binary_masks); set --num-classes and --ignore-value")
     img_dir, lbl_dir = root / "images", root / "masks"
-    layout = f"root/images/[{{split}}/]NAME{{{','.join(IMAGE_EXTS)}}} with root/masks/[{{split}}/]NAME{{.png,.tif,.bmp}}"
+    layout = "root/images/[{split}/]NAME.{jpg,png,tif,bmp,webp} with root/masks/[{split}/]NAME.{png,tif,bmp}"
     if (img_dir / split).is_dir():
         img_dir, lbl_dir = img_dir / split, lbl_dir / split
     elif img_dir.is_dir() and any(p.is_dir() for p in img_dir.iterdir()):
@@ -333,7 +335,7 @@ class SyntheticDataset(SegDataset):
 
     def __init__(self, split="train", transform=None, seed=0, length=None, size=160):
         if split not in ("train", "val", "test"):
-            raise DatasetError(f"synthetic split must be train, val or test, got {split!r}")
+            raise DatasetError(f"unknown split in synthetic dataset: {split!r}, expected train, val or test; pass one")
         super().__init__(transform, seed)
         self.split, self.size = split, size
         self.length = length or (2000 if split == "train" else 100)
@@ -356,8 +358,8 @@ def build_dataset(name, root=None, split="train", transform=None, **kw):
     if name == "synthetic":
         return SyntheticDataset(split, transform, **kw)
     if name not in builders:
-        raise DatasetError(f"unknown dataset in --dataset: {name!r}, expected one of synthetic, {', '.join(builders)}; "
-                           f"pick one")
+        raise DatasetError(f"unknown dataset in --dataset: {name!r}, expected one of synthetic, "
+                           f"{', '.join(builders)}; pick one")
     if root is None:
         raise DatasetError(f"missing data root in --data-root: none given, expected the folder holding {name!r}; "
                            f"pass --data-root")

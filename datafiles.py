@@ -77,6 +77,14 @@ def _check_end(im, path, what):
                        f"complete file; re-download or re-extract it")
 
 
+def _verify(im, path):
+    """A PNG's chunk checksums: corrupt data found without decoding (about 1 ms per MB)."""
+    try:
+        im.verify()
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise _unreadable(path, "image", e) from e
+
+
 def read_image(path):
     """Image file -> HxWx3 uint8 RGB (datasets and predict.py). One-channel 16-bit, 32-bit or float images (PNG
     I;16, TIFF) are stretched from their own min..max to 0..255: convert("RGB") would clip them to white, and the
@@ -148,20 +156,30 @@ def _same_size(ip, lp, isize, lsize):
 # ---------------------------------------------------------------------------------------------------------
 # The data check before training
 
+def check_values(raw, lut, path, rule):
+    """map_labels' check of a raw label map; skips mapping every pixel where the value range shows all are valid."""
+    first_bad = np.flatnonzero(lut == INVALID)[0]
+    if raw.size and (raw.min() < 0 or raw.max() >= first_bad):
+        map_labels(raw, lut, path, rule)
+
+
 def _check_pair(ds, i, values):
-    """(message or None, pixels per train id + 1 or None) for pair i: headers always, label values if asked."""
+    """(message or None, (has 255, has 1) for the binary-mask hint or None) for pair i: headers, values if asked."""
     _, ip, lp = ds.pairs[i]
     try:
         with _open(ip, "image") as im:
             _check_end(im, ip, "image")
             isize = im.size
+            if values and im.format == "PNG":
+                _verify(im, ip)
         with _open(lp, "label") as im:
             _check_label_mode(im, lp, ds.rgb_ids is not None)
             _check_end(im, lp, "label")
             _same_size(ip, lp, isize, im.size)
         if values:
-            ids = map_labels(read_label(lp, ds.rgb_ids), ds.lut, lp, ds.rule)
-            return None, np.bincount(ids.ravel() + 1, minlength=ds.num_classes + 1)  # [0] = ignore
+            raw = read_label(lp, ds.rgb_ids)
+            check_values(raw, ds.lut, lp, ds.rule)
+            return None, ((raw == 255).any(), (raw == 1).any()) if getattr(ds, "binary_hint", False) else None
     except DatasetError as e:
         return str(e), None
     return None, None
@@ -173,11 +191,11 @@ def _say(msg):
 
 def check_dataset(dataset, values=False, name="", threads=16, log=_say):
     """The data check before training: every image/label pair from its file headers (exists, readable, not cut
-    short, equal sizes, a lossless one-channel label map), in a thread pool. values=True also decodes every label
-    and checks its values (use it for val: a bad val label would show only after training); otherwise 16 labels
-    spread over the set are decoded, and the rest are checked as they load. Raises DatasetError for the first bad
-    pair (counting the others); returns the number of pairs checked (0 for synthetic data). log: a progress line
-    every 10 s and a summary (a function of one string), None for silence."""
+    short, equal sizes, a lossless one-channel label map), in a thread pool. values=True also decodes every label,
+    checks its values and a PNG image's checksums (use it for val: a bad val pair would show only after training);
+    otherwise 16 pairs spread over the set get that, and the rest are checked as they load. Raises DatasetError for
+    the first bad pair (counting the others); returns the number of pairs checked (0 for synthetic data). A Subset
+    checks its indices. log: a progress line every 10 s and a summary (a function of one string), None: silent."""
     idx = range(len(dataset))
     if isinstance(dataset, torch.utils.data.Subset):
         dataset, idx = dataset.dataset, list(dataset.indices)
@@ -185,20 +203,20 @@ def check_dataset(dataset, values=False, name="", threads=16, log=_say):
         return 0
     n, t0, shown = len(idx), time.time(), time.time()
     sample = set(idx[::max(1, n // 16)])
-    errors, counts = [], np.zeros(dataset.num_classes + 1, np.int64)
+    errors, seen = [], np.zeros(2, bool)  # binary-mask hint: some mask holds 255, some holds 1
     with ThreadPoolExecutor(threads) as pool:
         results = pool.map(lambda i: _check_pair(dataset, i, values or i in sample), idx)
-        for k, (err, c) in enumerate(results):
+        for k, (err, flags) in enumerate(results):
             if err:
                 errors.append(err)
-            elif c is not None:
-                counts += c
+            elif flags is not None:
+                seen |= flags
             if log and time.time() - shown > 10:
                 log(f"data check{name and ' ' + name}: {k + 1}/{n} pairs, {time.time() - t0:.0f} s")
                 shown = time.time()
     if errors:
         raise DatasetError(errors[0] + (f" [{len(errors) - 1} more pairs fail the check]" if len(errors) > 1 else ""))
-    if getattr(dataset, "binary_hint", False) and counts[0] and not counts[2]:  # 255 (ignore) seen, class 1 never
+    if seen[0] and not seen[1]:  # 255 (ignore) seen, class 1 never: 0/255 masks
         lbl_dir = dataset.pairs[0][2].parent
         raise DatasetError(f"binary masks in {lbl_dir}: values 0 and 255 only, no class 1, expected classes 0..1 "
                            f"with 255 = ignore; pass --binary-masks to read 255 as class 1 (or --no-binary-masks "

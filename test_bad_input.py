@@ -88,7 +88,7 @@ def test_check_dataset_finds_broken_pairs_from_headers(tmp_path):
         assert re.match(pattern, error(check, tmp_path / name, values=False)), name
 
 
-def test_check_dataset_finds_truncated_png_and_jpeg_without_decoding(tmp_path):
+def test_check_dataset_finds_truncated_and_corrupt_images_without_decoding(tmp_path):
     noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3))
     for ext in ("png", "jpg"):
         root = tmp_path / ext
@@ -100,6 +100,12 @@ def test_check_dataset_finds_truncated_png_and_jpeg_without_decoding(tmp_path):
         ds = data.build_dataset("folder", root, num_classes=2)
         assert error(data.check_dataset, ds, log=None).startswith(f"truncated image in {root / 'images'}")
         assert error(ds.__getitem__, 0).startswith("unreadable image in")  # and when loaded
+    save(tmp_path / "png/images/a.png", noise)
+    blob = bytearray((tmp_path / "png/images/a.png").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # corrupt inside, end marker intact: the PNG checksums find it (decoded pairs)
+    (tmp_path / "png/images/a.png").write_bytes(blob)
+    ds = data.build_dataset("folder", tmp_path / "png", num_classes=2)
+    assert "bad header checksum" in error(data.check_dataset, ds, values=True, log=None)
 
 
 def test_check_dataset_val_values_in_full_train_sampled(tmp_path):
