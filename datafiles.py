@@ -48,14 +48,15 @@ def _open(path, what):
     """PIL image with only its header read."""
     try:
         return Image.open(path)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for missing, foreign or broken files
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # missing, foreign, broken, huge
         raise _unreadable(path, what, e) from e
 
 
-def _pixels(im, path, what):
+def _pixels(im, path, what, mode=None):
+    """Decoded pixels (converted to `mode` if given) as an array."""
     try:
         im.load()
-        return np.asarray(im)
+        return np.asarray(im.convert(mode) if mode and im.mode != mode else im)
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or corrupt data
         raise _unreadable(path, what, e) from e
 
@@ -91,7 +92,7 @@ def read_image(path):
     bit depth does not say the range used (a 12-bit sensor fills 0..4095). 16-bit RGB PNGs keep the high byte."""
     with _open(path, "image") as im:
         if im.mode not in WIDE_MODES:
-            return _pixels(im.convert("RGB") if im.mode != "RGB" else im, path, "image")
+            return _pixels(im, path, "image", "RGB")
         a = _pixels(im, path, "image").astype(np.float64)
     lo, hi = (a.min(), a.max()) if a.size else (0, 0)
     a = ((a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)).round().astype(np.uint8)
