@@ -312,5 +312,5 @@ ADE20K_FULL_RAW_IDS = [
     3148,
 ]
 ADE20K_FULL_PALETTE = default_palette(847)
-ADE20K_FULL_LUT = _lut(dict(zip(ADE20K_FULL_RAW_IDS, range(847))), default=IGNORE, size=25 * 256 + 256)
-ADE20K_FULL_TIF_LUT = _lut({**{i: i for i in range(847)}, 65535: IGNORE}, default=INVALID, size=65536)
+ADE20K_FULL_LUT = _lut(dict(zip(ADE20K_FULL_RAW_IDS, range(847))), default=IGNORE, size=25 * 256 + 256)  # R//10<=25
+ADE20K_FULL_TIF_LUT = _lut({**{i: i for i in range(847)}, 65535: IGNORE}, default=INVALID, size=65536)  # uint16

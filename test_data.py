@@ -1,4 +1,5 @@
-"""Tests for data.py: label tables against the reference facts, layouts, synthetic scenes, augmentation, errors."""
+"""Tests for data.py: label tables against the reference facts, layouts, synthetic scenes, augmentation; bad input
+and ADE20K-Full layouts are in test_bad_input.py."""
 import json
 from pathlib import Path
 
