@@ -68,9 +68,11 @@ def test_error_survives_pickling_and_dataloader_workers(tmp_path):
     expect = error(ds.__getitem__, 0)
     assert expect.startswith("label values [5, 9] in ") and "masks/i0.png" in expect
     assert str(pickle.loads(pickle.dumps(data.DatasetError(expect)))) == expect
+    batches = iter(torch.utils.data.DataLoader(ds, num_workers=1))
     with pytest.raises(data.DatasetError) as e:
-        next(iter(torch.utils.data.DataLoader(ds, num_workers=1)))
+        next(batches)
     assert str(e.value) == expect  # torch re-raises DatasetError(its traceback text); only our line is kept
+    del batches, e  # stop the worker now (the traceback holds the iterator)
 
 
 # ---- the data check before training ---------------------------------------------------------------------
