@@ -1,4 +1,4 @@
-"""Datasets, label tables, augmentation and mask colouring for ProtoSeg.
+"""Datasets, augmentation and mask colouring for ProtoSeg.
 
 Every dataset item is a dict:
     "image": FloatTensor 3xHxW, RGB normalised with ImageNet mean/std
@@ -7,13 +7,16 @@ Every dataset item is a dict:
     "modes": LongTensor HxW, synthetic only: which sub-class (mode) of its class each pixel shows, -1 = ignore
 Each dataset has .num_classes, .ignore_index (-1), .class_names, .palette (C x 3 uint8) and .set_epoch(epoch).
 
-    build_dataset(name, root, split, transform, **kw)   name: synthetic | cityscapes | ade20k | coco_stuff | folder
+    build_dataset(name, root, split, transform, **kw)   name: synthetic | cityscapes | ade20k | ade20k_full |
+        coco_stuff | folder (kw: num_classes, ignore_value, class_names, binary_masks)
+    check_dataset(dataset, values=False, name="")   the data check before training (datafiles.py)
+    read_image(path) -> HxWx3 uint8;  DatasetError: one line, also out of a DataLoader worker (datafiles.py)
     TrainTransform(crop_size, scale, flip, jitter), EvalTransform()
     colorize(label, palette) -> PIL image;  trainid_to_labelid(pred) -> Cityscapes labelIds for the server
 
-Augmentation draws only from np.random.default_rng((seed, epoch, index)), so it does not depend on workers or
-ranks and needs no worker_init_fn. Workers copy the dataset when a DataLoader iterator starts, so call
-set_epoch before each epoch and keep persistent_workers=False.
+Label tables live in labels.py. Augmentation draws only from np.random.default_rng((seed, epoch, index)), so it
+does not depend on workers or ranks and needs no worker_init_fn. Workers copy the dataset when a DataLoader
+iterator starts, so call set_epoch before each epoch and keep persistent_workers=False.
 """
 from pathlib import Path
 
@@ -21,123 +24,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from datafiles import (LOSSY, DatasetError, _same_size, ade20k_full_ids, check_dataset,  # noqa: F401
+                       map_labels, read_image, read_label)
+from labels import (ADE20K_CLASSES, ADE20K_FULL_CLASSES, ADE20K_FULL_LUT, ADE20K_FULL_PALETTE,  # noqa: F401
+                    ADE20K_FULL_RAW_IDS, ADE20K_FULL_TIF_LUT, ADE20K_LUT, ADE20K_PALETTE, CITYSCAPES_CLASSES,
+                    CITYSCAPES_LABEL_IDS, CITYSCAPES_LUT, CITYSCAPES_PALETTE, COCO_STUFF_CLASSES, COCO_STUFF_LUT,
+                    COCO_STUFF_PALETTE, COCO_STUFF_RAW_IDS, INVALID, _hex_palette, _lut, default_palette)
 from protoseg import IGNORE_INDEX as IGNORE  # -1: raw files use 255 / 65535 / 0, mapped to this
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255  # ImageNet RGB statistics
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
-
-
-class DatasetError(ValueError):
-    """Something wrong with the data on disk; the message names the file or folder to fix."""
-
-
-def _hex_palette(s):
-    return np.array([[int(h[i:i + 2], 16) for i in (0, 2, 4)] for h in s.split()], np.uint8)
-
-
-INVALID = -2  # lut entry of a raw value that is neither a class nor ignore: an error in the data
-
-
-def _lut(mapping, default, size=256):
-    """Raw label value -> train id (int32). One extra last entry, INVALID, catches values >= size."""
-    lut = np.full(size + 1, default, np.int32)
-    lut[list(mapping)] = list(mapping.values())
-    lut[-1] = INVALID
-    return lut
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Label tables (facts copied from the official releases, see shared/reference/README.md)
-
-# Cityscapes (cityscapesScripts 2.3.0): the 19 train classes and their labelIds; every other id -> ignore.
-CITYSCAPES_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
-CITYSCAPES_CLASSES = [
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-]
-CITYSCAPES_PALETTE = _hex_palette(
-    "804080 f423e8 464646 66669c be9999 999999 faaa1e dcdc00 6b8e23 98fb98 4682b4 dc143c ff0000 00008e 000046 "
-    "003c64 005064 0000e6 770b20 ")
-CITYSCAPES_LUT = _lut(dict(zip(CITYSCAPES_LABEL_IDS, range(19))), default=IGNORE)
-
-# ADE20K-150 (mmseg ade.py; "bed " keeps its trailing space): PNG 0 = other -> ignore, v in 1..150 -> v - 1.
-ADE20K_CLASSES = [
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed ", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
-    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
-    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
-    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
-    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
-    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
-    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
-    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
-    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
-    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
-    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
-    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
-]
-ADE20K_PALETTE = _hex_palette(
-    "787878 b47878 06e6e6 503232 04c803 787850 8c8c8c cc05ff e6e6e6 04fa07 e005ff ebff07 96053d 787846 08ff33 ff0652 "
-    "8fff8c ccff04 ff3307 cc4603 0066c8 3de6fa ff0633 0b66ff ff0747 ff09e0 0907e6 dcdcdc ff095c 7009ff 08ffd6 07ffe0 "
-    "ffb806 0aff47 ff290a 07ffff e0ff08 6608ff ff3d06 ffc207 ff7a08 00ff14 ff0829 ff0599 0633ff eb0cff a09614 00a3ff "
-    "8c8c8c fa0a0f 14ff00 1fff00 ff1f00 ffe000 99ff00 0000ff ff4700 00ebff 00adff 1f00ff 0bc8c8 ff5200 00fff5 003dff "
-    "00ff70 00ff85 ff0000 ffa300 ff6600 c2ff00 008fff 33ff00 0052ff 00ff29 00ffad 0a00ff adff00 00ff99 ff5c00 ff00ff "
-    "ff00f5 ff0066 ffad00 ff0014 ffb8b8 001fff 00ff3d 0047ff ff00cc 00ffc2 00ff52 000aff 0070ff 3300ff 00c2ff 007aff "
-    "00ffa3 ff9900 00ff0a ff7000 8fff00 5200ff a3ff00 ffeb00 08b8aa 8500ff 00ff5c b800ff ff001f 00b8ff 00d6ff ff0070 "
-    "5cff00 00e0ff 70e0ff 46b8a0 a300ff 9900ff 47ff00 ff00a3 ffcc00 ff008f 00ffeb 85ff00 ff00eb f500ff ff007a fff500 "
-    "0abed4 d6ff00 00ccff 1400ff ffff00 0099ff 0029ff 00ffcc 2900ff 29ff00 ad00ff 00f5ff 4700ff 7a00ff 00ffb8 005cff "
-    "b8ff00 0085ff ffd600 19c2c2 66ff00 5c00ff ")
-ADE20K_LUT = _lut({0: IGNORE, **{v: v - 1 for v in range(1, 151)}}, default=INVALID)
-
-# COCO-Stuff-164k stuffthingmaps (mmseg coco_stuff.py / coco_stuff164k.py): PNG values 0..181 are the
-# cocostuff labels.txt id - 1; the 171 used ones map to 0..170 in order, the 11 unused thing ids and 255 -> ignore.
-COCO_STUFF_UNUSED = [11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90]
-COCO_STUFF_RAW_IDS = [v for v in range(182) if v not in COCO_STUFF_UNUSED]
-COCO_STUFF_LUT = _lut(dict(zip(COCO_STUFF_RAW_IDS, range(171))), default=IGNORE)
-COCO_STUFF_CLASSES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
-    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
-    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
-    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
-    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
-    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush", "banner",
-    "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage", "cardboard", "carpet",
-    "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff",
-    "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile", "floor-wood",
-    "flower", "fog", "food-other", "fruit", "furniture-other", "grass", "gravel", "ground-other", "hill", "house",
-    "leaves", "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin", "net", "paper",
-    "pavement", "pillow", "plant-other", "plastic", "platform", "playingfield", "railing", "railroad", "river",
-    "road", "rock", "roof", "rug", "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow", "solid-other",
-    "stairs", "stone", "straw", "structural-other", "table", "tent", "textile-other", "towel", "tree", "vegetable",
-    "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile", "wall-wood", "water-other",
-    "waterdrops", "window-blind", "window-other", "wood",
-]
-COCO_STUFF_PALETTE = _hex_palette(
-    "00c040 00c040 004060 80c0c0 004040 00c0e0 00c0c0 80c040 00c060 80c040 8020c0 0000e0 000040 00a0c0 800060 8000c0 "
-    "0020c0 8080e0 0000c0 80a0c0 808000 800020 802000 800080 408020 00a000 000000 c080a0 002000 008080 4080a0 80a000 "
-    "008000 c08020 806080 000080 400020 00e080 800000 c000a0 006080 808080 4000a0 80e080 808040 c00020 806000 8000c0 "
-    "008020 40e000 000040 8080a0 406000 0080c0 0080a0 c0e000 008040 808020 c02080 0040c0 000020 40a080 804040 8000a0 "
-    "402080 80c0c0 0000a0 c0a080 80c000 800060 c02000 804080 408060 40a000 004000 c080e0 402000 00c080 4080e0 c0a000 "
-    "00c000 c08060 c06080 004080 400060 40e080 804000 c000e0 406080 80c080 4000e0 c0e080 80c040 c00060 c06000 8040c0 "
-    "008060 00e000 404040 8080e0 006000 40c0c0 0080e0 80e000 40c040 808060 802080 4000c0 004060 00a080 c00040 8040e0 "
-    "002080 c080c0 0040e0 80a080 c08000 804020 802040 c00080 40c020 00a040 400000 c0c0a0 002040 408080 40c0a0 80a040 "
-    "408000 c0c020 8060c0 400080 404020 00e0c0 c00000 c040a0 0060c0 c08080 4040a0 80e0c0 c08040 c04020 806040 c000c0 "
-    "00c020 40e040 400040 80c0a0 406040 4080c0 00c0a0 c0e040 408040 80c020 c020c0 4040c0 004020 40a0c0 c04040 8040a0 "
-    "4020c0 c0c0c0 0040a0 c0a0c0 c0c000 804060 c02040 c04080 40c060 40a040 404000 ")
-
-
-def map_labels(raw, lut, path, rule):
-    """The one place that turns dataset label ids into train ids (int32, IGNORE = ignore); lut from _lut."""
-    if raw.ndim != 2:
-        raise DatasetError(f"{path}: a label map must have one channel, got shape {raw.shape}")
-    out = lut[raw if raw.max() < len(lut) else np.minimum(raw, len(lut) - 1)]
-    if (out == INVALID).any():
-        bad = np.unique(raw[out == INVALID]).tolist()
-        raise DatasetError(f"{path}: label values {bad[:20]} are not allowed ({rule})")
-    return out
 
 
 def colorize(label, palette, ignore_index=IGNORE):
@@ -233,107 +128,154 @@ class SegDataset(torch.utils.data.Dataset):
         return out
 
 
-def _read(path, mode=None):
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert(mode) if mode else im)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for missing, truncated or foreign files
-        raise DatasetError(f"cannot read {path}: {e}") from e
-
-
-def _pairs(img_dir, lbl_dir, img_pats, lbl_pats, layout):
-    """[(name, image path, label path)], matched by path relative to the folder minus the pattern's suffix."""
-    for d in (img_dir, lbl_dir):
-        if not d.is_dir():
-            raise DatasetError(f"folder not found: {d}\nexpected layout:\n{layout}")
-
-    def index(d, pats):
-        found = {}
-        for pat in pats:
-            suffix = pat.rsplit("*", 1)[1]
-            found.update({str(p.relative_to(d))[:-len(suffix)]: p for p in d.glob(pat)})
-        return found
-
-    imgs, lbls = index(img_dir, img_pats), index(lbl_dir, lbl_pats)
+def _match(imgs, lbls, img_dir, lbl_dir, layout):
+    """[(name, image path, label path)] from {name: path} of images and of labels; unpaired files are errors."""
     if not imgs:
-        raise DatasetError(f"no images matching {img_pats} in {img_dir}\nexpected layout:\n{layout}")
-    for k in sorted(imgs.keys() - lbls.keys()):
-        raise DatasetError(f"image {imgs[k]} has no label matching {lbl_pats} in {lbl_dir}")
-    for k in sorted(lbls.keys() - imgs.keys()):
-        raise DatasetError(f"label {lbls[k]} has no image matching {img_pats} in {img_dir}")
+        raise DatasetError(f"no images in {img_dir}: none found, expected {layout}; check --data-root and the split")
+    for kind, have, other, d in (("image", imgs, lbls, lbl_dir), ("label", lbls, imgs, img_dir)):
+        alone = sorted(have.keys() - other.keys())
+        if alone:
+            more = f" ({len(alone) - 1} more like it)" if len(alone) > 1 else ""
+            raise DatasetError(f"unpaired {kind} in {have[alone[0]]}: no {'label' if kind == 'image' else 'image'} "
+                               f"named {alone[0]} in {d}{more}, expected {layout}; add it or remove the {kind}")
     return [(k, imgs[k], lbls[k]) for k in sorted(imgs)]
 
 
-class FileDataset(SegDataset):
-    """Image/label file pairs; raw label values go through `lut` (map_labels); `rule` explains the valid ones."""
+def _pairs(root, img_dir, lbl_dir, img_pat, lbl_pat, layout):
+    """Pairs matched by path relative to the folder minus the glob pattern's suffix."""
+    for d in (img_dir, lbl_dir):
+        if not d.is_dir():
+            raise DatasetError(f"missing folder in {root}: no {d.relative_to(root)}, expected {layout}; point "
+                               f"--data-root at the folder that holds this layout")
 
-    def __init__(self, pairs, class_names, palette, lut, rule, transform=None, seed=0):
+    def index(d, pat):
+        suffix = pat.rsplit("*", 1)[1]
+        return {str(p.relative_to(d))[:-len(suffix)]: p for p in d.glob(pat)}
+    return _match(index(img_dir, img_pat), index(lbl_dir, lbl_pat), img_dir, lbl_dir, layout)
+
+
+class FileDataset(SegDataset):
+    """Image/label file pairs; raw label values go through `lut` (map_labels); `rule` says which are valid and how
+    to fix a file. rgb_ids: see read_label."""
+
+    def __init__(self, pairs, class_names, palette, lut, rule, transform=None, seed=0, rgb_ids=None):
         super().__init__(transform, seed)
         self.pairs, self.class_names, self.palette, self.lut, self.rule = pairs, class_names, palette, lut, rule
+        self.rgb_ids, self.binary_hint = rgb_ids, False
 
     def __len__(self):
         return len(self.pairs)
 
     def load(self, i):
         name, ip, lp = self.pairs[i]
-        image, raw = _read(ip, "RGB"), _read(lp)
-        if image.shape[:2] != raw.shape[:2]:
-            raise DatasetError(f"{lp}: label size {raw.shape[1]}x{raw.shape[0]} (WxH) differs from "
-                               f"image size {image.shape[1]}x{image.shape[0]} of {ip}")
+        image, raw = read_image(ip), read_label(lp, self.rgb_ids)
+        _same_size(ip, lp, image.shape[1::-1], raw.shape[1::-1])
         return image, [map_labels(raw, self.lut, lp, self.rule)], name
 
 
 def cityscapes(root, split="train", transform=None, seed=0):
-    root, layout = Path(root), ("  root/leftImg8bit/{split}/{city}/*_leftImg8bit.png\n"
-                                "  root/gtFine/{split}/{city}/*_gtFine_labelIds.png")
-    pairs = _pairs(root / "leftImg8bit" / split, root / "gtFine" / split,
-                   ["*/*_leftImg8bit.png"], ["*/*_gtFine_labelIds.png"], layout)
-    return FileDataset(pairs, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, CITYSCAPES_LUT, "labelIds", transform, seed)
+    root = Path(root)
+    layout = "root/leftImg8bit/{split}/{city}/*_leftImg8bit.png with root/gtFine/{split}/{city}/*_gtFine_labelIds.png"
+    pairs = _pairs(root, root / "leftImg8bit" / split, root / "gtFine" / split,
+                   "*/*_leftImg8bit.png", "*/*_gtFine_labelIds.png", layout)
+    rule = "Cityscapes labelIds 0..33; use the gtFine *_labelIds.png files unchanged"
+    return FileDataset(pairs, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, CITYSCAPES_LUT, rule, transform, seed)
 
 
 def ade20k(root, split="train", transform=None, seed=0):
     root = Path(root)
     root = root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
     sub = {"train": "training", "val": "validation"}.get(split, split)
-    layout = "  root/images/{training,validation}/*.jpg\n  root/annotations/{training,validation}/*.png"
-    pairs = _pairs(root / "images" / sub, root / "annotations" / sub, ["*.jpg"], ["*.png"], layout)
-    rule = "ADE20K annotations hold 0 (other, ignored) and classes 1..150"
+    layout = "root/images/{training,validation}/*.jpg with root/annotations/{training,validation}/*.png"
+    pairs = _pairs(root, root / "images" / sub, root / "annotations" / sub, "*.jpg", "*.png", layout)
+    rule = "0 (other, ignored) and classes 1..150; use the ADEChallengeData2016 annotations unchanged"
     return FileDataset(pairs, ADE20K_CLASSES, ADE20K_PALETTE, ADE20K_LUT, rule, transform, seed)
+
+
+def ade20k_full(root, split="train", transform=None, seed=0):
+    """ADE20K-Full, 847 classes: MaskFormer's converted copy where root/annotations_detectron2 exists (uint16
+    train ids, 65535 = ignore; images resized to a short side <= 512), else the ADE20K_2021_17_01 release as
+    downloaded (class R // 10 * 256 + G of <name>_seg.png; ids outside the 847 are ignored)."""
+    root = Path(root)
+    root = root / "ADE20K_2021_17_01" if (root / "ADE20K_2021_17_01").is_dir() else root
+    sub = {"train": "training", "val": "validation"}.get(split, split)
+    layout = ("root/images/ADE/{training,validation}/<scene folders>/NAME.jpg with NAME_seg.png beside it "
+              "(ADE20K_2021_17_01), or root/images_detectron2/{training,validation}/NAME.jpg with "
+              "root/annotations_detectron2/{training,validation}/NAME.tif (MaskFormer)")
+    if (root / "annotations_detectron2" / sub).is_dir():
+        pairs = _pairs(root, root / "images_detectron2" / sub, root / "annotations_detectron2" / sub,
+                       "*.jpg", "*.tif", layout)
+        rule = "train ids 0..846 and 65535 (ignore); rerun MaskFormer's prepare_ade20k_full_sem_seg.py"
+        return FileDataset(pairs, ADE20K_FULL_CLASSES, ADE20K_FULL_PALETTE, ADE20K_FULL_TIF_LUT, rule, transform,
+                           seed)
+    folder_ = root / "images" / "ADE" / sub
+    pairs = _pairs(root, folder_, folder_, "**/*.jpg", "**/*_seg.png", layout)
+    return FileDataset(pairs, ADE20K_FULL_CLASSES, ADE20K_FULL_PALETTE, ADE20K_FULL_LUT, "any RGB", transform, seed,
+                       rgb_ids=ade20k_full_ids)
 
 
 def coco_stuff(root, split="train", transform=None, seed=0):
     root, sub = Path(root), {"train": "train2017", "val": "val2017"}.get(split, split)
-    layout = "  root/images/{train2017,val2017}/*.jpg\n  root/annotations/{train2017,val2017}/*.png (stuffthingmaps)"
-    pairs = _pairs(root / "images" / sub, root / "annotations" / sub, ["*.jpg"], ["*.png"], layout)
-    rule = "stuffthingmaps hold 0..181 and 255"
+    layout = "root/images/{train2017,val2017}/*.jpg with root/annotations/{train2017,val2017}/*.png (stuffthingmaps)"
+    pairs = _pairs(root, root / "images" / sub, root / "annotations" / sub, "*.jpg", "*.png", layout)
+    rule = "stuffthingmaps values 0..181 and 255 (ignore); use stuffthingmaps_trainval2017 unchanged"
     return FileDataset(pairs, COCO_STUFF_CLASSES, COCO_STUFF_PALETTE, COCO_STUFF_LUT, rule, transform, seed)
 
 
-def default_palette(n):
-    """Deterministic distinct colours (the PASCAL VOC bit pattern, starting after black)."""
-    c, k = np.arange(1, n + 1)[:, None], np.arange(3)
-    return sum(((c >> (3 * j + k)) & 1) << (7 - j) for j in range(8)).astype(np.uint8)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # folder dataset, any case
+MASK_EXTS = (".png", ".bmp", ".tif", ".tiff")  # lossless only
 
 
-def folder(root, split="train", transform=None, seed=0, num_classes=None, ignore_value=255, class_names=None):
-    """Your own data: root/images/X.jpg|png with root/masks/X.png (or root/{images,masks}/{split}/...).
-    Mask values are 0..num_classes-1 or ignore_value (which becomes IGNORE)."""
-    if not num_classes or not 0 < num_classes <= 255 or ignore_value < num_classes:
-        raise DatasetError(f"folder dataset: need 1 <= num_classes <= 255 and ignore_value >= num_classes, "
-                           f"got num_classes={num_classes}, ignore_value={ignore_value}")
+def _by_name(d, exts, what):
+    """{name: path} of the files in d with an extension (any case) in exts; two files with one name are an error."""
+    found = {}
+    for p in sorted(d.iterdir()):
+        ext = p.suffix.lower()
+        if p.name.startswith(".") or not p.is_file():  # hidden files, e.g. macOS ._NAME.png
+            continue
+        if what == "mask" and ext in (".jpg", ".jpeg"):
+            raise DatasetError(f"JPEG mask in {p}: {LOSSY}")
+        if ext not in exts:
+            continue
+        if p.stem in found:
+            raise DatasetError(f"two {what}s named {p.stem} in {d}: {found[p.stem].name} and {p.name}, expected one "
+                               f"file per name; remove or rename one")
+        found[p.stem] = p
+    return found
+
+
+def folder(root, split="train", transform=None, seed=0, num_classes=None, ignore_value=255, class_names=None,
+           binary_masks=None):
+    """Your own data: root/images/NAME.{jpg,png,tif,...} with root/masks/NAME.{png,tif,bmp} (or root/{images,masks}/
+    {split}/...). Mask values are 0..num_classes-1 or ignore_value (-> IGNORE). binary_masks=True reads 255 as
+    class 1 (0/255 masks, num_classes=2); None lets check_dataset refuse masks that look like that; False: 255 is
+    really ignore."""
     root = Path(root)
+    if not num_classes or not 0 < num_classes <= ignore_value <= 65535 or (binary_masks and num_classes != 2):
+        raise DatasetError(f"folder dataset settings in {root}: num_classes={num_classes}, ignore_value="
+                           f"{ignore_value}, binary_masks={binary_masks}, expected 1 <= num_classes <= ignore_value "
+                           f"<= 65535 (and num_classes 2 with binary_masks); set --num-classes and --ignore-value")
     img_dir, lbl_dir = root / "images", root / "masks"
-    layout = "  root/images/[{split}/]NAME.{jpg,png,...}\n  root/masks/[{split}/]NAME.png"
+    layout = "root/images/[{split}/]NAME.{jpg,png,tif,bmp,webp} with root/masks/[{split}/]NAME.{png,tif,bmp}"
     if (img_dir / split).is_dir():
         img_dir, lbl_dir = img_dir / split, lbl_dir / split
     elif img_dir.is_dir() and any(p.is_dir() for p in img_dir.iterdir()):
-        raise DatasetError(f"split folder not found: {img_dir / split}\nexpected layout:\n{layout}")
-    exts = ["*.jpg", "*.jpeg", "*.png", "*.bmp", "*.tif", "*.tiff", "*.JPG", "*.JPEG", "*.PNG"]
-    pairs = _pairs(img_dir, lbl_dir, exts, exts, layout)
-    lut = _lut({**{v: v for v in range(num_classes)}, ignore_value: IGNORE}, INVALID, max(256, ignore_value + 1))
-    rule = f"classes are 0..{num_classes - 1}, ignore is {ignore_value}"
+        raise DatasetError(f"missing folder in {img_dir}: no {split}/ beside the other split folders, expected "
+                           f"{layout}; add {split}/ or use a flat layout")
+    for d in (img_dir, lbl_dir):
+        if not d.is_dir():
+            raise DatasetError(f"missing folder in {root}: no {d.relative_to(root)}, expected {layout}; point "
+                               f"--data-root at the folder that holds this layout")
+    pairs = _match(_by_name(img_dir, IMAGE_EXTS, "image"), _by_name(lbl_dir, MASK_EXTS, "mask"), img_dir, lbl_dir,
+                   layout)
+    mapping = {**{v: v for v in range(num_classes)}, ignore_value: IGNORE, **({255: 1} if binary_masks else {})}
+    lut = _lut(mapping, INVALID, max(256, ignore_value + 1))
+    rule = f"classes 0..{num_classes - 1} and ignore {ignore_value}; set --num-classes and --ignore-value to match"
+    rule += " (or --binary-masks for 0/255 masks)" if num_classes == 2 and not binary_masks else ""
     names = class_names or [f"class{i}" for i in range(num_classes)]
-    return FileDataset(pairs, names, default_palette(num_classes), lut, rule, transform, seed)
+    ds = FileDataset(pairs, names, default_palette(num_classes), lut, rule, transform, seed)
+    ds.binary_hint = num_classes == 2 and ignore_value == 255 and binary_masks is None
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -393,7 +335,7 @@ class SyntheticDataset(SegDataset):
 
     def __init__(self, split="train", transform=None, seed=0, length=None, size=160):
         if split not in ("train", "val", "test"):
-            raise DatasetError(f"synthetic split must be train, val or test, got {split!r}")
+            raise DatasetError(f"unknown split in synthetic dataset: {split!r}, expected train, val or test; pass one")
         super().__init__(transform, seed)
         self.split, self.size = split, size
         self.length = length or (2000 if split == "train" else 100)
@@ -409,12 +351,17 @@ class SyntheticDataset(SegDataset):
 
 
 def build_dataset(name, root=None, split="train", transform=None, **kw):
-    """name: synthetic (default, no root) | cityscapes | ade20k | coco_stuff | folder (kw: num_classes, ...)."""
-    builders = {"cityscapes": cityscapes, "ade20k": ade20k, "coco_stuff": coco_stuff, "folder": folder}
+    """name: synthetic (default, no root) | cityscapes | ade20k | ade20k_full | coco_stuff | folder (kw: num_classes,
+    ignore_value, class_names, binary_masks)."""
+    builders = {"cityscapes": cityscapes, "ade20k": ade20k, "ade20k_full": ade20k_full, "coco_stuff": coco_stuff,
+                "folder": folder}
     if name == "synthetic":
         return SyntheticDataset(split, transform, **kw)
     if name not in builders:
-        raise DatasetError(f"unknown dataset {name!r}; choose from synthetic, {', '.join(builders)}")
+        raise DatasetError(f"unknown dataset in --dataset: {name!r}, expected one of synthetic, "
+                           f"{', '.join(builders)}; pick one")
     if root is None:
-        raise DatasetError(f"dataset {name!r} needs a data root")
+        raise DatasetError(f"missing data root in --data-root: none given, expected the folder holding {name!r}; "
+                           f"pass --data-root")
     return builders[name](root, split, transform, **kw)
+

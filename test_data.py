@@ -1,4 +1,5 @@
-"""Tests for data.py: label tables against the reference facts, layouts, synthetic scenes, augmentation, errors."""
+"""Tests for data.py: label tables against the reference facts, layouts, synthetic scenes, augmentation; bad input
+and ADE20K-Full layouts are in test_bad_input.py."""
 import json
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def test_cityscapes_tables_equal_official_labels():
     assert data.CITYSCAPES_CLASSES == j["train_classes"]["names"]
     assert data.CITYSCAPES_PALETTE.tolist() == j["train_classes"]["colors"]
     assert data.CITYSCAPES_LABEL_IDS == j["train_classes"]["labelIds"]
-    expect = np.full(256, data.IGNORE)
+    expect = np.full(256, data.INVALID)  # values that are no labelId (34..255) are errors
     for k, v in j["labelId_to_trainId"].items():
         expect[int(k)] = v if v != 255 else data.IGNORE   # the file's 255 = ignore
     assert data.CITYSCAPES_LUT[:256].tolist() == expect.tolist()
@@ -49,10 +50,24 @@ def test_coco_stuff_tables_equal_reference():
     j = ref("coco_stuff_labels.json")
     assert data.COCO_STUFF_CLASSES == j["classes"] and len(data.COCO_STUFF_CLASSES) == 171
     assert data.COCO_STUFF_PALETTE.tolist() == j["palette"]
-    assert data.COCO_STUFF_LUT[:256].tolist() == [data.IGNORE if v == 255 else v for v in j["lut_raw_to_train_id_256"]]
+    # the reference maps 182..254 to ignore (mmseg); here they are errors, as no stuffthingmap holds them
+    expect = [data.IGNORE if v == 255 else v for v in j["lut_raw_to_train_id_256"]]
+    expect[182:255] = [data.INVALID] * 73
+    assert data.COCO_STUFF_LUT[:256].tolist() == expect
     assert data.COCO_STUFF_RAW_IDS == j["train_id_to_raw_png_value"]
     assert {int(k): (data.IGNORE if v == 255 else v) for k, v in j["clsID_to_trID_164k"].items()} == \
         {v: int(data.COCO_STUFF_LUT[v]) for v in data.COCO_STUFF_RAW_IDS + [255]}
+
+
+def test_ade20k_full_tables_equal_reference():
+    j = ref("ade20k_full_847_labels.json")
+    assert data.ADE20K_FULL_CLASSES == j["classes"] and data.ADE20K_FULL_RAW_IDS == j["raw_id"]
+    assert [c["trainId"] for c in j["categories"]] == list(range(847))
+    lut = data.ADE20K_FULL_LUT
+    assert [lut[c["id"]] for c in j["categories"]] == list(range(847))
+    assert (np.delete(lut[:-1], j["raw_id"]) == data.IGNORE).all()  # every other raw id (0 too) is ignored
+    assert len(lut) - 1 == 25 * 256 + 256  # R // 10 * 256 + G covers 0..6655
+    assert len(set(map(tuple, data.ADE20K_FULL_PALETTE.tolist()))) == 847
 
 
 # ---- real layouts ----------------------------------------------------------------------------------------
@@ -84,7 +99,7 @@ def test_ade20k_sample_reduces_zero_label(split, raw_value):
 
 
 def test_coco_stuff_layout_maps_raw_ids(tmp_path):
-    raw = np.array([[0, 10, 11, 12], [181, 255, 182, 90]], np.uint8)  # 11, 182 and 90 are not classes
+    raw = np.array([[0, 10, 11, 12], [181, 255, 25, 90]], np.uint8)  # 11, 25 and 90 are unused thing ids
     save(tmp_path / "images/val2017/000001.jpg", np.zeros((2, 4, 3)))
     save(tmp_path / "annotations/val2017/000001.png", raw)
     s = data.build_dataset("coco_stuff", tmp_path, "val")[0]
@@ -197,67 +212,6 @@ def test_augmentation_reproducible_per_seed_epoch_index():
     assert not torch.equal(a["image"], ds[7]["image"])
     ds.set_epoch(0)
     assert torch.equal(a["image"], ds[7]["image"])
-
-
-# ---- errors a user can act on ----------------------------------------------------------------------------
-
-def test_error_missing_root_names_path_and_layout(tmp_path):
-    with pytest.raises(data.DatasetError, match="(?s)nowhere/leftImg8bit/train.*expected layout.*gtFine_labelIds"):
-        data.build_dataset("cityscapes", tmp_path / "nowhere", "train")
-    with pytest.raises(data.DatasetError, match="training"):
-        data.build_dataset("ade20k", REF / "ade20k_sample", "test")  # no such split
-
-
-def test_error_no_images(tmp_path):
-    (tmp_path / "images/val2017").mkdir(parents=True)
-    (tmp_path / "annotations/val2017").mkdir(parents=True)
-    with pytest.raises(data.DatasetError, match="no images"):
-        data.build_dataset("coco_stuff", tmp_path, "val")
-
-
-def test_error_image_without_label_and_label_without_image(tmp_path):
-    save(tmp_path / "images/a.png", np.zeros((4, 4, 3)))
-    save(tmp_path / "masks/b.png", np.zeros((4, 4)))
-    with pytest.raises(data.DatasetError, match="a.png has no label"):
-        data.build_dataset("folder", tmp_path, num_classes=2)
-    save(tmp_path / "masks/a.png", np.zeros((4, 4)))
-    with pytest.raises(data.DatasetError, match="b.png has no image"):
-        data.build_dataset("folder", tmp_path, num_classes=2)
-
-
-def test_error_size_mismatch_names_file_and_sizes(tmp_path):
-    save(tmp_path / "images/a.png", np.zeros((4, 6, 3)))
-    save(tmp_path / "masks/a.png", np.zeros((4, 5)))
-    with pytest.raises(data.DatasetError, match=r"a.png: label size 5x4 .* image size 6x4"):
-        data.build_dataset("folder", tmp_path, num_classes=2)[0]
-
-
-def test_error_unreadable_file_named(tmp_path):
-    save(tmp_path / "images/a.png", np.zeros((4, 4, 3)))
-    (tmp_path / "masks").mkdir()
-    (tmp_path / "masks/a.png").write_bytes(b"not a png")
-    with pytest.raises(data.DatasetError, match="cannot read .*masks/a.png"):
-        data.build_dataset("folder", tmp_path, num_classes=2)[0]
-
-
-def test_error_label_values_outside_classes_named(tmp_path):
-    save(tmp_path / "images/a.png", np.zeros((2, 3, 3)))
-    save(tmp_path / "masks/a.png", [[0, 1, 5], [9, 255, 1]])
-    with pytest.raises(data.DatasetError, match=r"a.png: label values \[5, 9\]"):
-        data.build_dataset("folder", tmp_path, num_classes=2)[0]
-    save(tmp_path / "ade/images/training/x.jpg", np.zeros((2, 3, 3)))
-    save(tmp_path / "ade/annotations/training/x.png", [[0, 150, 151], [0, 0, 0]])
-    with pytest.raises(data.DatasetError, match=r"x.png: label values \[151\]"):
-        data.build_dataset("ade20k", tmp_path / "ade", "train")[0]
-    with pytest.raises(data.DatasetError, match="ignore_value >= num_classes"):
-        data.build_dataset("folder", tmp_path, num_classes=2, ignore_value=1)
-
-
-def test_error_unknown_dataset_and_missing_root():
-    with pytest.raises(data.DatasetError, match="unknown dataset 'voc'"):
-        data.build_dataset("voc", "x")
-    with pytest.raises(data.DatasetError, match="needs a data root"):
-        data.build_dataset("cityscapes")
 
 
 # ---- colouring -------------------------------------------------------------------------------------------

@@ -1,0 +1,228 @@
+"""Reading dataset files and checking them before training; every problem is a DatasetError of one line:
+
+    <what> in <file>: <found>, expected <rule>; <how to fix>
+
+    read_image(path) -> HxWx3 uint8   (16-bit and float images stretched from their own range, not clipped)
+    read_label(path, rgb_ids=None) -> HxW raw ids   (lossless, one channel; JPEG, RGB and 1-bit maps refused)
+    map_labels(raw, lut, path, rule) -> HxW int32 train ids   (the one place that applies labels.py's tables)
+    check_dataset(dataset, values=False, name="")   every pair from its headers, in a thread pool
+"""
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+from labels import INVALID
+
+
+class DatasetError(ValueError):
+    """Something wrong with the data on disk, in one line: `<what> in <file>: <found>, expected <rule>; <fix>`."""
+
+    def __init__(self, msg):
+        # A DataLoader worker's error is re-raised as DatasetError("Caught DatasetError in DataLoader worker ...
+        # Original Traceback ... data.DatasetError: <our line>") (torch ExceptionWrapper.reraise): keep our line.
+        if msg.startswith("Caught DatasetError") and "DatasetError: " in msg:
+            msg = msg.rstrip().rsplit("DatasetError: ", 1)[1]
+        super().__init__(msg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading files: every failure is a DatasetError naming the file
+
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # one channel, more than 8 bits
+LABEL_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I;16N", "I")  # one integer id per pixel
+LOSSY = ("lossy compression changes ids along every edge, expected a lossless PNG, TIFF or BMP; export the masks "
+         "as PNG from their source, not from the JPEG")
+_ENDS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}  # the last chunk / marker of a complete file
+
+
+def _unreadable(path, what, e):
+    reason = " ".join(str(e).split()) or type(e).__name__
+    return DatasetError(f"unreadable {what} in {path}: {reason}, expected a complete image file PIL can read; "
+                        f"re-download or re-export it")
+
+
+def _open(path, what):
+    """PIL image with only its header read."""
+    try:
+        return Image.open(path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # missing, foreign, broken, huge
+        raise _unreadable(path, what, e) from e
+
+
+def _pixels(im, path, what, mode=None):
+    """Decoded pixels (converted to `mode` if given) as an array."""
+    try:
+        im.load()
+        return np.asarray(im.convert(mode) if mode and im.mode != mode else im)
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or corrupt data
+        raise _unreadable(path, what, e) from e
+
+
+def _check_end(im, path, what):
+    """A PNG or JPEG cut short (interrupted copy) lacks its end marker: found from the last bytes, no decoding."""
+    end = _ENDS.get(im.format)
+    if end is None:
+        return
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(max(0, size - 64))
+        if end in f.read():
+            return
+        f.seek(max(0, size - 65536))  # a few writers append data after the marker
+        if end in f.read():
+            return
+    raise DatasetError(f"truncated {what} in {path}: no {im.format} end marker in its {size} bytes, expected a "
+                       f"complete file; re-download or re-extract it")
+
+
+def _verify(im, path):
+    """A PNG's chunk checksums: corrupt data found without decoding (about 1 ms per MB)."""
+    try:
+        im.verify()
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise _unreadable(path, "image", e) from e
+
+
+def read_image(path):
+    """Image file -> HxWx3 uint8 RGB (datasets and predict.py). One-channel 16-bit, 32-bit or float images (PNG
+    I;16, TIFF) are stretched from their own min..max to 0..255: convert("RGB") would clip them to white, and the
+    bit depth does not say the range used (a 12-bit sensor fills 0..4095). 16-bit RGB PNGs keep the high byte."""
+    with _open(path, "image") as im:
+        if im.mode not in WIDE_MODES:
+            return _pixels(im, path, "image", "RGB")
+        a = _pixels(im, path, "image").astype(np.float64)
+    lo, hi = (a.min(), a.max()) if a.size else (0, 0)
+    a = ((a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)).round().astype(np.uint8)
+    return np.repeat(a[..., None], 3, 2)
+
+
+def _check_label_mode(im, path, rgb):
+    """A label map is lossless and holds one integer id per pixel (RGB only where ids are coded as colour)."""
+    if im.format == "JPEG":
+        raise DatasetError(f"JPEG label map in {path}: {LOSSY}")
+    if rgb and im.mode != "RGB":
+        raise DatasetError(f"label map in {path}: mode {im.mode}, expected an RGB _seg.png (class R // 10 * 256 + G); "
+                           f"use the ADE20K_2021_17_01 files unchanged")
+    if rgb or im.mode in LABEL_MODES:
+        return
+    if im.mode == "1":
+        found, fix = "1-bit (mode 1)", "save it as 8-bit, e.g. Image.fromarray(mask.astype(np.uint8)).save(path)"
+    elif len(im.getbands()) > 1:
+        found, fix = f"{len(im.getbands())} channels (mode {im.mode})", \
+            "save one class id per pixel, not colours (map each colour to its id first)"
+    else:
+        found, fix = f"mode {im.mode}", "save integer class ids as an 8- or 16-bit PNG"
+    raise DatasetError(f"label map in {path}: {found}, expected one integer class id per pixel (mode L, P or "
+                       f"I;16); {fix}")
+
+
+def read_label(path, rgb_ids=None):
+    """Label file -> HxW integer array of raw ids (lossless, one channel, checked). rgb_ids: a function
+    HxWx3 -> HxW ids for datasets that code ids as colours (ADE20K-Full)."""
+    with _open(path, "label") as im:
+        _check_label_mode(im, path, rgb_ids is not None)
+        raw = _pixels(im, path, "label")
+    return rgb_ids(raw) if rgb_ids else raw
+
+
+def ade20k_full_ids(rgb):
+    """ADE20K_2021_17_01 <name>_seg.png -> raw class ids R // 10 * 256 + G (MaskFormer's loadAde20K)."""
+    return (rgb[..., 0] // 10).astype(np.int32) * 256 + rgb[..., 1]
+
+
+def map_labels(raw, lut, path, rule):
+    """The one place that turns dataset label ids into train ids (int32, IGNORE = ignore); lut from labels._lut.
+    rule: '<the valid values>; <how to fix>' for the message."""
+    if raw.ndim != 2:
+        raise DatasetError(f"label map in {path}: shape {raw.shape}, expected one channel (HxW); save class ids")
+    idx = raw
+    if raw.size and (raw.min() < 0 or raw.max() >= len(lut)):  # the last lut entry (INVALID) catches these
+        idx = np.where((raw < 0) | (raw >= len(lut)), len(lut) - 1, raw)
+    out = lut[idx]
+    if (out == INVALID).any():
+        bad = np.unique(raw[out == INVALID])[:20].tolist()
+        raise DatasetError(f"label values {bad} in {path}: neither a class nor ignore, expected {rule}")
+    return out
+
+
+def _same_size(ip, lp, isize, lsize):
+    if tuple(isize) != tuple(lsize):
+        raise DatasetError(f"label size in {lp}: {lsize[0]}x{lsize[1]} (WxH), expected the size of its image "
+                           f"{ip}, {isize[0]}x{isize[1]}; re-export the label at the image's size or fix the pairing")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The data check before training
+
+def check_values(raw, lut, path, rule):
+    """map_labels' check of a raw label map; skips mapping every pixel where the value range shows all are valid."""
+    first_bad = np.flatnonzero(lut == INVALID)[0]
+    if raw.size and (raw.min() < 0 or raw.max() >= first_bad):
+        map_labels(raw, lut, path, rule)
+
+
+def _check_pair(ds, i, values):
+    """(message or None, (has 255, has 1) for the binary-mask hint or None) for pair i: headers, values if asked."""
+    _, ip, lp = ds.pairs[i]
+    try:
+        with _open(ip, "image") as im:
+            _check_end(im, ip, "image")
+            isize = im.size
+            if values and im.format == "PNG":
+                _verify(im, ip)
+        with _open(lp, "label") as im:
+            _check_label_mode(im, lp, ds.rgb_ids is not None)
+            _check_end(im, lp, "label")
+            _same_size(ip, lp, isize, im.size)
+        if values:
+            raw = read_label(lp, ds.rgb_ids)
+            check_values(raw, ds.lut, lp, ds.rule)
+            return None, ((raw == 255).any(), (raw == 1).any()) if getattr(ds, "binary_hint", False) else None
+    except DatasetError as e:
+        return str(e), None
+    return None, None
+
+
+def _say(msg):
+    print(msg, flush=True)
+
+
+def check_dataset(dataset, values=False, name="", threads=16, log=_say):
+    """The data check before training: every image/label pair from its file headers (exists, readable, not cut
+    short, equal sizes, a lossless one-channel label map), in a thread pool. values=True also decodes every label,
+    checks its values and a PNG image's checksums (use it for val: a bad val pair would show only after training);
+    otherwise 16 pairs spread over the set get that, and the rest are checked as they load. Raises DatasetError for
+    the first bad pair (counting the others); returns the number of pairs checked (0 for synthetic data). A Subset
+    checks its indices. log: a progress line every 10 s and a summary (a function of one string), None: silent."""
+    idx = range(len(dataset))
+    if isinstance(dataset, torch.utils.data.Subset):
+        dataset, idx = dataset.dataset, list(dataset.indices)
+    if not hasattr(dataset, "pairs"):  # not files (synthetic)
+        return 0
+    n, t0, shown = len(idx), time.time(), time.time()
+    sample = set(idx[::max(1, n // 16)])
+    errors, seen = [], np.zeros(2, bool)  # binary-mask hint: some mask holds 255, some holds 1
+    with ThreadPoolExecutor(threads) as pool:
+        results = pool.map(lambda i: _check_pair(dataset, i, values or i in sample), idx)
+        for k, (err, flags) in enumerate(results):
+            if err:
+                errors.append(err)
+            elif flags is not None:
+                seen |= flags
+            if log and time.time() - shown > 10:
+                log(f"data check{name and ' ' + name}: {k + 1}/{n} pairs, {time.time() - t0:.0f} s")
+                shown = time.time()
+    if errors:
+        raise DatasetError(errors[0] + (f" [{len(errors) - 1} more pairs fail the check]" if len(errors) > 1 else ""))
+    if seen[0] and not seen[1]:  # 255 (ignore) seen, class 1 never: 0/255 masks
+        lbl_dir = dataset.pairs[0][2].parent
+        raise DatasetError(f"binary masks in {lbl_dir}: values 0 and 255 only, no class 1, expected classes 0..1 "
+                           f"with 255 = ignore; pass --binary-masks to read 255 as class 1 (or --no-binary-masks "
+                           f"if 255 really is ignore)")
+    if log:
+        log(f"data check{name and ' ' + name}: {n} pairs OK ({'headers and label values' if values else 'headers'}) "
+            f"in {time.time() - t0:.1f} s")
+    return n
