@@ -26,6 +26,7 @@ from evaluate import CheckpointError, load_model, predict_scores
 
 LABELS = {"cityscapes": (data.CITYSCAPES_CLASSES, data.CITYSCAPES_PALETTE),
           "ade20k": (data.ADE20K_CLASSES, data.ADE20K_PALETTE),
+          "ade20k_full": (data.ADE20K_FULL_CLASSES, data.ADE20K_FULL_PALETTE),
           "coco_stuff": (data.COCO_STUFF_CLASSES, data.COCO_STUFF_PALETTE),
           "synthetic": (data.SYNTHETIC_CLASSES, data.SYNTHETIC_PALETTE)}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -113,8 +114,8 @@ def main(argv=None):
     written, failed = 0, 0
     for path, stem in output_names(args.images):
         try:
-            rgb = read_rgb(path)
-        except (OSError, ValueError, SyntaxError, data.DatasetError) as e:   # report, go on with the rest
+            rgb = data.read_image(path)                         # 16-bit images scaled by their range
+        except data.DatasetError as e:                          # report, go on with the rest
             print(f"skipping {path}: cannot read it as an image ({' '.join(str(e).split())[:200]})", file=sys.stderr)
             failed += 1
             continue
@@ -127,15 +128,6 @@ def main(argv=None):
     if failed or not written:
         raise SystemExit(1)
     return written, failed
-
-
-def read_rgb(path):
-    """HxWx3 uint8; 16-bit and other modes brought to 8-bit RGB."""
-    reader = getattr(data, "read_image", None)
-    if reader is not None:
-        return reader(path)
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 def write_outputs(model, cfg, rgb, out, names, palette, cls, args, device):

@@ -237,3 +237,27 @@ def test_transformer_backbones_take_the_published_recipe():
     assert (cfg.aux_loss_weight, cfg.head_lr_mult, cfg.warmup_iters) == (0.4, 1.0, 1500)
     cfg, _ = train.parse_args(["--dataset", "synthetic", "--backbone", "mit_b0"])   # no published recipe: the preset
     assert (cfg.lr, cfg.warmup_iters, cfg.iters) == (3e-3, 0, 700)
+
+
+def test_bad_data_is_one_line_before_training(tmp_path):
+    from PIL import Image
+    import numpy as np
+    for split in ("train", "val"):
+        for i in range(3):
+            (tmp_path / "images" / split).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "masks" / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "images" / split / f"{i}.png")
+            size = (32, 30) if (split, i) == ("val", 2) else (32, 32)             # one val mask of the wrong size
+            Image.fromarray(np.zeros(size, np.uint8)).save(tmp_path / "masks" / split / f"{i}.png")
+    out = subprocess.run([sys.executable, "train.py", "--dataset", "folder", "--data-root", str(tmp_path),
+                          "--num-classes", "2", "--out-dir", str(tmp_path / "run"), "--workers", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in out.stderr
+    assert "2.png" in lines[0] and "it 1/" not in out.stdout                   # found before the first step
+
+
+def test_worker_wrapped_data_error_becomes_its_own_line():
+    wrapped = ("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 1, in f\ndata.DatasetError: label values [7] in a.png: neither a class nor ignore')
+    assert train.one_line(ValueError(wrapped)) == "label values [7] in a.png: neither a class nor ignore"

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import models
-from data import DatasetError, EvalTransform, TrainTransform, build_dataset
+from data import DatasetError, EvalTransform, TrainTransform, build_dataset, check_dataset
 from evaluate import CheckpointError, autocast, evaluate, format_metrics, load_checkpoint, metrics_report
 from models import load_pretrained, model_from_config
 from protoseg import seg_loss
@@ -43,10 +43,11 @@ CITYSCAPES_CLASS_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754
 
 @dataclass
 class Config:
-    dataset: str = "synthetic"        # synthetic | cityscapes | ade20k | coco_stuff | folder
+    dataset: str = "synthetic"        # synthetic | cityscapes | ade20k | ade20k_full | coco_stuff | folder
     data_root: str = ""               # dataset folder (not needed for synthetic)
     num_classes: int = 0              # folder dataset only
     ignore_value: int = 255           # folder dataset: the mask value meaning 'unlabelled'
+    binary_masks: bool = None         # folder dataset: 0/255 masks, 255 read as class 1 (None: ask when seen)
     backbone: str = "hrnet18_small_v2"  # see models.BACKBONES
     head: str = "protoseg"            # protoseg | softmax (Eq. 1) | query (Eq. 2)
     pretrained: str = ""              # ImageNet backbone weights (.pth), loaded strictly
@@ -105,6 +106,8 @@ PRESETS = {
                        class_weights="cityscapes", out_dir="runs/cityscapes", eval_every=8000, ckpt_every=1000),
     "ade20k": dict(backbone="hrnet48", crop=(512, 512), batch_size=16, iters=160000, lr=0.01,
                    out_dir="runs/ade20k", eval_every=16000, ckpt_every=2000),
+    "ade20k_full": dict(backbone="hrnet48", crop=(512, 512), batch_size=16, iters=160000, lr=0.01,
+                        out_dir="runs/ade20k_full", eval_every=16000, ckpt_every=2000),
     "coco_stuff": dict(backbone="hrnet48", crop=(512, 512), batch_size=16, iters=80000, lr=0.01,
                        out_dir="runs/coco_stuff", eval_every=8000, ckpt_every=1000),
     "folder": dict(out_dir="runs/folder"),
@@ -187,8 +190,9 @@ def preset(dataset, backbone=None):
     (segformer.RECIPES / swin.RECIPES) over it."""
     out = dict(PRESETS.get(dataset, {}))
     fam = family(backbone or out.get("backbone", Config.backbone))
-    if fam is not None and dataset in fam.RECIPES:
-        out.update({k: v for k, v in fam.RECIPES[dataset].items() if k in RECIPE_KEYS})
+    recipe = fam.RECIPES.get("ade20k" if dataset == "ade20k_full" else dataset) if fam is not None else None
+    if recipe is not None:
+        out.update({k: v for k, v in recipe.items() if k in RECIPE_KEYS})
         if backbone == "mit_b5" and dataset in fam.MIT_CROP_B5:
             out["crop"] = fam.MIT_CROP_B5[dataset]
     return out
@@ -258,13 +262,19 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def make_datasets(cfg):
+def make_datasets(cfg, log=print):
     """(train set or None for --eval-only, val set). Data errors become one-line user errors."""
-    kw = dict(num_classes=cfg.num_classes, ignore_value=cfg.ignore_value) if cfg.dataset == "folder" else {}
+    kw = dict(num_classes=cfg.num_classes, ignore_value=cfg.ignore_value,
+              binary_masks=cfg.binary_masks) if cfg.dataset == "folder" else {}
     try:
         train = None if cfg.eval_only else build_dataset(
             cfg.dataset, cfg.data_root or None, "train", TrainTransform(cfg.crop, cfg.scale, cfg.flip), seed=cfg.seed, **kw)
         val = build_dataset(cfg.dataset, cfg.data_root or None, "val", EvalTransform(), seed=cfg.seed, **kw)
+        say = log if is_master() else None                      # every file checked before the first step
+        if train is not None:
+            check_dataset(train, name="train", log=say)
+        check_dataset(torch.utils.data.Subset(val, range(min(cfg.val_size or len(val), len(val)))), values=True,
+                      name="val", log=say)
     except DatasetError as e:
         fail(one_line(e))
     return train, val
@@ -461,7 +471,7 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
     lock = None
     try:
-        train_set, val_set = make_datasets(cfg)
+        train_set, val_set = make_datasets(cfg, log)
         if ckpt is not None and ckpt["config"]["num_classes"] != val_set.num_classes:
             fail(f"checkpoint {cfg.resume} predicts {ckpt['config']['num_classes']} classes "
                  f"({ckpt['config'].get('dataset')}); --dataset {cfg.dataset} has {val_set.num_classes}")
