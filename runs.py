@@ -74,11 +74,15 @@ def _alive(pid):
 def atomic_save(obj, path):
     """Write, fsync, rename: a crash leaves either the old or the new checkpoint, never half of one."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):                                 # a failed write leaves nothing behind
+            os.remove(tmp)
 
 
 def unhealthy(net):

@@ -1,0 +1,224 @@
+"""Settings of train.py: the Config dataclass (every field a --flag, its comment the --help text), the presets per
+dataset, the published transformer recipes, the command line, and the settings of a checkpoint being resumed.
+
+Settings = Config defaults, then the dataset's preset (and, for a MiT / Swin backbone on ADE20K or Cityscapes, the
+published recipe), then (when resuming or evaluating) the checkpoint's, then the command line.
+"""
+import argparse
+import dataclasses
+import inspect
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+import models
+from evaluate import CheckpointError, load_checkpoint
+from runs import fail, is_master
+
+
+@dataclass
+class Config:
+    dataset: str = "synthetic"        # synthetic | cityscapes | ade20k | ade20k_full | coco_stuff | folder
+    data_root: str = ""               # dataset folder (not needed for synthetic)
+    num_classes: int = 0              # folder dataset only
+    ignore_value: int = 255           # folder dataset: the mask value meaning 'unlabelled'
+    binary_masks: bool = None         # folder dataset: 0/255 masks, 255 read as class 1 (None: ask when seen)
+    backbone: str = "hrnet18_small_v2"  # see models.BACKBONES
+    head: str = "protoseg"            # protoseg | softmax (Eq. 1) | query (Eq. 2)
+    pretrained: str = ""              # ImageNet backbone weights (.pth), loaded strictly
+    out_dir: str = "runs/synthetic"   # last.pt, log.jsonl, metrics.json, config.json
+    crop: tuple = (128, 128)          # training crop: H W, or one N for N x N
+    scale: tuple = (0.5, 2.0)         # random scale range
+    flip: bool = True                 # random horizontal flip
+    batch_size: int = 8               # global, split over ranks
+    iters: int = 1000                 # optimizer steps
+    optimizer: str = "sgd"            # sgd | adamw
+    lr: float = 0.01                  # poly decay to 0 with power lr_power
+    lr_power: float = 0.9             # poly exponent
+    warmup_iters: int = 0             # linear lr warm-up from 1e-6 x lr (transformer recipes: 1500)
+    head_lr_mult: float = 1.0         # lr multiplier of the decoder and head (SegFormer recipe: 10)
+    aux_loss_weight: float = 0.0      # UperNet's auxiliary FCN head on stage 3 (Swin recipe: 0.4; 0 = none)
+    momentum: float = 0.9             # SGD momentum
+    weight_decay: float = 5e-4        # none on BN / LayerNorm / biases
+    class_weights: str = "none"       # none | cityscapes (official CE weights)
+    num_prototypes: int = 10          # K prototypes per class
+    kappa: float = 0.05               # Sinkhorn entropy weight (Eq. 9)
+    sinkhorn_iters: int = 3           # Sinkhorn-Knopp iterations (Eq. 10)
+    proto_momentum: float = 0.999     # mu of Eq. 14
+    lambda_ppc: float = 0.01          # lambda_1 of Eq. 13
+    lambda_ppd: float = 0.001         # lambda_2 of Eq. 13
+    tau: float = 0.1                  # PPC temperature (Eq. 11); official code: 1
+    class_layernorm: bool = True      # official departure 1 (LayerNorm class scores); default by measurement
+    embed_layernorm: bool = False     # official departure 2 (LayerNorm on the embedding)
+    update_correct_only: bool = False  # official departure 4 (only correct pixels move prototypes)
+    local_stats: bool = False         # official departure 6 (per-rank Sinkhorn, averaged prototypes)
+    normalize_width: bool = False     # official departure 7 (l2 over the width axis; released checkpoint)
+    dropout: float = 0.1              # Dropout2d in the head
+    freeze_bn: bool = False           # BatchNorm uses running statistics (tiny per-device batches)
+    amp: str = "bf16"                 # bf16 | fp16 | none (GPU only; the CPU runs fp32)
+    workers: int = 2                  # DataLoader workers (training and evaluation)
+    seed: int = 0                     # weights, data order, augmentation, dropout
+    log_every: int = 20               # iterations between progress lines
+    eval_every: int = 0               # iterations between evaluations; 0: only at the end
+    ckpt_every: int = 500             # iterations between checkpoints (and at the end)
+    eval_crop: tuple = (0, 0)         # sliding-window size H W (or N); 0: whole image
+    eval_scales: tuple = (1.0,)       # test-time scales, scores summed
+    eval_flip: bool = False           # add the horizontally flipped image
+    val_size: int = 0                 # evaluate on the first N val images only (0 = all)
+    resume: str = ""                  # checkpoint to continue or evaluate ('auto' = out_dir/last.pt if present)
+    eval_only: bool = False           # evaluate the --resume checkpoint (its model settings) and stop
+    overwrite: bool = False           # start afresh in an out_dir that holds an earlier run's last.pt
+    allow_changes: bool = False       # resume with settings that change the training trajectory
+
+
+# The published recipes. Cityscapes: EQUATIONS.md; ADE20K / COCO-Stuff: the common 512x512 schedules.
+PRESETS = {
+    # CPU-sized: a tiny HRNet, 700 AdamW steps of batch 16 (~4.3 min on 2 cores). mu stays the paper's 0.999:
+    # with 0.99 the prototypes of two classes followed the still-undiscriminating embeddings onto one point (README)
+    "synthetic": dict(backbone="hrnet_tiny", iters=700, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
+                      batch_size=16, ckpt_every=100, log_every=25),
+    "cityscapes": dict(backbone="hrnet48", crop=(512, 1024), batch_size=8, iters=80000, lr=0.01,
+                       class_weights="cityscapes", out_dir="runs/cityscapes", eval_every=8000, ckpt_every=1000),
+    "ade20k": dict(backbone="hrnet48", crop=(512, 512), batch_size=16, iters=160000, lr=0.01,
+                   out_dir="runs/ade20k", eval_every=16000, ckpt_every=2000),
+    "ade20k_full": dict(backbone="hrnet48", crop=(512, 512), batch_size=16, iters=160000, lr=0.01,
+                        out_dir="runs/ade20k_full", eval_every=16000, ckpt_every=2000),
+    "coco_stuff": dict(backbone="hrnet48", crop=(512, 512), batch_size=16, iters=80000, lr=0.01,
+                       out_dir="runs/coco_stuff", eval_every=8000, ckpt_every=1000),
+    "folder": dict(out_dir="runs/folder"),
+}
+FAMILIES = {"mit_": "segformer", "swin_": "swin"}  # backbone prefix -> the file holding its RECIPES
+RECIPE_KEYS = ("optimizer", "lr", "weight_decay", "head_lr_mult", "lr_power", "warmup_iters", "iters", "batch_size",
+               "crop", "scale", "aux_loss_weight")
+MODEL_KEYS = ("backbone", "head", "num_classes", "num_prototypes", "class_layernorm", "embed_layernorm",
+              "normalize_width")
+# settings that change the training trajectory: a resumed run refuses other values unless --allow-changes
+TRAJECTORY_KEYS = ("dataset", "crop", "scale", "flip", "batch_size", "iters", "optimizer", "lr", "lr_power",
+                   "momentum", "weight_decay", "class_weights", "kappa", "sinkhorn_iters", "proto_momentum",
+                   "lambda_ppc", "lambda_ppd", "tau", "update_correct_only", "local_stats", "dropout", "freeze_bn",
+                   "amp", "seed", "warmup_iters", "head_lr_mult", "aux_loss_weight")
+CHOICES = {"dataset": list(PRESETS), "backbone": models.backbone_names(), "head": ["protoseg", "softmax", "query"],
+           "optimizer": ["sgd", "adamw"], "class_weights": ["none", "cityscapes"], "amp": ["bf16", "fp16", "none"]}
+POSITIVE = {"batch_size", "iters", "lr", "log_every", "ckpt_every", "num_prototypes", "kappa", "sinkhorn_iters",
+            "tau", "crop"}
+NON_NEGATIVE = {"workers", "eval_every", "val_size", "lambda_ppc", "lambda_ppd", "weight_decay", "momentum",
+                "dropout", "num_classes", "eval_crop", "lr_power", "seed"}
+
+
+# ----------------------------------------------------------------------------- settings
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                                   # flag errors: once, not once per rank
+        if is_master():
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def number(kind, name):
+    """argparse type: int/float with the range this setting allows, named in the error."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if name in POSITIVE and not v > 0 or name in NON_NEGATIVE and not v >= 0:
+            raise argparse.ArgumentTypeError(f"{text} must be {'> 0' if name in POSITIVE else '>= 0'}")
+        return v
+    return parse
+
+
+def field_comments():
+    """Config field -> its comment above, so --help shows the same words as the source."""
+    return dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(Config), re.M))
+
+
+def make_parser(dataset, backbone=None):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    chosen = preset(dataset, backbone) if dataset in PRESETS else {}
+    shown = {**dataclasses.asdict(Config()), **chosen}
+    comments = field_comments()
+    for f in dataclasses.fields(Config):
+        flag, default = "--" + f.name.replace("_", "-"), shown[f.name]
+        helptext = f"{comments.get(f.name, '')} (default{' for ' + dataset if f.name in chosen else ''}: {default})"
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        elif f.name in CHOICES:
+            p.add_argument(flag, type=str.lower, choices=CHOICES[f.name], default=None, help=helptext)
+        elif f.type is tuple:
+            kind = type(Config.__dataclass_fields__[f.name].default[0])
+            p.add_argument(flag, nargs="+", type=number(kind, f.name), default=None, help=helptext)
+        else:
+            p.add_argument(flag, type=number(f.type, f.name) if f.type in (int, float) else f.type, default=None,
+                           help=helptext)
+    return p
+
+
+def family(backbone):
+    """The module (segformer / swin) whose published recipe a transformer backbone trains with, or None."""
+    prefix = next((p for p in FAMILIES if backbone.startswith(p)), None)
+    return __import__(FAMILIES[prefix]) if prefix else None
+
+
+def preset(dataset, backbone=None):
+    """The dataset's preset; for a MiT / Swin backbone on ADE20K or Cityscapes, the published transformer recipe
+    (segformer.RECIPES / swin.RECIPES) over it."""
+    out = dict(PRESETS.get(dataset, {}))
+    fam = family(backbone or out.get("backbone", Config.backbone))
+    recipe = fam.RECIPES.get("ade20k" if dataset == "ade20k_full" else dataset) if fam is not None else None
+    if recipe is not None:
+        out.update({k: v for k, v in recipe.items() if k in RECIPE_KEYS})
+        if backbone == "mit_b5" and dataset in fam.MIT_CROP_B5:
+            out["crop"] = fam.MIT_CROP_B5[dataset]
+    return out
+
+
+def parse_args(argv=None):
+    """-> (Config, the names given on the command line). Presets by --dataset (and a transformer --backbone);
+    `--crop N` means N x N."""
+    argv = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", type=str.lower, default=Config.dataset)
+    pre.add_argument("--backbone", type=str.lower, default=None)
+    known = pre.parse_known_args(argv)[0]
+    dataset, backbone = known.dataset, known.backbone
+    p = make_parser(dataset, backbone)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    for name in ("crop", "eval_crop"):
+        if name in given:
+            if len(given[name]) > 2:
+                p.error(f"--{name.replace('_', '-')} takes N or H W, got {len(given[name])} numbers")
+            given[name] = tuple(given[name] * (3 - len(given[name])))[:2]
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    cfg = Config(**{**preset(dataset, backbone), **given})
+    if cfg.eval_only and not cfg.resume:
+        p.error("--eval-only needs --resume CHECKPOINT")
+    return cfg, set(given)
+
+
+def resolve(cfg, given):
+    """Settings for a resumed or evaluated checkpoint -> (cfg, checkpoint or None). The checkpoint's settings fill
+    everything not given; a given model setting must agree; a given trajectory setting must agree unless
+    --allow-changes (evaluation takes the model from the checkpoint and any other setting from the command line)."""
+    path = os.path.join(cfg.out_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
+    if cfg.resume == "auto" and not os.path.isfile(path) or not cfg.resume:
+        return cfg, None
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        fail(str(e))
+    saved = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__ and k not in ("resume", "eval_only")}
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    keys = MODEL_KEYS + (() if cfg.eval_only or cfg.allow_changes else TRAJECTORY_KEYS)
+    diff = [f"{k}: checkpoint {saved[k]!r} vs now {getattr(cfg, k)!r}" for k in keys
+            if k in given and k in saved and saved[k] != getattr(cfg, k)]
+    if diff:
+        hint = "" if any(k in MODEL_KEYS for k in given if k in saved and saved[k] != getattr(cfg, k)) else \
+            "; pass --allow-changes to continue with the new values"
+        fail(f"checkpoint {path} was made with other settings: " + "; ".join(diff) + hint)
+    base = {**dataclasses.asdict(Config()), **preset(saved.get("dataset", cfg.dataset), saved.get("backbone")), **saved}
+    cfg = Config(**{**base, **{k: getattr(cfg, k) for k in given | {"eval_only", "resume"}}})
+    if ckpt.get("official"):
+        print(f"{path}: the official ProtoSeg format; evaluating it with official departures 1, 2 and 7 on")
+    return cfg, ckpt
