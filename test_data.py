@@ -10,7 +10,7 @@ from PIL import Image
 
 import data
 
-REF = Path(__file__).parent / "testdata"  # copies of shared/reference, see testdata/README.md
+REF = Path(__file__).parent / "testdata"  # small facts and samples, see testdata/README.md
 
 
 def ref(name):
@@ -152,7 +152,7 @@ def test_synthetic_every_class_shows_all_its_modes_and_modes_agree_with_labels()
     assert seen == {(c, m) for c in range(5) for m in range(data.SYNTHETIC_MODES[c])}
 
 
-def test_synthetic_colour_and_texture_are_each_shared_across_classes():
+def test_synthetic_colour_and_texture_are_each_used_by_several_classes():
     # the class is decided only by (colour, texture): no colour or texture belongs to a single class
     pairs = {(c, m): ((c - 1 + m) % 4, m) for c in range(1, 5) for m in range(3)}
     assert len(set(pairs.values())) == 12
