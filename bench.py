@@ -3,6 +3,7 @@
     python bench.py            # full sizes (a GPU is best; on a 2-core CPU it takes a while)
     python bench.py --quick    # smaller inputs, CPU-friendly (~2-3 minutes)
     python bench.py sinkhorn   # only rows (a) and (b)
+    python bench.py vocab      # only row (f); --quick: hrnet18_small_v2 on the CPU in a few minutes
 
 (a) Sinkhorn clustering of 10K pixels into 10 prototypes, D = 720, similarities included (paper: 2.5 ms, GPU)
 (b) one prototype step (clustering + PPC/PPD losses with backward + Eq. 14 update), 2 x 128 x 256 pixels,
@@ -10,10 +11,12 @@
 (c) inference, ProtoSeg head vs softmax head on the same backbone (the paper: no extra test-time cost)
 (d) one training step, ProtoSeg vs softmax, and the peak memory of each (each in a fresh process on the CPU)
 (e) learnable parameters of the head for 19, 150 and 847 classes
+(f) large vocabulary: head parameters, train step time and step memory (peak above the weights and inputs),
+    ProtoSeg (K = 10) / softmax for C = 19, 150, 847; each configuration in fresh processes, interleaved
 """
 import argparse
 import multiprocessing
-import resource
+import re
 import statistics
 import time
 
@@ -76,26 +79,47 @@ def proto_step_loop(embed, labels, protos, kappa=0.05, iters=3, mu=0.999):
     return new
 
 
-def train_step_child(queue, backbone, head, size, device_name):
-    """One training step measured in a fresh process, so ru_maxrss is this configuration's own peak."""
+def memory_now(device):
+    """Bytes in use now: GPU allocated, or this process's resident set (Linux /proc)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated()
+    return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        open("/proc/self/clear_refs", "w").write("5")                       # Linux: resets VmHWM
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+
+def train_step_child(queue, backbone, head, size, device_name, num_classes=19):
+    """Training steps measured in a fresh process, so the peak is this configuration's own.
+    Puts (median step seconds, peak GB, peak GB above the weights and inputs, head parameters)."""
     device = torch.device(device_name)
+    torch.set_flush_denormal(True)
     torch.manual_seed(0)
-    model = build_model(backbone, head, 19).to(device).train()
+    model = build_model(backbone, head, num_classes).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     images = torch.randn(2, 3, *size, device=device)
-    labels = torch.randint(0, 19, (2, *size), device=device)
+    labels = torch.randint(0, num_classes, (2, *size), device=device)
 
     def step():
         loss, _ = seg_loss(model(images, labels), labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(device)
+    base = memory_now(device)
     t = timeit(step, device, warmup=2, repeats=3 if device.type == "cpu" else 10)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    queue.put((t, peak / 2**30))
+    peak = peak_memory(device)
+    queue.put((t, peak / 2**30, (peak - base) / 2**30, sum(p.numel() for p in model.head.parameters())))
 
 
 def run_child(*args):
@@ -108,10 +132,26 @@ def run_child(*args):
     return result
 
 
+def vocab(args, row):
+    """Train step ProtoSeg vs softmax for C = 19, 150, 847 (K = 10): children interleaved P S P S..., medians."""
+    backbone = "hrnet18_small_v2" if args.quick else "hrnet48"
+    size = (128, 256) if args.quick else (512, 1024)
+    for c in (19, 150, 847):
+        runs = {"protoseg": [], "softmax": []}
+        for _ in range(args.repeats):
+            for head in runs:
+                runs[head].append(run_child(backbone, head, size, args.device, c))
+        (tp, _, mp_, pp), (ts, _, ms, ps) = ([statistics.median(x) for x in zip(*runs[h])] for h in runs)
+        row(f"C={c:<4d} {backbone} 2x{size[0]}x{size[1]}: params {pp / 1e6:.2f}M / {ps / 1e6:.2f}M, "
+            f"step {tp * 1e3:.0f} / {ts * 1e3:.0f} ms, memory {mp_:.2f} / {ms:.2f} GB",
+            "", f"time ratio {tp / ts:.3f} memory ratio {mp_ / ms:.3f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("only", nargs="?", choices=["sinkhorn"], help="run only rows (a) and (b)")
+    p.add_argument("only", nargs="?", choices=["sinkhorn", "vocab"], help="only rows (a)-(b), or only (f)")
     p.add_argument("--quick", action="store_true", help="smaller inputs for a CPU")
+    p.add_argument("--repeats", type=int, default=2, help="(f): child processes per head and C")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -124,6 +164,8 @@ def main():
         print(f"{label:<62s} {value:>22s} {ratio}", flush=True)
 
     print(f"device: {name}; torch {torch.__version__}; {'quick' if args.quick else 'full'} sizes")
+    if args.only == "vocab":
+        return vocab(args, row)
     # (a)
     g = torch.Generator(device="cpu").manual_seed(0)
     x = F.normalize(torch.randn(10_000, 720, generator=g), dim=1).to(device)
@@ -160,7 +202,7 @@ def main():
     # (d)
     size = (128, 256) if args.quick else (512, 1024)
     for backbone in backbones:
-        (tp, mp_), (ts, ms) = (run_child(backbone, h, size, args.device) for h in ("protoseg", "softmax"))
+        (tp, mp_, _, _), (ts, ms, _, _) = (run_child(backbone, h, size, args.device) for h in ("protoseg", "softmax"))
         row(f"(d) train step {backbone}, 2x{size[0]}x{size[1]}: ProtoSeg / softmax", f"{tp * 1e3:.0f} / {ts * 1e3:.0f} ms",
             f"ratio {tp / ts:.3f}")
         row(f"    peak memory ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})",
