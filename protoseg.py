@@ -147,7 +147,7 @@ def momentum_update(prototypes, embed, labels, assign, momentum=0.999, distribut
     index = torch.where(labels >= 0, labels * num_prototypes + assign, size)   # (N,) flat (c, k); skipped: row C*K
     # sums as (D, C*K) columns: index_add_ over the pixel axis reads channels-first embeddings without a transpose
     sums = embed.new_zeros(dim, size + 1, dtype=torch.float32).index_add_(1, index, embed.float().T)
-    counts = torch.bincount(index, minlength=size + 1).float()
+    counts = sums.new_zeros(size + 1).index_add_(0, index, sums.new_ones(len(index)))   # no bincount: it syncs on CUDA
     stats = torch.cat([sums, counts[None]])[:, :size].T                        # (C*K, D + 1) sums | count
     if distributed:
         stats = all_reduce(stats.contiguous())
