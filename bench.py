@@ -3,6 +3,7 @@
     python bench.py            # full sizes (a GPU is best; on a 2-core CPU it takes a while)
     python bench.py --quick    # smaller inputs, CPU-friendly (~2-3 minutes)
     python bench.py sinkhorn   # only rows (a) and (b)
+    python bench.py vocab      # only row (f); --quick: hrnet18_small_v2 on the CPU in a few minutes
 
 (a) Sinkhorn clustering of 10K pixels into 10 prototypes, D = 720, similarities included (paper: 2.5 ms, GPU)
 (b) one prototype step (clustering + PPC/PPD losses with backward + Eq. 14 update), 2 x 128 x 256 pixels,
@@ -10,10 +11,13 @@
 (c) inference, ProtoSeg head vs softmax head on the same backbone (the paper: no extra test-time cost)
 (d) one training step, ProtoSeg vs softmax, and the peak memory of each (each in a fresh process on the CPU)
 (e) learnable parameters of the head for 19, 150 and 847 classes
+(f) `vocab` only: head parameters, train step time and step memory (peak above the weights and inputs),
+    ProtoSeg (K = 10) / softmax for C = 19, 150, 847; each configuration in fresh processes, interleaved
 """
 import argparse
 import multiprocessing
-import resource
+import os
+import re
 import statistics
 import time
 
@@ -21,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from protoseg import HEADS, momentum_update, pixel_prototype_similarity, ppc_loss, ppd_loss, seg_loss
+from protoseg import (HEADS, momentum_update, ppc_loss, ppd_loss, prototype_losses, prototype_step, seg_loss,
+                      similarity_map)
 from sinkhorn import sinkhorn, sinkhorn_batched
 
 
@@ -42,16 +47,14 @@ def timeit(fn, device, warmup=3, repeats=10):
 
 
 def proto_step(embed, labels, protos, kappa=0.05, iters=3, mu=0.999):
-    """This implementation: all classes at once."""
-    C, K, _ = protos.shape
-    sim = pixel_prototype_similarity(embed, protos)                            # (N, C, K)
-    with torch.no_grad():
-        own = sim[torch.arange(len(labels), device=sim.device), labels]
-        assign = sinkhorn_batched(own, labels, C, kappa, iters).argmax(1)
-        target = labels * K + assign
-    loss = ppc_loss(sim.flatten(1), target) + ppd_loss(sim.flatten(1), target)
-    loss.backward()
-    return momentum_update(protos, embed.detach(), labels, assign, mu)
+    """The prototype part of ProtoSegHead's training step, with its functions (protoseg.py): similarities,
+    clustering + Eq. 14 update, PPC/PPD + backward.
+    embed: (B, D, h, w) unit, labels: (B, h, w)."""
+    sim = similarity_map(embed, protos)                                        # (B, C*K, h, w)
+    target, new = prototype_step(embed.detach(), sim.detach(), protos, labels, kappa, iters, mu)
+    ppc, ppd = prototype_losses(sim, target)
+    (ppc + ppd).backward()
+    return new
 
 
 def proto_step_loop(embed, labels, protos, kappa=0.05, iters=3, mu=0.999):
@@ -76,42 +79,99 @@ def proto_step_loop(embed, labels, protos, kappa=0.05, iters=3, mu=0.999):
     return new
 
 
-def train_step_child(queue, backbone, head, size, device_name):
-    """One training step measured in a fresh process, so ru_maxrss is this configuration's own peak."""
-    device = torch.device(device_name)
+def memory_now(device):
+    """Bytes in use now: GPU allocated, or this process's resident set (Linux /proc)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated()
+    return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        open("/proc/self/clear_refs", "w").write("5")                       # Linux: resets VmHWM
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+
+def train_step(backbone, head, size, device, num_classes=19):
+    """A model and a closure doing one SGD training step on a fixed random batch (labels uniform over C)."""
     torch.manual_seed(0)
-    model = build_model(backbone, head, 19).to(device).train()
+    model = build_model(backbone, head, num_classes).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     images = torch.randn(2, 3, *size, device=device)
-    labels = torch.randint(0, 19, (2, *size), device=device)
+    labels = torch.randint(0, num_classes, (2, *size), device=device)
 
     def step():
         loss, _ = seg_loss(model(images, labels), labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    return model, step
+
+
+def train_step_child(queue, backbone, head, size, device_name, num_classes=19):
+    """Training steps measured in a fresh process, so the peak is this configuration's own.
+    Puts (median step seconds, peak GB, peak GB above the weights and inputs)."""
+    device = torch.device(device_name)
+    torch.set_flush_denormal(True)
+    model, step = train_step(backbone, head, size, device, num_classes)
+    reset_peak(device)
+    base = memory_now(device)
     t = timeit(step, device, warmup=2, repeats=3 if device.type == "cpu" else 10)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    queue.put((t, peak / 2**30))
+    peak = peak_memory(device)
+    queue.put((t, peak / 2**30, (peak - base) / 2**30))
 
 
-def run_child(*args):
+def run_child(*args, exact_rss=False):
+    """train_step_child in a fresh process. exact_rss: glibc returns every block >= 128 KB to the system when
+    freed (a fixed mmap threshold), so the resident set follows the live tensors (CPU memory, not timing)."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     p = ctx.Process(target=train_step_child, args=(queue, *args))
+    env = dict(os.environ)
+    if exact_rss:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
     p.start()
+    os.environ.clear()
+    os.environ.update(env)
     result = queue.get()
     p.join()
     return result
 
 
+def vocab(args, row):
+    """(f): for C = 19, 150, 847 (K = 10): the step memory of each head in a fresh process, then both heads'
+    step times in this process, interleaved P S P S ..., medians."""
+    device = torch.device(args.device)
+    backbone = "hrnet18_small_v2" if args.quick else "hrnet48"
+    size = (128, 256) if args.quick else (512, 1024)
+    heads = ("protoseg", "softmax")
+    for c in (19, 150, 847):
+        memory = {h: run_child(backbone, h, size, args.device, c, exact_rss=True)[2] for h in heads}
+        models, steps = zip(*(train_step(backbone, h, size, device, c) for h in heads))
+        params = [sum(p.numel() for p in m.head.parameters()) for m in models]
+        times = [[] for _ in heads]
+        for i in range(args.repeats + 2):                                      # 2 warm-up rounds
+            for t, step in zip(times, steps):
+                t.append(timeit(step, device, warmup=0, repeats=1) if i >= 2 else step())
+        (tp, ts), (mp_, ms) = [statistics.median(t[2:]) for t in times], memory.values()
+        row(f"C={c:<4d} {backbone} 2x{size[0]}x{size[1]}: params {params[0] / 1e6:.2f}M / {params[1] / 1e6:.2f}M, "
+            f"step {tp * 1e3:.0f} / {ts * 1e3:.0f} ms, memory {mp_:.2f} / {ms:.2f} GB",
+            "", f"time ratio {tp / ts:.3f} memory ratio {mp_ / ms:.3f}")
+        del models, steps
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("only", nargs="?", choices=["sinkhorn"], help="run only rows (a) and (b)")
+    p.add_argument("only", nargs="?", choices=["sinkhorn", "vocab"], help="only rows (a)-(b), or only (f)")
     p.add_argument("--quick", action="store_true", help="smaller inputs for a CPU")
+    p.add_argument("--repeats", type=int, default=5, help="(f): interleaved timed steps per head and C")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -124,6 +184,8 @@ def main():
         print(f"{label:<62s} {value:>22s} {ratio}", flush=True)
 
     print(f"device: {name}; torch {torch.__version__}; {'quick' if args.quick else 'full'} sizes")
+    if args.only == "vocab":
+        return vocab(args, row)
     # (a)
     g = torch.Generator(device="cpu").manual_seed(0)
     x = F.normalize(torch.randn(10_000, 720, generator=g), dim=1).to(device)
@@ -132,11 +194,12 @@ def main():
     row("(a) Sinkhorn, 10K pixels -> 10 prototypes, D=720", f"{t * 1e3:.2f} ms", f"(paper, GPU: 2.5 ms)")
     # (b)
     n = 2 * 128 * 256
-    embed = F.normalize(torch.randn(n, 720, generator=g), dim=1).to(device).requires_grad_()
-    labels = torch.randint(0, 19, (n,), generator=g).to(device)
+    embed = F.normalize(torch.randn(2, 720, 128, 256, generator=g), dim=1).to(device).requires_grad_()
+    labels = torch.randint(0, 19, (2, 128, 256), generator=g).to(device)
     protos = F.normalize(torch.randn(19, 10, 720, generator=g), dim=-1).to(device)
+    flat = embed.detach().permute(0, 2, 3, 1).reshape(n, 720).requires_grad_()   # (N, D) for the loop
     t_ours = timeit(lambda: proto_step(embed, labels, protos), device, warmup=2, repeats=5)
-    t_loop = timeit(lambda: proto_step_loop(embed, labels, protos), device, warmup=2, repeats=5)
+    t_loop = timeit(lambda: proto_step_loop(flat, labels.flatten(), protos), device, warmup=2, repeats=5)
     row("(b) prototype step, 65,536 px, C=19, K=10, D=720: ours", f"{t_ours * 1e3:.1f} ms")
     row("    same math, per-class loop (official structure)", f"{t_loop * 1e3:.1f} ms",
         f"loop/ours = {t_loop / t_ours:.2f}x")
@@ -160,7 +223,7 @@ def main():
     # (d)
     size = (128, 256) if args.quick else (512, 1024)
     for backbone in backbones:
-        (tp, mp_), (ts, ms) = (run_child(backbone, h, size, args.device) for h in ("protoseg", "softmax"))
+        (tp, mp_, _), (ts, ms, _) = (run_child(backbone, h, size, args.device) for h in ("protoseg", "softmax"))
         row(f"(d) train step {backbone}, 2x{size[0]}x{size[1]}: ProtoSeg / softmax", f"{tp * 1e3:.0f} / {ts * 1e3:.0f} ms",
             f"ratio {tp / ts:.3f}")
         row(f"    peak memory ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})",

@@ -42,19 +42,77 @@ def nearest_prototype(embed, prototypes):
     return best // num_prototypes, best % num_prototypes
 
 
-def ppc_loss(proto_sim, target, tau=0.1):
-    """Eq. 11: cross-entropy over the C*K cosine similarities / tau, target index c_i*K + k_i.
-    proto_sim: (N, C*K), target: (N,)."""
-    if proto_sim.shape[0] == 0:
-        return proto_sim.sum() * 0.0
-    return F.cross_entropy(proto_sim.float() / tau, target)
+def l2_normalize(x, dim=-1):
+    """F.normalize(x, dim=dim), i.e. x / max(|x|, 1e-12), written as x * rsqrt(max(|x|^2, 1e-24)): the same
+    values in half the autograd work (F.normalize's division differentiates both of its operands)."""
+    return x * x.pow(2).sum(dim, keepdim=True).clamp(min=1e-24).rsqrt()
 
 
-def ppd_loss(proto_sim, target):
-    """Eq. 12: mean over pixels of (1 - i^T p_{c_i, k_i})^2."""
-    if proto_sim.shape[0] == 0:
-        return proto_sim.sum() * 0.0
-    return (1 - proto_sim.float().gather(1, target[:, None])).pow(2).mean()
+def similarity_map(embed, prototypes):
+    """i^T p for every pixel and prototype, channels first: a 1x1 convolution whose C*K filters are the
+    prototypes. embed: (B, D, h, w), prototypes: (C, K, D) -> (B, C*K, h, w), channel c*K + k."""
+    return F.conv2d(embed, prototypes.reshape(-1, prototypes.shape[-1], 1, 1))
+
+
+def ppc_loss(proto_sim, target, tau=0.1, ignore_index=IGNORE_INDEX):
+    """Eq. 11: cross-entropy over the C*K cosine similarities / tau, target index c_i*K + k_i, averaged over
+    the labelled pixels (0 when there is none). proto_sim: (N, C*K) or (B, C*K, h, w); target: (N,) or (B, h, w).
+    The transcription; seg_loss uses prototype_losses, equal in value and gradient (tested)."""
+    loss = F.cross_entropy(proto_sim.float() / tau, target, ignore_index=ignore_index, reduction="sum")
+    return loss / (target != ignore_index).sum().clamp(min=1)
+
+
+def ppd_loss(proto_sim, target, ignore_index=IGNORE_INDEX):
+    """Eq. 12: mean over the labelled pixels of (1 - i^T p_{c_i, k_i})^2. Shapes as ppc_loss."""
+    valid = target != ignore_index
+    s = proto_sim.float().gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)    # i^T p_{c_i, k_i}
+    return ((1 - s).pow(2) * valid).sum() / valid.sum().clamp(min=1)
+
+
+class PrototypeLosses(torch.autograd.Function):
+    """Eq. 11 and 12 together, storing nothing of size C*K but the similarities themselves: the backward
+    writes softmax(sim / tau) into ONE new tensor and adds both targets' terms in place. F.cross_entropy
+    would keep log_softmax (another C*K-sized tensor) and its backward allocates three more."""
+
+    @staticmethod
+    def forward(ctx, proto_sim, target, tau, ignore_index):
+        valid = target != ignore_index
+        t = target.clamp(min=0).unsqueeze(1)                                        # (B, 1, h, w)
+        s_t = proto_sim.gather(1, t).squeeze(1).float()                             # i^T p_{c_i, k_i}
+        m = proto_sim.amax(1, keepdim=True).float()                                 # max over C*K, for exp
+        sum_exp = torch.add(-m / tau, proto_sim, alpha=1 / tau).exp_().sum(1)        # sum exp((sim - m) / tau)
+        lse = m.squeeze(1) / tau + sum_exp.log()                                    # log sum_{C*K} exp(sim / tau)
+        n = valid.sum().clamp(min=1)
+        ppc = ((lse - s_t / tau) * valid).sum() / n                                 # Eq. 11
+        ppd = ((1 - s_t).pow(2) * valid).sum() / n                                  # Eq. 12
+        ctx.save_for_backward(proto_sim, t, valid, s_t, lse, n)
+        ctx.tau = tau
+        return ppc, ppd
+
+    @staticmethod
+    def backward(ctx, g_ppc, g_ppd):
+        proto_sim, t, valid, s_t, lse, n = ctx.saved_tensors
+        tau = ctx.tau
+        w = valid / n                                                               # d mean / d pixel
+        grad = torch.add(-lse.unsqueeze(1), proto_sim, alpha=1 / tau)               # the one C*K-sized tensor
+        grad.exp_().mul_((g_ppc * w / tau).unsqueeze(1))                            # softmax part of Eq. 11
+        at_target = (-g_ppc / tau - 2 * g_ppd * (1 - s_t)) * w                       # -1/tau (Eq. 11), Eq. 12
+        grad.scatter_add_(1, t, at_target.unsqueeze(1))
+        return grad.to(proto_sim.dtype), None, None, None
+
+
+def prototype_losses(proto_sim, target, tau=0.1, ignore_index=IGNORE_INDEX):
+    """(L_PPC, L_PPD) of Eq. 11-12: ppc_loss and ppd_loss in one autograd node, lean in memory."""
+    return PrototypeLosses.apply(proto_sim, target, tau, ignore_index)
+
+
+def cross_entropy(scores, labels, class_weight=None, ignore_index=IGNORE_INDEX):
+    """Eq. 7, L_CE = -log p(c_i | i), averaged over the labelled pixels (weighted as F.cross_entropy does);
+    0 when there is none, without asking the device whether there is (no host sync)."""
+    loss = F.cross_entropy(scores.float(), labels, weight=class_weight, ignore_index=ignore_index, reduction="sum")
+    valid = labels != ignore_index
+    count = valid.sum() if class_weight is None else (class_weight[labels.clamp(min=0)] * valid).sum()
+    return loss / count.clamp(min=1e-12)
 
 
 def seg_loss(out, labels, lambda_ppc=0.01, lambda_ppd=0.001, tau=0.1, class_weight=None,
@@ -62,18 +120,18 @@ def seg_loss(out, labels, lambda_ppc=0.01, lambda_ppd=0.001, tau=0.1, class_weig
     """Eq. 13: L = L_CE + lambda1 L_PPC + lambda2 L_PPD. Returns (total, {name: detached term}).
 
     out: class scores (B, C, H, W) used as logits (for ProtoSeg: -s of Eq. 6), or the training dict of
-    ProtoSegHead with 'scores', 'proto_sim', 'proto_target'. Eq. 7: L_CE = -log p(c_i | i).
+    ProtoSegHead with 'scores', 'proto_sim' (B, C*K, h, w) and 'proto_target' (B, h, w).
     """
     scores = out["scores"] if isinstance(out, dict) else out
-    ce = F.cross_entropy(scores.float(), labels, weight=class_weight, ignore_index=ignore_index)
-    if not (labels != ignore_index).any():                     # nothing labelled: CE is nan, use 0
-        ce = scores.sum() * 0.0
-    terms = {"ce": ce}
-    total = ce
+    terms = {}
     if isinstance(out, dict) and "proto_sim" in out:
-        terms["ppc"] = ppc_loss(out["proto_sim"], out["proto_target"], tau)
-        terms["ppd"] = ppd_loss(out["proto_sim"], out["proto_target"])
-        total = ce + lambda_ppc * terms["ppc"] + lambda_ppd * terms["ppd"]
+        # before CE: backward then frees CE's full-resolution tensors before it builds the C*K-sized gradient
+        ppc, ppd = prototype_losses(out["proto_sim"], out["proto_target"], tau)    # targets: IGNORE_INDEX
+    ce = cross_entropy(scores, labels, class_weight, ignore_index)
+    terms["ce"] = total = ce
+    if isinstance(out, dict) and "proto_sim" in out:
+        terms.update(ppc=ppc, ppd=ppd)
+        total = ce + lambda_ppc * ppc + lambda_ppd * ppd
     return total, {k: v.detach() for k, v in terms.items()}
 
 
@@ -82,21 +140,56 @@ def momentum_update(prototypes, embed, labels, assign, momentum=0.999, distribut
     """Eq. 14: p_ck <- normalise(mu p_ck + (1 - mu) normalise(mean of the pixels assigned to p_ck)).
 
     prototypes: (C, K, D) unit vectors; embed: (N, D); labels, assign: (N,) class and prototype of each
-    pixel. A prototype with no pixel in the (global) batch is left unchanged. Returns new (C, K, D).
-    Under a process group the sums and counts are all-reduced, so every rank gets the same prototypes.
+    pixel, labels < 0 (IGNORE_INDEX) for pixels that move nothing. A prototype with no pixel in the (global)
+    batch is left unchanged. Returns new (C, K, D). Under a process group the sums and counts are
+    all-reduced, so every rank gets the same prototypes.
     """
     num_classes, num_prototypes, dim = prototypes.shape
-    index = labels * num_prototypes + assign                                   # (N,) flat (c, k)
-    stats = embed.new_zeros(num_classes * num_prototypes, dim + 1, dtype=torch.float32)
-    stats[:, :dim].index_add_(0, index, embed.float())                         # sum of pixels
-    stats[:, dim].index_add_(0, index, torch.ones_like(index, dtype=torch.float32))  # count
+    size = num_classes * num_prototypes
+    index = torch.where(labels >= 0, labels * num_prototypes + assign, size)   # (N,) flat (c, k); skipped: row C*K
+    # sums as (D, C*K) columns: index_add_ over the pixel axis reads channels-first embeddings without a transpose
+    sums = embed.new_zeros(dim, size + 1, dtype=torch.float32).index_add_(1, index, embed.float().T)
+    counts = sums.new_zeros(size + 1).index_add_(0, index, sums.new_ones(len(index)))   # no bincount: it syncs on CUDA
+    stats = torch.cat([sums, counts[None]])[:, :size].T                        # (C*K, D + 1) sums | count
     if distributed:
-        all_reduce(stats)
+        stats = all_reduce(stats.contiguous())
     mean = F.normalize(stats[:, :dim], dim=1)                                  # i-bar_ck
     old = prototypes.float().reshape(-1, dim)
     new = F.normalize(momentum * old + (1 - momentum) * mean, dim=1)
     new = torch.where(stats[:, dim:] > 0, new, old)                            # empty: unchanged
     return new.reshape(num_classes, num_prototypes, dim).to(prototypes.dtype)
+
+
+@torch.no_grad()
+def prototype_step(embed, proto_sim, prototypes, labels, kappa=0.05, iters=3, momentum=0.999, predicted=None,
+                   local_stats=False, ignore_index=IGNORE_INDEX):
+    """The training step of the prototypes, Eq. 8-10 and 14, as a function of its inputs (no module state).
+
+    embed: (B, D, h, w) unit pixel embeddings; proto_sim: (B, C*K, h, w) their similarities to the prototypes
+    (C, K, D); labels: (B, h, w) at the feature resolution, ignore_index where unlabelled; predicted: (B, h, w)
+    predicted classes when only correctly predicted pixels may move the prototypes (official item 4), else
+    None; local_stats: Sinkhorn and Eq. 14 on the local batch, then prototypes averaged over ranks (item 6).
+    Returns (target, new prototypes): target (B, h, w) = c_i*K + k_i, the PPC/PPD target (IGNORE_INDEX where
+    unlabelled, whatever the labels' ignore value: a target c*K + k may equal it), and the (C, K, D) prototypes after Eq. 14. Every pixel is processed, labelled or not (no
+    data-dependent shapes): unlabelled pixels are clustered as an extra class C and move nothing.
+    """
+    num_classes, num_prototypes, dim = prototypes.shape
+    valid = labels != ignore_index
+    labels = labels.where(valid, num_classes).flatten()                        # (N,), unlabelled -> C
+    b, _, h, w = proto_sim.shape
+    sim = proto_sim.view(b, num_classes, num_prototypes, h * w)
+    index = labels.clamp(max=num_classes - 1).view(b, 1, 1, h * w).expand(-1, -1, num_prototypes, -1)
+    own = sim.gather(1, index).squeeze(1).transpose(1, 2).reshape(-1, num_prototypes)   # (N, K) own class
+    # Eq. 8-10: cluster each class's pixels onto that class's K prototypes
+    assign = sinkhorn_batched(own, labels, num_classes + 1, kappa, iters, distributed=not local_stats).argmax(1)
+    target = (labels * num_prototypes + assign).view(b, h, w).where(valid, IGNORE_INDEX)   # never a c*K + k
+    use = valid if predicted is None else valid & (predicted == labels.view(b, h, w))
+    update_labels = labels.where(use.flatten(), -1)
+    pixels = embed.transpose(0, 1).reshape(dim, -1).T                         # (N, D), a view of (D, N) memory
+    new = momentum_update(prototypes, pixels, update_labels, assign, momentum, distributed=not local_stats)
+    if local_stats and is_distributed():                                      # official: average the ranks
+        new = F.normalize(all_reduce(new.clone()), dim=-1)
+    return target, new
 
 
 # ----------------------------------------------------------------------------- heads
@@ -172,43 +265,38 @@ class ProtoSegHead(nn.Module):
         protos = nn.init.trunc_normal_(torch.empty(num_classes, num_prototypes, embed_dim), std=0.02)
         self.register_buffer("prototypes", F.normalize(protos, dim=-1))
 
+    def embed_map(self, feats):
+        """Pixel embeddings, l2-normalised, channels first: (B, Din, h, w) -> (B, D, h, w)."""
+        x = self.trunk(feats)                                                  # (B, D, h, w)
+        if self.normalize_width:                                               # official 7: l2 over w, not D
+            x = l2_normalize(x, dim=3)
+        if self.feat_norm is not None:                                         # LayerNorm over D (official 2)
+            x = x if self.normalize_width else l2_normalize(x, dim=1)
+            x = self.feat_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return l2_normalize(x, dim=1)
+
     def embed(self, feats):
         """Pixel embeddings, l2-normalised: (B, Din, h, w) -> (B, h, w, D)."""
-        x = self.trunk(feats).permute(0, 2, 3, 1)                             # (B, h, w, D)
-        x = F.normalize(x, dim=2 if self.normalize_width else -1)              # official item 7: over w
-        if self.feat_norm is not None:
-            x = self.feat_norm(x)
-        return F.normalize(x, dim=-1)
+        return self.embed_map(feats).permute(0, 2, 3, 1)
 
     def forward(self, feats, labels=None):
-        embed = self.embed(feats)                                              # (B, h, w, D)
+        embed = self.embed_map(feats)                                          # (B, D, h, w)
         protos = F.normalize(self.prototypes, dim=-1)                          # (C, K, D) a copy
-        sim = pixel_prototype_similarity(embed, protos)                        # (B, h, w, C, K)
-        class_sim = sim.amax(-1)                                               # -s of Eq. 6  (B, h, w, C)
-        scores = self.mask_norm(class_sim) if self.mask_norm is not None else class_sim
-        scores = scores.permute(0, 3, 1, 2)                                    # (B, C, h, w)
+        sim = similarity_map(embed, protos)                                    # i^T p  (B, C*K, h, w)
+        class_sim = sim.unflatten(1, (self.num_classes, self.num_prototypes)).max(2).values  # -s, Eq. 6 (B, C, h, w)
+        scores = class_sim
+        if self.mask_norm is not None:                                         # LayerNorm over C (official 1)
+            scores = self.mask_norm(class_sim.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         if not (self.training and labels is not None):
             return scores
-        # labels at the feature resolution (nearest), then only the labelled pixels
-        labels = F.interpolate(labels[:, None].float(), size=embed.shape[1:3], mode="nearest")
-        labels = labels.long().flatten()
-        keep = labels != self.ignore_index
-        labels, embed = labels[keep], embed.flatten(0, 2)[keep]               # (N,), (N, D)
-        sim = sim.flatten(0, 2)[keep]                                          # (N, C, K)
-        with torch.no_grad():
-            # Eq. 8-10: cluster each class's pixels onto that class's K prototypes
-            own = sim[torch.arange(len(labels), device=sim.device), labels]   # (N, K)
-            assign = sinkhorn_batched(own, labels, self.num_classes, self.kappa, self.sinkhorn_iters,
-                                      distributed=not self.local_stats).argmax(1)   # k_i
-            target = labels * self.num_prototypes + assign                     # flat (c_i, k_i)
-            use = (scores.permute(0, 2, 3, 1).flatten(0, 2)[keep].argmax(1) == labels
-                   if self.update_correct_only else slice(None))
-            new = momentum_update(self.prototypes, embed[use], labels[use], assign[use],
-                                  self.momentum, distributed=not self.local_stats)
-            if self.local_stats and is_distributed():                         # official: average ranks
-                new = F.normalize(all_reduce(new.clone()), dim=-1)
-            self.prototypes.copy_(new)
-        return {"scores": scores, "proto_sim": sim.flatten(1), "proto_target": target}
+        # labels at the feature resolution (nearest); the losses use the prototypes from before the update
+        labels = F.interpolate(labels[:, None].float(), size=embed.shape[2:], mode="nearest")[:, 0].long()
+        predicted = scores.detach().argmax(1) if self.update_correct_only else None
+        target, new = prototype_step(embed.detach(), sim.detach(), self.prototypes, labels, self.kappa,
+                                     self.sinkhorn_iters, self.momentum, predicted, self.local_stats,
+                                     self.ignore_index)
+        self.prototypes.copy_(new)
+        return {"scores": scores, "proto_sim": sim, "proto_target": target}
 
 
 HEADS = {"protoseg": ProtoSegHead, "softmax": SoftmaxHead, "query": QueryHead}

@@ -72,7 +72,7 @@ def sinkhorn_batched(scores, labels, num_classes, kappa=0.05, iters=3, distribut
         log_l = scores.float() / kappa                                          # (N, K)
         num_prototypes = log_l.shape[1]
         sync = distributed and is_distributed()
-        counts = torch.bincount(labels, minlength=num_classes).float()          # (C,) pixels per class
+        counts = log_l.new_zeros(num_classes).index_add_(0, labels, log_l.new_ones(len(labels)))  # (C,) N_c, no sync
         if sync:
             all_reduce(counts)
         log_prototype_target = torch.log(counts.clamp(min=1) / num_prototypes)  # (C,) log(N_c / K)

@@ -32,8 +32,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from protoseg import (IGNORE_INDEX, ProtoSegHead, QueryHead, SoftmaxHead, class_distance, momentum_update,
-                      nearest_prototype, pixel_prototype_similarity, ppc_loss, ppd_loss, seg_loss)
+from protoseg import (IGNORE_INDEX, ProtoSegHead, QueryHead, SoftmaxHead, class_distance, cross_entropy,
+                      momentum_update, nearest_prototype, pixel_prototype_similarity, ppc_loss, ppd_loss,
+                      prototype_losses, seg_loss, similarity_map)
 from sinkhorn import sinkhorn, sinkhorn_batched
 
 
@@ -232,6 +233,83 @@ def test_eq13_total_loss_is_weighted_sum():
     assert head.trunk.cls_head[0].weight.grad is not None
 
 
+def test_eq11_eq12_fused_losses_equal_transcription_values_and_gradients():
+    g = torch.Generator().manual_seed(20)
+    sim = (torch.rand(2, 12, 3, 5, generator=g) * 2 - 1).requires_grad_()      # (B, C*K, h, w)
+    target = torch.randint(0, 12, (2, 3, 5), generator=g)
+    target[0, 1] = IGNORE_INDEX
+    for t in (target, torch.full_like(target, IGNORE_INDEX)):                  # some / all pixels ignored
+        ppc, ppd = prototype_losses(sim, t, tau=0.1)
+        grad = torch.autograd.grad(0.3 * ppc + 0.7 * ppd, sim)[0]
+        ref_ppc, ref_ppd = ppc_loss(sim, t, tau=0.1), ppd_loss(sim, t)
+        ref_grad = torch.autograd.grad(0.3 * ref_ppc + 0.7 * ref_ppd, sim)[0]
+        torch.testing.assert_close((ppc, ppd), (ref_ppc, ref_ppd))
+        torch.testing.assert_close(grad, ref_grad)
+    assert ppc == 0 and ppd == 0 and (grad == 0).all()                         # nothing labelled: 0, finite
+    flat = sim.detach().permute(0, 2, 3, 1).reshape(-1, 12)                     # (N, C*K) layout, no ignore
+    torch.testing.assert_close(ppc_loss(flat, target.clamp(min=0).flatten(), 0.1),
+                               F.cross_entropy(flat / 0.1, target.clamp(min=0).flatten()))
+
+
+def test_eq7_cross_entropy_is_mean_over_labelled_pixels_without_sync():
+    g = torch.Generator().manual_seed(21)
+    scores, labels = torch.randn(2, 4, 3, 3, generator=g), torch.randint(0, 4, (2, 3, 3), generator=g)
+    labels[1, 0] = IGNORE_INDEX
+    weight = torch.tensor([0.5, 1.0, 2.0, 1.5])
+    for w in (None, weight):
+        torch.testing.assert_close(cross_entropy(scores, labels, w),
+                                   F.cross_entropy(scores, labels, weight=w, ignore_index=IGNORE_INDEX))
+    assert cross_entropy(scores, torch.full_like(labels, IGNORE_INDEX), weight) == 0
+
+
+def _transcribed_training_step(head, feats, labels, lambda_ppc, lambda_ppd, tau):
+    """The head's training step written out per labelled pixel (boolean selection, (N, C*K) similarities):
+    Eq. 6-14 as the equation sheet states them. Returns (total loss, PPC target, new prototypes)."""
+    C, K = head.num_classes, head.num_prototypes
+    embed = head.embed(feats)                                                  # (B, h, w, D)
+    protos = F.normalize(head.prototypes, dim=-1)
+    sim = pixel_prototype_similarity(embed, protos)                            # (B, h, w, C, K)
+    scores = sim.amax(-1).permute(0, 3, 1, 2)                                  # Eq. 6, -s
+    keep = labels.flatten() != IGNORE_INDEX
+    lab, pix, s = labels.flatten()[keep], embed.flatten(0, 2)[keep], sim.flatten(0, 2)[keep]
+    own = s[torch.arange(len(lab)), lab].detach()                              # (N, K)
+    assign = sinkhorn_batched(own, lab, C, head.kappa, head.sinkhorn_iters).argmax(1)
+    target = lab * K + assign
+    new = momentum_update(head.prototypes, pix.detach(), lab, assign, head.momentum)
+    s = s.flatten(1)                                                           # (N, C*K)
+    ce = F.cross_entropy(scores, labels, ignore_index=IGNORE_INDEX)            # Eq. 7
+    ppc = F.cross_entropy(s / tau, target)                                     # Eq. 11
+    ppd = (1 - s.gather(1, target[:, None])).pow(2).mean()                     # Eq. 12
+    return ce + lambda_ppc * ppc + lambda_ppd * ppd, target, new               # Eq. 13
+
+
+def test_eq13_eq14_head_training_step_matches_per_pixel_transcription():
+    torch.manual_seed(0)
+    head = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3, momentum=0.9, dropout=0.0).train()
+    ref = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3, momentum=0.9, dropout=0.0).train()
+    ref.load_state_dict(head.state_dict())
+    feats = torch.randn(2, 8, 5, 6)
+    labels = torch.randint(0, 3, (2, 5, 6))                                    # class 3 absent
+    labels[0, :2] = IGNORE_INDEX
+    out = head(feats, labels)
+    total, _ = seg_loss(out, labels, lambda_ppc=0.1, lambda_ppd=0.05, tau=0.1)
+    ref_total, ref_target, ref_new = _transcribed_training_step(ref, feats, labels, 0.1, 0.05, 0.1)
+    torch.testing.assert_close(total, ref_total)
+    keep = labels != IGNORE_INDEX
+    assert torch.equal(out["proto_target"][keep], ref_target) and (out["proto_target"][~keep] == IGNORE_INDEX).all()
+    torch.testing.assert_close(head.prototypes, ref_new)
+    total.backward()
+    ref_total.backward()
+    for (name, p), q in zip(head.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_similarity_map_is_pixel_prototype_similarity_channels_first():
+    embed, protos = unit(2, 3, 4, 5, seed=22), unit(3, 2, 5, seed=23)          # (B, h, w, D), (C, K, D)
+    torch.testing.assert_close(similarity_map(embed.permute(0, 3, 1, 2), protos),
+                               pixel_prototype_similarity(embed, protos).flatten(3).permute(0, 3, 1, 2))
+
+
 # ----------------------------------------------------------------------------- Eq. 14: prototype update
 
 def test_eq14_momentum_update_matches_transcription():
@@ -268,7 +346,7 @@ def test_eq14_head_updates_prototypes_only_in_training_and_never_gets_gradients(
     assert torch.equal(head.prototypes[2:], before[2:])                 # absent classes untouched
     seg_loss(out, labels)[0].backward()
     assert head.prototypes.grad is None and not head.prototypes.requires_grad
-    assert out["proto_sim"].shape == (2 * 36, 12) and out["proto_target"].max() < 6
+    assert out["proto_sim"].shape == (2, 12, 6, 6) and out["proto_target"].max() < 6
 
 
 def test_head_all_ignored_batch_is_finite_and_moves_nothing():
@@ -290,7 +368,7 @@ def test_official_switches_update_correct_only_and_layernorms():
     before = head.prototypes.clone()
     out = head(feats, labels)
     correct = out["scores"].argmax(1).flatten() == labels.flatten()
-    touched = {divmod(t.item(), 2) for t in out["proto_target"][correct]}
+    touched = {divmod(t.item(), 2) for t in out["proto_target"].flatten()[correct]}
     for c, k in itertools.product(range(3), range(2)):
         assert torch.equal(head.prototypes[c, k], before[c, k]) == ((c, k) not in touched)
 

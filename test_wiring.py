@@ -88,6 +88,14 @@ def train_step_fixture(seed=0):
     return head, before, embed, y, out
 
 
+def labelled_outputs(out):
+    """The training dict's (B, C*K, h, w) similarities and (B, h, w) targets at the labelled pixels, in (b, y, x)
+    order: (N, C*K) and (N,)."""
+    target = out["proto_target"].flatten()
+    keep = target != IGNORE_INDEX
+    return out["proto_sim"].permute(0, 2, 3, 1).flatten(0, 2)[keep], target[keep]
+
+
 # ----------------------------------------------------------------------------- one head, one process
 
 def test_head_eq10_targets_from_prototypes_before_update():
@@ -96,9 +104,10 @@ def test_head_eq10_targets_from_prototypes_before_update():
     assert margin.min() > 1e-3                                         # fixture: no near-ties
     assert not torch.equal(target, greedy(embed, y, before))          # fixture: Sinkhorn != greedy argmax
     assert not torch.equal(target, eq10_targets(embed, y, head.prototypes)[0])   # fixture: after != before
-    assert torch.equal(out["proto_target"], target)
+    sim, head_target = labelled_outputs(out)
+    assert torch.equal(head_target, target)
     # the losses' similarities: every labelled pixel to all C*K prototypes as they were before the update
-    torch.testing.assert_close(out["proto_sim"], embed @ before.reshape(C * K, D).T)
+    torch.testing.assert_close(sim, embed @ before.reshape(C * K, D).T)
 
 
 def test_head_eq14_new_prototypes_from_sinkhorn_targets():
@@ -144,8 +153,9 @@ def test_head_labels_larger_than_features_are_brought_down_by_nearest():
     before = head.prototypes.clone()
     embed, y = labelled(unit_embed(head, feats), small)
     out = head(feats, big)
-    assert torch.equal(out["proto_target"] // K, y)
-    assert torch.equal(out["proto_target"], eq10_targets(embed, y, before)[0])
+    target = labelled_outputs(out)[1]
+    assert torch.equal(target // K, y)
+    assert torch.equal(target, eq10_targets(embed, y, before)[0])
 
 
 def test_seg_loss_passes_tau_class_weight_lambdas_and_ignore_index_on():
@@ -206,7 +216,7 @@ def _head_rank_worker(rank, world, port, state, feats, labels, results):
         head.load_state_dict(state)
         head.trunk.eval()                       # BN on running stats: a pixel's embedding is batch-independent
         out = head(feats[rank], labels[rank])
-        results[(rank, local)] = (out["proto_target"], head.prototypes.clone())
+        results[(rank, local)] = (labelled_outputs(out)[1], head.prototypes.clone())
     dist.destroy_process_group()
 
 
@@ -233,7 +243,7 @@ def test_ddp_head_global_sinkhorn_identical_prototypes_and_local_stats_average()
     expected = eq14_slow(before, embed, target)
     single = copy.deepcopy(head)
     single_out = single(torch.cat(feats), torch.cat(labels))
-    assert torch.equal(single_out["proto_target"], target)
+    assert torch.equal(labelled_outputs(single_out)[1], target)
     torch.testing.assert_close(single.prototypes, expected, rtol=1e-5, atol=1e-6)
     for rank, t in enumerate(target.split(sizes)):
         assert torch.equal(results[(rank, False)][0], t)
