@@ -208,7 +208,8 @@ def resolve(cfg, given):
         ckpt = load_checkpoint(path)
     except CheckpointError as e:
         fail(str(e))
-    saved = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__ and k not in ("resume", "eval_only")}
+    run_control = ("resume", "eval_only", "overwrite", "allow_changes")              # this command's, not the run's
+    saved = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__ and k not in run_control}
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
     keys = MODEL_KEYS + (() if cfg.eval_only or cfg.allow_changes else TRAJECTORY_KEYS)
     diff = [f"{k}: checkpoint {saved[k]!r} vs now {getattr(cfg, k)!r}" for k in keys
@@ -219,6 +220,6 @@ def resolve(cfg, given):
         fail(f"checkpoint {path} was made with other settings: " + "; ".join(diff) + hint)
     base = {**dataclasses.asdict(Config()), **preset(saved.get("dataset", cfg.dataset), saved.get("backbone")), **saved}
     cfg = Config(**{**base, **{k: getattr(cfg, k) for k in given | {"eval_only", "resume"}}})
-    if ckpt.get("official"):
+    if ckpt.get("official") and is_master():
         print(f"{path}: the official ProtoSeg format; evaluating it with official departures 1, 2 and 7 on")
     return cfg, ckpt
