@@ -31,7 +31,7 @@ import models
 from data import DatasetError, EvalTransform, TrainTransform, build_dataset
 from evaluate import CheckpointError, autocast, evaluate, format_metrics, load_checkpoint, metrics_report
 from models import load_pretrained, model_from_config
-from protoseg import seg_loss
+from protoseg import cluster_prototypes, seg_loss
 from runs import claim_out_dir, fail, is_master, last_good, log_row, one_line, open_log, save_checkpoint
 from sinkhorn import all_reduce
 
@@ -42,7 +42,7 @@ CITYSCAPES_CLASS_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754
 
 @dataclass
 class Config:
-    dataset: str = "synthetic"        # synthetic | cityscapes | ade20k | coco_stuff | folder
+    dataset: str = "synthetic"        # synthetic | synthetic_modes | cityscapes | ade20k | coco_stuff | folder
     data_root: str = ""               # dataset folder (not needed for synthetic)
     num_classes: int = 0              # folder dataset only
     ignore_value: int = 255           # folder dataset: the mask value meaning 'unlabelled'
@@ -65,6 +65,8 @@ class Config:
     kappa: float = 0.05               # Sinkhorn entropy weight (Eq. 9)
     sinkhorn_iters: int = 3           # Sinkhorn-Knopp iterations (Eq. 10)
     proto_momentum: float = 0.999     # mu of Eq. 14
+    proto_momentum_warmup: int = 0    # mu rises linearly from MU_START to proto_momentum over this many iterations
+    proto_init: str = "random"        # random (paper) | data: first batch's within-class clustering (not in paper)
     lambda_ppc: float = 0.01          # lambda_1 of Eq. 13
     lambda_ppd: float = 0.001         # lambda_2 of Eq. 13
     tau: float = 0.1                  # PPC temperature (Eq. 11); official code: 1
@@ -97,6 +99,9 @@ PRESETS = {
     # with 0.99 the prototypes of two classes followed the still-undiscriminating embeddings onto one point (README)
     "synthetic": dict(backbone="hrnet_tiny", iters=700, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
                       batch_size=16, ckpt_every=100, log_every=25),
+    # the same scenes labelled by mode (15 classes c * 3 + m), softmax head: backbone pretraining for --pretrained
+    "synthetic_modes": dict(backbone="hrnet_tiny", iters=700, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
+                            batch_size=16, ckpt_every=100, log_every=25, head="softmax", out_dir="runs/synthetic_modes"),
     "cityscapes": dict(backbone="hrnet48", crop=(512, 1024), batch_size=8, iters=80000, lr=0.01,
                        class_weights="cityscapes", out_dir="runs/cityscapes", eval_every=8000, ckpt_every=1000),
     "ade20k": dict(backbone="hrnet48", crop=(512, 512), batch_size=16, iters=160000, lr=0.01,
@@ -110,14 +115,15 @@ MODEL_KEYS = ("backbone", "head", "num_classes", "num_prototypes", "class_layern
 # settings that change the training trajectory: a resumed run refuses other values unless --allow-changes
 TRAJECTORY_KEYS = ("dataset", "crop", "scale", "flip", "batch_size", "iters", "optimizer", "lr", "lr_power",
                    "momentum", "weight_decay", "class_weights", "kappa", "sinkhorn_iters", "proto_momentum",
-                   "lambda_ppc", "lambda_ppd", "tau", "update_correct_only", "local_stats", "dropout", "freeze_bn",
+                   "proto_momentum_warmup", "proto_init", "lambda_ppc", "lambda_ppd", "tau", "update_correct_only", "local_stats", "dropout", "freeze_bn",
                    "amp", "seed")
 CHOICES = {"dataset": list(PRESETS), "backbone": models.BACKBONES, "head": ["protoseg", "softmax", "query"],
-           "optimizer": ["sgd", "adamw"], "class_weights": ["none", "cityscapes"], "amp": ["bf16", "fp16", "none"]}
+           "optimizer": ["sgd", "adamw"], "proto_init": ["random", "data"], "class_weights": ["none", "cityscapes"], "amp": ["bf16", "fp16", "none"]}
 POSITIVE = {"batch_size", "iters", "lr", "log_every", "ckpt_every", "num_prototypes", "kappa", "sinkhorn_iters",
             "tau", "crop"}
 NON_NEGATIVE = {"workers", "eval_every", "val_size", "lambda_ppc", "lambda_ppd", "weight_decay", "momentum",
-                "dropout", "num_classes", "eval_crop", "lr_power", "seed"}
+                "dropout", "num_classes", "eval_crop", "lr_power", "seed", "proto_momentum_warmup"}
+MU_START = 0.9                        # first mu of the warm-up (--proto-momentum-warmup)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -350,6 +356,10 @@ def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, l
         lr = cfg.lr * (1 - it / cfg.iters) ** cfg.lr_power                     # poly schedule
         for g in opt.param_groups:
             g["lr"] = lr
+        if it == 0 and cfg.proto_init == "data" and hasattr(net.head, "prototypes"):
+            init_prototypes(cfg, model, net, images, labels)
+        if hasattr(net.head, "momentum"):
+            net.head.momentum = proto_momentum_at(it, cfg.proto_momentum, cfg.proto_momentum_warmup)
         torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + it)             # dropout: a function of it
         with autocast(cfg.amp, device):
             out = forward(model, images, labels, cfg)
@@ -373,6 +383,31 @@ def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, l
             log(f"it {done}: val mIoU {100 * m['miou']:.2f}")
             log_row(log_file, {"iter": done, "val": metrics_report(m, val_set.class_names)})
     return time.time() - t0
+
+
+def proto_momentum_at(it, final, warmup, start=MU_START):
+    """mu of Eq. 14 for iteration it (0-based): linear from `start` to `final` over `warmup` iterations, then final."""
+    if it >= warmup or start >= final:
+        return final
+    return start + (final - start) * it / warmup
+
+
+@torch.no_grad()
+def init_prototypes(cfg, model, net, images, labels):
+    """--proto-init data: the K prototypes of each class from the first batch's within-class clustering
+    (protoseg.cluster_prototypes). Embeddings in training mode (BatchNorm batch statistics), dropout off."""
+    drops = [m for m in net.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    for m in drops:
+        m.eval()
+    with autocast(cfg.amp, images.device):
+        embed = net.embed(images)                                              # (B, h, w, D)
+    for m in drops:
+        m.train()
+    lab = torch.nn.functional.interpolate(labels[:, None].float(), size=embed.shape[1:3], mode="nearest")
+    lab = lab.long().flatten()
+    keep = lab != net.head.ignore_index
+    net.head.prototypes.copy_(cluster_prototypes(net.head.prototypes, embed.flatten(0, 2)[keep], lab[keep],
+                                                 cfg.kappa, cfg.sinkhorn_iters, distributed=not cfg.local_stats))
 
 
 def forward(model, images, labels, cfg):
