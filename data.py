@@ -421,7 +421,7 @@ def build_dataset(name, root=None, split="train", transform=None, **kw):
     if name in ("synthetic", "synthetic_modes"):
         return SyntheticDataset(split, transform, fine=name == "synthetic_modes", **kw)
     if name not in builders:
-        raise DatasetError(f"unknown dataset {name!r}; choose from synthetic, {', '.join(builders)}")
+        raise DatasetError(f"unknown dataset {name!r}; choose from synthetic, synthetic_modes, {', '.join(builders)}")
     if root is None:
         raise DatasetError(f"dataset {name!r} needs a data root")
     return builders[name](root, split, transform, **kw)

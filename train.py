@@ -2,6 +2,7 @@
 
     python train.py                                   # embedded synthetic dataset, tiny HRNet, CPU, ~4 min
     python train.py --dataset cityscapes --data-root /data/cityscapes --pretrained hrnetv2_w48_imagenet.pth
+    python train.py --dataset synthetic_modes && python train.py --pretrained runs/synthetic_modes/last.pt
     torchrun --nproc_per_node=8 train.py --dataset cityscapes --data-root ...
     python train.py --resume auto --dataset cityscapes                       # continue runs/cityscapes/last.pt
     python train.py --eval-only --resume runs/cityscapes/last.pt --eval-flip --eval-scales 0.75 1 1.25
@@ -101,7 +102,8 @@ PRESETS = {
                       batch_size=16, ckpt_every=100, log_every=25),
     # the same scenes labelled by mode (15 classes c * 3 + m), softmax head: backbone pretraining for --pretrained
     "synthetic_modes": dict(backbone="hrnet_tiny", iters=700, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
-                            batch_size=16, ckpt_every=100, log_every=25, head="softmax", out_dir="runs/synthetic_modes"),
+                            batch_size=16, ckpt_every=100, log_every=25, head="softmax",
+                            out_dir="runs/synthetic_modes"),
     "cityscapes": dict(backbone="hrnet48", crop=(512, 1024), batch_size=8, iters=80000, lr=0.01,
                        class_weights="cityscapes", out_dir="runs/cityscapes", eval_every=8000, ckpt_every=1000),
     "ade20k": dict(backbone="hrnet48", crop=(512, 512), batch_size=16, iters=160000, lr=0.01,
@@ -115,10 +117,11 @@ MODEL_KEYS = ("backbone", "head", "num_classes", "num_prototypes", "class_layern
 # settings that change the training trajectory: a resumed run refuses other values unless --allow-changes
 TRAJECTORY_KEYS = ("dataset", "crop", "scale", "flip", "batch_size", "iters", "optimizer", "lr", "lr_power",
                    "momentum", "weight_decay", "class_weights", "kappa", "sinkhorn_iters", "proto_momentum",
-                   "proto_momentum_warmup", "proto_init", "lambda_ppc", "lambda_ppd", "tau", "update_correct_only", "local_stats", "dropout", "freeze_bn",
-                   "amp", "seed")
+                   "proto_momentum_warmup", "proto_init", "lambda_ppc", "lambda_ppd", "tau", "update_correct_only",
+                   "local_stats", "dropout", "freeze_bn", "amp", "seed")
 CHOICES = {"dataset": list(PRESETS), "backbone": models.BACKBONES, "head": ["protoseg", "softmax", "query"],
-           "optimizer": ["sgd", "adamw"], "proto_init": ["random", "data"], "class_weights": ["none", "cityscapes"], "amp": ["bf16", "fp16", "none"]}
+           "optimizer": ["sgd", "adamw"], "proto_init": ["random", "data"], "class_weights": ["none", "cityscapes"],
+           "amp": ["bf16", "fp16", "none"]}
 POSITIVE = {"batch_size", "iters", "lr", "log_every", "ckpt_every", "num_prototypes", "kappa", "sinkhorn_iters",
             "tau", "crop"}
 NON_NEGATIVE = {"workers", "eval_every", "val_size", "lambda_ppc", "lambda_ppd", "weight_decay", "momentum",
@@ -357,7 +360,7 @@ def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, l
         for g in opt.param_groups:
             g["lr"] = lr
         if it == 0 and cfg.proto_init == "data" and hasattr(net.head, "prototypes"):
-            init_prototypes(cfg, model, net, images, labels)
+            init_prototypes(cfg, net, images, labels)
         if hasattr(net.head, "momentum"):
             net.head.momentum = proto_momentum_at(it, cfg.proto_momentum, cfg.proto_momentum_warmup)
         torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + it)             # dropout: a function of it
@@ -393,7 +396,7 @@ def proto_momentum_at(it, final, warmup, start=MU_START):
 
 
 @torch.no_grad()
-def init_prototypes(cfg, model, net, images, labels):
+def init_prototypes(cfg, net, images, labels):
     """--proto-init data: the K prototypes of each class from the first batch's within-class clustering
     (protoseg.cluster_prototypes). Embeddings in training mode (BatchNorm batch statistics), dropout off."""
     drops = [m for m in net.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
