@@ -330,15 +330,19 @@ def synthesize(rng, size=160):
 
 
 class SyntheticDataset(SegDataset):
-    """Procedural scenes; the split picks a separate seed stream, so train and val never share a scene."""
+    """Procedural scenes; the split picks a separate seed stream, so train and val never share a scene.
+    fine=True: the label is the mode-level class c * 3 + m (15 fine classes; for pretraining a backbone)."""
     class_names, palette = SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
 
-    def __init__(self, split="train", transform=None, seed=0, length=None, size=160):
+    def __init__(self, split="train", transform=None, seed=0, length=None, size=160, fine=False):
         if split not in ("train", "val", "test"):
             raise DatasetError(f"unknown split in synthetic dataset: {split!r}, expected train, val or test; pass one")
         super().__init__(transform, seed)
-        self.split, self.size = split, size
+        self.split, self.size, self.fine = split, size, fine
         self.length = length or (2000 if split == "train" else 100)
+        if fine:
+            self.class_names = [f"{c}{m}" for c in SYNTHETIC_CLASSES for m in range(3)]
+            self.palette = default_palette(len(self.class_names))
 
     def __len__(self):
         return self.length
@@ -347,18 +351,20 @@ class SyntheticDataset(SegDataset):
         # 4 words ending in 7: never equal to an augmentation stream (seed, epoch, i) = (seed, epoch, i, 0)
         rng = np.random.default_rng((self.seed, ("train", "val", "test").index(self.split), i, 7))
         image, label, modes = synthesize(rng, self.size)
+        if self.fine:
+            label = label * 3 + modes                                   # fine class c * 3 + m
         return image, [label, modes], f"{self.split}_{i:06d}"
 
 
 def build_dataset(name, root=None, split="train", transform=None, **kw):
-    """name: synthetic (default, no root) | cityscapes | ade20k | ade20k_full | coco_stuff | folder (kw: num_classes,
-    ignore_value, class_names, binary_masks)."""
+    """name: synthetic (default, no root) | synthetic_modes (its 15 mode-level classes) | cityscapes | ade20k |
+    ade20k_full | coco_stuff | folder (kw: num_classes, ignore_value, class_names, binary_masks)."""
     builders = {"cityscapes": cityscapes, "ade20k": ade20k, "ade20k_full": ade20k_full, "coco_stuff": coco_stuff,
                 "folder": folder}
-    if name == "synthetic":
-        return SyntheticDataset(split, transform, **kw)
+    if name in ("synthetic", "synthetic_modes"):
+        return SyntheticDataset(split, transform, fine=name == "synthetic_modes", **kw)
     if name not in builders:
-        raise DatasetError(f"unknown dataset in --dataset: {name!r}, expected one of synthetic, "
+        raise DatasetError(f"unknown dataset in --dataset: {name!r}, expected one of synthetic, synthetic_modes, "
                            f"{', '.join(builders)}; pick one")
     if root is None:
         raise DatasetError(f"missing data root in --data-root: none given, expected the folder holding {name!r}; "

@@ -300,3 +300,23 @@ class ProtoSegHead(nn.Module):
 
 
 HEADS = {"protoseg": ProtoSegHead, "softmax": SoftmaxHead, "query": QueryHead}
+
+
+# ----------------------------------------------------------------------------- data-driven start (a switch)
+
+@torch.no_grad()
+def cluster_prototypes(prototypes, embed, labels, kappa=0.05, sinkhorn_iters=3, rounds=10, distributed=True):
+    """K prototypes per class from one batch: balanced spherical k-means built from the paper's own steps.
+
+    Each round: assign every pixel to one of its class's K prototypes by Sinkhorn (Eq. 8-10, equipartition),
+    then set each prototype to the normalised mean of its pixels (Eq. 14 with mu = 0). Starts from `prototypes`;
+    a class without pixels (or a prototype that gets none) keeps its start. Not in the paper, which starts random.
+    prototypes: (C, K, D) unit vectors; embed: (N, D) unit vectors; labels: (N,). Returns new (C, K, D).
+    """
+    num_classes = prototypes.shape[0]
+    for _ in range(rounds):
+        protos = F.normalize(prototypes.float(), dim=-1)
+        own = torch.einsum("nd,nkd->nk", embed.float(), protos[labels])               # (N, K) own class
+        assign = sinkhorn_batched(own, labels, num_classes, kappa, sinkhorn_iters, distributed).argmax(1)
+        prototypes = momentum_update(prototypes, embed, labels, assign, 0.0, distributed)
+    return prototypes

@@ -19,7 +19,7 @@ from runs import fail, is_master
 
 @dataclass
 class Config:
-    dataset: str = "synthetic"        # synthetic | cityscapes | ade20k | ade20k_full | coco_stuff | folder
+    dataset: str = "synthetic"        # synthetic | synthetic_modes | cityscapes | ade20k | ade20k_full | coco_stuff | folder
     data_root: str = ""               # dataset folder (not needed for synthetic)
     num_classes: int = 0              # folder dataset only
     ignore_value: int = 255           # folder dataset: the mask value meaning 'unlabelled'
@@ -46,6 +46,8 @@ class Config:
     kappa: float = 0.05               # Sinkhorn entropy weight (Eq. 9)
     sinkhorn_iters: int = 3           # Sinkhorn-Knopp iterations (Eq. 10)
     proto_momentum: float = 0.999     # mu of Eq. 14
+    proto_momentum_warmup: int = 0    # mu rises linearly from 0.9 to proto_momentum over this many iterations
+    proto_init: str = "random"        # random (paper) | data: first batch's within-class clustering (not in paper)
     lambda_ppc: float = 0.01          # lambda_1 of Eq. 13
     lambda_ppd: float = 0.001         # lambda_2 of Eq. 13
     tau: float = 0.1                  # PPC temperature (Eq. 11); official code: 1
@@ -78,6 +80,10 @@ PRESETS = {
     # with 0.99 the prototypes of two classes followed the still-undiscriminating embeddings onto one point (README)
     "synthetic": dict(backbone="hrnet_tiny", iters=700, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
                       batch_size=16, ckpt_every=100, log_every=25),
+    # the same scenes labelled by mode (15 classes c * 3 + m), softmax head: backbone pretraining for --pretrained
+    "synthetic_modes": dict(backbone="hrnet_tiny", iters=700, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
+                            batch_size=16, ckpt_every=100, log_every=25, head="softmax",
+                            out_dir="runs/synthetic_modes"),
     "cityscapes": dict(backbone="hrnet48", crop=(512, 1024), batch_size=8, iters=80000, lr=0.01,
                        class_weights="cityscapes", out_dir="runs/cityscapes", eval_every=8000, ckpt_every=1000),
     "ade20k": dict(backbone="hrnet48", crop=(512, 512), batch_size=16, iters=160000, lr=0.01,
@@ -96,14 +102,15 @@ MODEL_KEYS = ("backbone", "head", "num_classes", "num_prototypes", "class_layern
 # settings that change the training trajectory: a resumed run refuses other values unless --allow-changes
 TRAJECTORY_KEYS = ("dataset", "crop", "scale", "flip", "batch_size", "iters", "optimizer", "lr", "lr_power",
                    "momentum", "weight_decay", "class_weights", "kappa", "sinkhorn_iters", "proto_momentum",
+                   "proto_momentum_warmup", "proto_init",
                    "lambda_ppc", "lambda_ppd", "tau", "update_correct_only", "local_stats", "dropout", "freeze_bn",
                    "amp", "seed", "warmup_iters", "head_lr_mult", "aux_loss_weight")
 CHOICES = {"dataset": list(PRESETS), "backbone": models.backbone_names(), "head": ["protoseg", "softmax", "query"],
-           "optimizer": ["sgd", "adamw"], "class_weights": ["none", "cityscapes"], "amp": ["bf16", "fp16", "none"]}
+           "optimizer": ["sgd", "adamw"], "proto_init": ["random", "data"], "class_weights": ["none", "cityscapes"], "amp": ["bf16", "fp16", "none"]}
 POSITIVE = {"batch_size", "iters", "lr", "log_every", "ckpt_every", "num_prototypes", "kappa", "sinkhorn_iters",
             "tau", "crop"}
 NON_NEGATIVE = {"workers", "eval_every", "val_size", "lambda_ppc", "lambda_ppd", "weight_decay", "momentum",
-                "dropout", "num_classes", "eval_crop", "lr_power", "seed"}
+                "dropout", "num_classes", "eval_crop", "lr_power", "seed", "proto_momentum_warmup"}
 
 
 # ----------------------------------------------------------------------------- settings

@@ -152,6 +152,16 @@ def test_synthetic_every_class_shows_all_its_modes_and_modes_agree_with_labels()
     assert seen == {(c, m) for c in range(5) for m in range(data.SYNTHETIC_MODES[c])}
 
 
+def test_synthetic_modes_fine_label_is_class_times_3_plus_mode():
+    coarse, fine = data.build_dataset("synthetic", split="val"), data.build_dataset("synthetic_modes", split="val")
+    assert fine.num_classes == 15 and fine.palette.shape == (15, 3) and fine.class_names[4] == "alpha1"
+    assert coarse.num_classes == 5                                             # the class attribute is untouched
+    for i in range(3):
+        a, b = coarse[i], fine[i]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["modes"], b["modes"])
+        assert torch.equal(b["label"], a["label"] * 3 + a["modes"])
+
+
 def test_synthetic_colour_and_texture_are_each_used_by_several_classes():
     # the class is decided only by (colour, texture): no colour or texture belongs to a single class
     pairs = {(c, m): ((c - 1 + m) % 4, m) for c in range(1, 5) for m in range(3)}

@@ -32,9 +32,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from protoseg import (IGNORE_INDEX, ProtoSegHead, QueryHead, SoftmaxHead, class_distance, cross_entropy,
-                      momentum_update, nearest_prototype, pixel_prototype_similarity, ppc_loss, ppd_loss,
-                      prototype_losses, seg_loss, similarity_map)
+from protoseg import (IGNORE_INDEX, ProtoSegHead, QueryHead, SoftmaxHead, class_distance, cluster_prototypes,
+                      cross_entropy, momentum_update, nearest_prototype, pixel_prototype_similarity, ppc_loss,
+                      ppd_loss, prototype_losses, seg_loss, similarity_map)
 from sinkhorn import sinkhorn, sinkhorn_batched
 
 
@@ -409,3 +409,31 @@ def test_ddp_sinkhorn_and_update_match_single_process():
         torch.testing.assert_close(r_one, one[(torch.arange(64)[labels == 1] % 2) == rank])
         torch.testing.assert_close(r_new, new)                         # identical prototypes on all ranks
 
+
+
+# ----------------------------------------------------------------------------- the --proto-init data switch
+
+def test_cluster_prototypes_finds_planted_sub_classes_and_keeps_absent_classes():
+    """Known answer: class 0's pixels lie around 3 orthogonal centres (unequal sizes), class 2 around 3 others;
+    from a random start, 10 rounds of Sinkhorn + Eq. 14 (mu = 0) put one prototype on each centre. Class 1 has no
+    pixel and keeps its start."""
+    g = torch.Generator().manual_seed(0)
+    dim, centres = 16, torch.eye(16)[:6]
+    sizes = [40, 60, 50, 45, 55, 50]
+    embed = torch.cat([c + 0.15 * torch.randn(n, dim, generator=g) for c, n in zip(centres, sizes)])
+    embed = F.normalize(embed, dim=-1)
+    labels = torch.tensor([0] * 150 + [2] * 150)
+    start = unit(3, 3, dim, seed=1)
+    out = cluster_prototypes(start, embed, labels, kappa=0.05, sinkhorn_iters=3, rounds=10)
+    torch.testing.assert_close(out[1], start[1], rtol=0, atol=0)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(3, 3))
+    for c, cs in ((0, centres[:3]), (2, centres[3:])):
+        cos = out[c] @ cs.T                                                    # (K, 3)
+        assert sorted(cos.argmax(1).tolist()) == [0, 1, 2]                     # one prototype per centre
+        assert cos.amax(1).min() > 0.97
+    # one round equals Sinkhorn's argmax, then Eq. 14 with mu = 0, by hand
+    protos = F.normalize(start, dim=-1)
+    own = torch.einsum("nd,nkd->nk", embed, protos[labels])
+    assign = sinkhorn_batched(own, labels, 3, 0.05, 3).argmax(1)
+    torch.testing.assert_close(cluster_prototypes(start, embed, labels, rounds=1),
+                               momentum_update(start, embed, labels, assign, 0.0))

@@ -60,6 +60,39 @@ def test_presets_and_overrides():
     assert cfg.class_weights == "cityscapes" and cfg.weight_decay == 5e-4 and cfg.scale == (0.5, 2.0)
 
 
+def test_proto_momentum_warmup_schedule_values():
+    at = train.proto_momentum_at
+    assert [at(it, 0.999, 0) for it in (0, 5)] == [0.999, 0.999]               # no warm-up: today's mu
+    assert at(0, 0.999, 100) == train.MU_START == 0.9
+    assert at(50, 0.999, 100) == pytest.approx(0.9495) and at(99, 0.999, 100) == pytest.approx(0.99801)
+    assert at(100, 0.999, 100) == at(500, 0.999, 100) == 0.999
+    assert at(3, 0.5, 100) == 0.5                                              # a final mu below the start: no ramp
+
+
+def test_warmup_sets_head_momentum_each_step(tmp_path, monkeypatch):
+    seen, real = [], train.forward
+    monkeypatch.setattr(train, "forward", lambda model, *a: seen.append(model.head.momentum) or real(model, *a))
+    train.main(TINY + ["--iters", "3", "--proto-momentum-warmup", "2", "--out-dir", str(tmp_path)])
+    assert seen == pytest.approx([0.9, 0.9495, 0.999])
+
+
+def test_proto_init_data_sets_prototypes_from_first_batch_clustering(tmp_path, monkeypatch):
+    """With mu = 1 (Eq. 14 moves nothing) last.pt holds the start: the random one, or the clustering's."""
+    args = TINY + ["--iters", "1", "--proto-momentum", "1.0", "--val-size", "1"]
+    calls, real = [], train.cluster_prototypes
+    monkeypatch.setattr(train, "cluster_prototypes", lambda *a, **k: calls.append([x.clone() for x in a[:3]]) or real(*a, **k))
+    train.main(args + ["--out-dir", str(tmp_path / "random")])
+    assert not calls
+    train.main(args + ["--out-dir", str(tmp_path / "data"), "--proto-init", "data"])
+    (start, embed, labels), = calls
+    a = state(tmp_path / "random" / "last.pt")["model"]["head.prototypes"]
+    b = state(tmp_path / "data" / "last.pt")["model"]["head.prototypes"]
+    torch.testing.assert_close(start, a)                                       # clustering began at the random start
+    torch.testing.assert_close(embed.norm(dim=-1), torch.ones(len(embed)))     # unit embeddings of labelled pixels
+    present = torch.bincount(labels, minlength=5) > 0
+    assert ((a - b).abs().amax((1, 2)) > 0).tolist() == present.tolist()       # absent classes keep their start
+
+
 def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     args = TINY + ["--iters", "4", "--ckpt-every", "2"]
     train.main(args + ["--out-dir", str(tmp_path / "full")])

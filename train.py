@@ -2,6 +2,7 @@
 
     python train.py                                   # embedded synthetic dataset, tiny HRNet, CPU, ~4 min
     python train.py --dataset cityscapes --data-root /data/cityscapes --pretrained hrnetv2_w48_imagenet.pth
+    python train.py --dataset synthetic_modes && python train.py --pretrained runs/synthetic_modes/last.pt
     torchrun --nproc_per_node=8 train.py --dataset cityscapes --data-root ...
     python train.py --resume auto --dataset cityscapes                       # continue runs/cityscapes/last.pt
     python train.py --eval-only --resume runs/cityscapes/last.pt --eval-flip --eval-scales 0.75 1 1.25
@@ -27,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import DatasetError, EvalTransform, TrainTransform, build_dataset, check_dataset
 from evaluate import autocast, evaluate, format_metrics, metrics_report
 from models import load_pretrained, model_from_config
-from protoseg import seg_loss
+from protoseg import cluster_prototypes, seg_loss
 from runs import claim_out_dir, fail, is_master, last_good, log_row, one_line, open_log, save_checkpoint
 from settings import Config, family, parse_args, resolve  # noqa: F401  (Config: for users and tests)
 from sinkhorn import all_reduce
@@ -180,6 +181,8 @@ def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, l
         lr = learning_rate(cfg, it)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
+        if hasattr(net.head, "prototypes"):
+            schedule_prototypes(cfg, net, it, images, labels)
         torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + it)             # dropout: a function of it
         with autocast(cfg.amp, device):
             out = forward(model, images, labels, cfg)
@@ -231,6 +234,41 @@ def learning_rate(cfg, it):
     if it < cfg.warmup_iters:
         lr *= 1 - (1 - it / cfg.warmup_iters) * (1 - 1e-6)
     return lr
+
+
+MU_START = 0.9                        # first mu of the warm-up (--proto-momentum-warmup)
+
+
+def schedule_prototypes(cfg, net, it, images, labels):
+    """--proto-init data at the first step; mu of Eq. 14 for this step (--proto-momentum-warmup)."""
+    if it == 0 and cfg.proto_init == "data":
+        init_prototypes(cfg, net, images, labels)
+    net.head.momentum = proto_momentum_at(it, cfg.proto_momentum, cfg.proto_momentum_warmup)
+
+
+def proto_momentum_at(it, final, warmup, start=MU_START):
+    """mu of Eq. 14 for iteration it (0-based): linear from `start` to `final` over `warmup` iterations, then final."""
+    if it >= warmup or start >= final:
+        return final
+    return start + (final - start) * it / warmup
+
+
+@torch.no_grad()
+def init_prototypes(cfg, net, images, labels):
+    """--proto-init data: the K prototypes of each class from the first batch's within-class clustering
+    (protoseg.cluster_prototypes). Embeddings in training mode (BatchNorm batch statistics), dropout off."""
+    drops = [m for m in net.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    for m in drops:
+        m.eval()
+    with autocast(cfg.amp, images.device):
+        embed = net.embed(images)                                              # (B, h, w, D)
+    for m in drops:
+        m.train()
+    lab = torch.nn.functional.interpolate(labels[:, None].float(), size=embed.shape[1:3], mode="nearest")
+    lab = lab.long().flatten()
+    keep = lab != net.head.ignore_index
+    net.head.prototypes.copy_(cluster_prototypes(net.head.prototypes, embed.flatten(0, 2)[keep], lab[keep],
+                                                 cfg.kappa, cfg.sinkhorn_iters, distributed=not cfg.local_stats))
 
 
 def forward(model, images, labels, cfg):
