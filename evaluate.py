@@ -229,8 +229,9 @@ def evaluate(model, dataset, device, crop=(0, 0), scales=(1.0,), flip=False, amp
         single = not crop[0] and tuple(scales) == (1.0,) and not flip
         with autocast(amp, device):
             if single and protos is not None:                  # one pass gives both scores and embeddings
-                feats = net.features(image)
-                scores, embed = upsample(net.head(feats), image.shape[-2:]).float(), net.head.embed(feats)
+                embed = net.head.embed_map(net.features(image))              # (1, D, h, w), computed once
+                scores = upsample(net.head.classify(embed)[0], image.shape[-2:]).float()
+                embed = embed.permute(0, 2, 3, 1)
             else:
                 scores = predict_scores(net, image, C, crop, scales, flip)
                 embed = net.embed(image) if protos is not None else None

@@ -279,14 +279,19 @@ class ProtoSegHead(nn.Module):
         """Pixel embeddings, l2-normalised: (B, Din, h, w) -> (B, h, w, D)."""
         return self.embed_map(feats).permute(0, 2, 3, 1)
 
-    def forward(self, feats, labels=None):
-        embed = self.embed_map(feats)                                          # (B, D, h, w)
+    def classify(self, embed):
+        """Unit embeddings (B, D, h, w) -> (class scores (B, C, h, w), similarities (B, C*K, h, w))."""
         protos = F.normalize(self.prototypes, dim=-1)                          # (C, K, D) a copy
         sim = similarity_map(embed, protos)                                    # i^T p  (B, C*K, h, w)
         class_sim = sim.unflatten(1, (self.num_classes, self.num_prototypes)).max(2).values  # -s, Eq. 6 (B, C, h, w)
         scores = class_sim
         if self.mask_norm is not None:                                         # LayerNorm over C (official 1)
             scores = self.mask_norm(class_sim.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return scores, sim
+
+    def forward(self, feats, labels=None):
+        embed = self.embed_map(feats)                                          # (B, D, h, w)
+        scores, sim = self.classify(embed)
         if not (self.training and labels is not None):
             return scores
         # labels at the feature resolution (nearest); the losses use the prototypes from before the update
