@@ -69,10 +69,14 @@ def ppd_loss(proto_sim, target, ignore_index=IGNORE_INDEX):
     return ((1 - s).pow(2) * valid).sum() / valid.sum().clamp(min=1)
 
 
+CHANNEL_BLOCK = 512   # PPC's forward sums exp over the C*K channels in blocks this wide (temporaries stay small)
+
+
 class PrototypeLosses(torch.autograd.Function):
-    """Eq. 11 and 12 together, storing nothing of size C*K but the similarities themselves: the backward
-    writes softmax(sim / tau) into ONE new tensor and adds both targets' terms in place. F.cross_entropy
-    would keep log_softmax (another C*K-sized tensor) and its backward allocates three more."""
+    """Eq. 11 and 12 together, storing nothing of size C*K but the similarities themselves: the forward
+    reads them in channel blocks, the backward writes softmax(sim / tau) into ONE new tensor and adds both
+    targets' terms in place. F.cross_entropy would keep log_softmax (another C*K-sized tensor) and its
+    backward allocates three more."""
 
     @staticmethod
     def forward(ctx, proto_sim, target, tau, ignore_index):
@@ -80,7 +84,10 @@ class PrototypeLosses(torch.autograd.Function):
         t = target.clamp(min=0).unsqueeze(1)                                        # (B, 1, h, w)
         s_t = proto_sim.gather(1, t).squeeze(1).float()                             # i^T p_{c_i, k_i}
         m = proto_sim.amax(1, keepdim=True).float()                                 # max over C*K, for exp
-        sum_exp = torch.add(-m / tau, proto_sim, alpha=1 / tau).exp_().sum(1)        # sum exp((sim - m) / tau)
+        sum_exp = torch.zeros_like(m)                                               # sum exp((sim - m) / tau)
+        for block in proto_sim.split(CHANNEL_BLOCK, dim=1):                         # no C*K-sized temporary
+            sum_exp += block.float().sub(m).mul_(1 / tau).exp_().sum(1, keepdim=True)
+        sum_exp = sum_exp.squeeze(1)
         lse = m.squeeze(1) / tau + sum_exp.log()                                    # log sum_{C*K} exp(sim / tau)
         n = valid.sum().clamp(min=1)
         ppc = ((lse - s_t / tau) * valid).sum() / n                                 # Eq. 11

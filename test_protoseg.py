@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import protoseg
 from protoseg import (IGNORE_INDEX, ProtoSegHead, QueryHead, SoftmaxHead, class_distance, cluster_prototypes,
                       cross_entropy, momentum_update, nearest_prototype, pixel_prototype_similarity, ppc_loss,
                       ppd_loss, prototype_losses, seg_loss, similarity_map)
@@ -233,7 +234,8 @@ def test_eq13_total_loss_is_weighted_sum():
     assert head.trunk.cls_head[0].weight.grad is not None
 
 
-def test_eq11_eq12_fused_losses_equal_transcription_values_and_gradients():
+def test_eq11_eq12_fused_losses_equal_transcription_values_and_gradients(monkeypatch):
+    monkeypatch.setattr(protoseg, "CHANNEL_BLOCK", 5)                          # 12 channels: blocks 5, 5, 2
     g = torch.Generator().manual_seed(20)
     sim = (torch.rand(2, 12, 3, 5, generator=g) * 2 - 1).requires_grad_()      # (B, C*K, h, w)
     target = torch.randint(0, 12, (2, 3, 5), generator=g)
