@@ -1,6 +1,6 @@
 """Train and evaluate ProtoSeg (or a softmax / query baseline) on one device or under torchrun.
 
-    python train.py                                   # embedded synthetic dataset, tiny HRNet, CPU, ~4 min
+    python train.py                                   # embedded synthetic dataset, tiny HRNet, 2-core CPU, 4-8 min
     python train.py --dataset cityscapes --data-root /data/cityscapes --pretrained hrnetv2_w48_imagenet.pth
     python train.py --dataset synthetic_modes && python train.py --pretrained runs/synthetic_modes/last.pt
     torchrun --nproc_per_node=8 train.py --dataset cityscapes --data-root ...
