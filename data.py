@@ -2,7 +2,7 @@
 
 Every dataset item is a dict:
     "image": FloatTensor 3xHxW, RGB normalised with ImageNet mean/std
-    "label": LongTensor HxW, train ids 0..C-1, IGNORE (-1, protoseg.IGNORE_INDEX) = ignore
+    "label": LongTensor HxW, train ids 0..C-1, IGNORE (-1, labels.IGNORE_INDEX) = ignore
     "name":  str, the file path relative to its split folder, without suffix
     "modes": LongTensor HxW, synthetic only: which sub-class (mode) of its class each pixel shows, -1 = ignore
 Each dataset has .num_classes, .ignore_index (-1), .class_names, .palette (C x 3 uint8) and .set_epoch(epoch).
@@ -29,8 +29,8 @@ from datafiles import (LOSSY, DatasetError, _same_size, ade20k_full_ids, check_d
 from labels import (ADE20K_CLASSES, ADE20K_FULL_CLASSES, ADE20K_FULL_LUT, ADE20K_FULL_PALETTE,  # noqa: F401
                     ADE20K_FULL_RAW_IDS, ADE20K_FULL_TIF_LUT, ADE20K_LUT, ADE20K_PALETTE, CITYSCAPES_CLASSES,
                     CITYSCAPES_LABEL_IDS, CITYSCAPES_LUT, CITYSCAPES_PALETTE, COCO_STUFF_CLASSES, COCO_STUFF_LUT,
-                    COCO_STUFF_PALETTE, COCO_STUFF_RAW_IDS, INVALID, _hex_palette, _lut, default_palette)
-from protoseg import IGNORE_INDEX as IGNORE  # -1: raw files use 255 / 65535 / 0, mapped to this
+                    COCO_STUFF_PALETTE, COCO_STUFF_RAW_IDS, IGNORE, INVALID, _hex_palette, _lut,
+                    default_palette)
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255  # ImageNet RGB statistics
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 

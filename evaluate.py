@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-from models import model_from_config, upsample
-from protoseg import IGNORE_INDEX
-from sinkhorn import all_reduce
+from layers import upsample
+from models import model_from_config
+from collectives import all_reduce
+from labels import IGNORE_INDEX
 
 
 class CheckpointError(ValueError):
@@ -37,17 +38,19 @@ def autocast(amp, device):
 # ----------------------------------------------------------------------------- inference
 
 @torch.no_grad()
-def predict_scores(model, image, num_classes, crop=(0, 0), scales=(1.0,), flip=False):
+def predict_scores(model, image, num_classes, crop=(0, 0), scales=(1.0,), flip=False, align_corners=None):
     """Class scores (1, C, H, W) for one image (1, 3, H, W): whole image or sliding window, summed over
-    scales and the horizontal flip (the argmax is what counts)."""
+    scales and the horizontal flip (the argmax is what counts). Resizes use the model's family's align_corners
+    (SegModel.align_corners) unless given."""
     H, W = image.shape[-2:]
+    ac = getattr(model, "module", model).align_corners if align_corners is None else align_corners
     total = image.new_zeros(1, num_classes, H, W, dtype=torch.float32)
     for s in scales:
-        x = F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else image
+        x = F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=ac) if s != 1 else image
         for flipped in ((False, True) if flip else (False,)):
             xi = x.flip(-1) if flipped else x
             out = sliding_window(model, xi, num_classes, crop) if crop[0] else model(xi)
-            total += upsample(out.flip(-1) if flipped else out, (H, W)).float()
+            total += upsample(out.flip(-1) if flipped else out, (H, W), ac).float()
     return total
 
 
@@ -230,7 +233,7 @@ def evaluate(model, dataset, device, crop=(0, 0), scales=(1.0,), flip=False, amp
         with autocast(amp, device):
             if single and protos is not None:                  # one pass gives both scores and embeddings
                 embed = net.head.embed_map(net.features(image))              # (1, D, h, w), computed once
-                scores = upsample(net.head.classify(embed)[0], image.shape[-2:]).float()
+                scores = upsample(net.head.classify(embed)[0], image.shape[-2:], net.align_corners).float()
                 embed = embed.permute(0, 2, 3, 1)
             else:
                 scores = predict_scores(net, image, C, crop, scales, flip)

@@ -5,7 +5,8 @@ data.map_labels is the one place that applies them; raw values that are neither 
 """
 import numpy as np
 
-from protoseg import IGNORE_INDEX as IGNORE  # -1: raw files use 255 / 65535 / 0, mapped to this
+IGNORE_INDEX = -1  # the ignore label of every label tensor in this project: no class id can be negative
+IGNORE = IGNORE_INDEX  # raw files use 255 / 65535 / 0, mapped to this
 
 
 def _hex_palette(s):

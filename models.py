@@ -12,8 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# One value for every interpolate in this file. True as in official ProtoSeg (HRNet-seg's cityscapes config uses False).
-ALIGN_CORNERS = True
+from layers import ALIGN_CORNERS, upsample
 
 
 def conv3x3(cin, cout, stride=1, dilation=1):
@@ -22,10 +21,6 @@ def conv3x3(cin, cout, stride=1, dilation=1):
 
 def conv1x1(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 1, stride, bias=False)
-
-
-def upsample(x, size):
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=ALIGN_CORNERS)
 
 
 class BasicBlock(nn.Module):
@@ -105,7 +100,7 @@ class HighResolutionModule(nn.Module):
             y = 0
             for j, f in enumerate(fuse):
                 z = xs[j] if f is None else f(xs[j])
-                y = y + (upsample(z, xs[i].shape[-2:]) if j > i else z)  # y_i = sum_j f_ij(x_j)
+                y = y + (upsample(z, xs[i].shape[-2:], ALIGN_CORNERS["hrnet"]) if j > i else z)  # y_i = sum_j f_ij(x_j)
             out.append(self.relu(y))
         return out
 
@@ -124,6 +119,7 @@ HRNET_PRESETS = {
 
 class HRNet(nn.Module):
     """HRNetV2 backbone; returns 4 maps at strides 4, 8, 16, 32 with width * [1, 2, 4, 8] channels."""
+    family = "hrnet"   # its resizing convention: layers.ALIGN_CORNERS
     # checkpoint keys not used here (pattern -> why), reported by load_pretrained
     skipped_keys = {"incre_modules.*": "ImageNet classification neck",
                     "downsamp_modules.*": "ImageNet classification neck",
@@ -184,7 +180,7 @@ class HRNetNeck(nn.Module):
 
     def forward(self, xs):
         size = xs[0].shape[-2:]
-        return torch.cat([xs[0]] + [upsample(x, size) for x in xs[1:]], dim=1)
+        return torch.cat([xs[0]] + [upsample(x, size, ALIGN_CORNERS["hrnet"]) for x in xs[1:]], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------- ResNet
@@ -196,6 +192,7 @@ RESNET_PRESETS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottlenec
 class ResNet(nn.Module):
     """torchvision ResNet without avgpool/fc; layer3/4 strides become dilations for output stride 8 or 16.
     Returns the layer4 map (B, 512 * expansion, H/os, W/os)."""
+    family = "resnet"   # its resizing convention: layers.ALIGN_CORNERS
     skipped_keys = {"fc.*": "torchvision ImageNet classifier"}  # unused for segmentation
 
     def __init__(self, block, layers, output_stride=8):
@@ -274,9 +271,11 @@ def build_neck(net, num_classes=0, aux_head=False):
 class SegModel(nn.Module):
     """images (B, 3, H, W) -> backbone -> neck (B, D, h, w) -> head -> class scores upsampled to (B, C, H, W)."""
 
-    def __init__(self, backbone, neck, head):
+    def __init__(self, backbone, neck, head, family=None):
         super().__init__()
         self.backbone, self.neck, self.head = backbone, neck, head
+        self.family = family or backbone.family                     # hrnet, resnet, segformer or upernet
+        self.align_corners = ALIGN_CORNERS[self.family]             # every resize outside the network too
 
     def features(self, images):
         """(B, 3, H, W) -> the head's input (B, Din, h, w)."""
@@ -290,8 +289,8 @@ class SegModel(nn.Module):
         out = self.head(self.features(images), labels)
         size = images.shape[-2:]
         if isinstance(out, torch.Tensor):
-            return upsample(out, size)
-        out["scores"] = upsample(out["scores"], size)  # training dict: other entries stay at feature resolution
+            return upsample(out, size, self.align_corners)
+        out["scores"] = upsample(out["scores"], size, self.align_corners)  # training dict: other entries stay at feature resolution
         return out
 
 

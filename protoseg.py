@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sinkhorn import all_reduce, is_distributed, sinkhorn_batched
-
-IGNORE_INDEX = -1   # the ignore label of every label tensor in this project: no class id can be negative
+from collectives import all_reduce, is_distributed
+from labels import IGNORE_INDEX
+from sinkhorn import sinkhorn_batched
 
 
 # ----------------------------------------------------------------------------- the math, as functions

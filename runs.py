@@ -14,11 +14,9 @@ import sys
 
 import torch
 
+from collectives import is_master
+
 DIVERGED = 1e8   # a weight or buffer above this magnitude: the run diverged; such a model is never checkpointed
-
-
-def is_master():
-    return os.environ.get("RANK", "0") == "0"
 
 
 def fail(message):

@@ -14,10 +14,8 @@ Facts read from mix_transformer.py and segformer_head.py (NVlabs/SegFormer):
   - init: Linear trunc-normal(0.02), bias 0; conv normal(0, sqrt(2 / fan_out)), fan_out = k*k*out/groups, bias 0.
   - decoder: Linear(C_i, E) per stage, resize to stride 4, concat in the order c4, c3, c2, c1, 1x1 conv (no bias)
     -> BN -> ReLU. E = 256 (B0, B1) or 768 (B2-B5).
-Departure: resizing uses the project's one ALIGN_CORNERS (models.py, True as official ProtoSeg); the official
-SegFormer decoder uses align_corners=False.
-
-Also holds the layers swin.py shares: DropPath, ConvModule (conv-BN-ReLU), vit_init.
+  - every resize of this family (decoder, output to the image, test-time rescale) has align_corners=False
+    (layers.ALIGN_CORNERS["segformer"]), as mmseg's SegFormerHead.
 """
 import math
 
@@ -25,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import upsample
+from layers import ALIGN_CORNERS, ConvModule, DropPath, drop_path_rates, upsample, vit_init
 
 # Per stage: widths, depths. Shared by all: heads 1/2/5/8, spatial reduction 8/4/2/1, MLP ratio 4, patch
 # embeddings 7x7/4 then 3x3/2, drop path 0.1. `decoder_dim` is the all-MLP decoder's E.
@@ -62,54 +60,6 @@ def no_weight_decay(name):
 def lr_multiplier(name):
     """The official 'head' key matches decode_head.*, which here is the decoder (`neck.*`) plus our head."""
     return RECIPES["ade20k"]["head_lr_mult"] if name.startswith(("neck.", "head.")) else 1.0
-
-
-# ----------------------------------------------------------------------------- shared layers
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop a sample's residual branch with probability p, scale the kept ones by 1 / (1 - p)."""
-
-    def __init__(self, p=0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        keep = 1 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)  # one draw per sample
-        return x * mask / keep
-
-
-class ConvModule(nn.Module):
-    """conv (no bias) -> BatchNorm -> ReLU, named as mmcv's ConvModule (`conv`, `bn`); mmcv's init:
-    Kaiming normal (fan_out, relu) for the conv, BN weight 1 and bias 0."""
-
-    def __init__(self, cin, cout, kernel=1):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
-def vit_init(m, conv=True):
-    """The official transformer init: Linear trunc-normal(0.02) with bias 0, LayerNorm (1, 0); MiT also draws
-    convs from N(0, 2 / fan_out) (conv=False keeps PyTorch's default, as Swin does)."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif conv and isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 # ----------------------------------------------------------------------------- MiT encoder
@@ -194,6 +144,7 @@ class MiTBlock(nn.Module):
 class MixTransformer(nn.Module):
     """MiT encoder; returns 4 maps at strides 4, 8, 16, 32 with `dims` channels. Any input size (the convs are
     padded; the reduction conv floors, as the official code), inputs of at least 32 x 32."""
+    family = "segformer"   # its resizing convention: layers.ALIGN_CORNERS
     # checkpoint keys the encoder does not use (pattern -> why), reported by models.load_pretrained
     skipped_keys = {"head.*": "ImageNet classifier of mit_bN.pth"}
 
@@ -202,7 +153,7 @@ class MixTransformer(nn.Module):
         super().__init__()
         self.channels, self.decoder_dim = list(dims), decoder_dim
         n = sum(depths)
-        rates = [drop_path * i / max(n - 1, 1) for i in range(n)]            # linspace(0, drop_path, n)
+        rates = drop_path_rates(n, drop_path)
         for i in range(4):  # registration order = the checkpoint's key order
             setattr(self, f"patch_embed{i + 1}", OverlapPatchEmbed(
                 3 if i == 0 else dims[i - 1], dims[i], 7 if i == 0 else 3, 4 if i == 0 else 2))
@@ -251,5 +202,5 @@ class MLPDecoder(nn.Module):
     def forward(self, xs):
         size = xs[0].shape[-2:]
         ys = [getattr(self, f"linear_c{i + 1}")(x) for i, x in enumerate(xs)]
-        ys = [ys[0]] + [upsample(y, size) for y in ys[1:]]
+        ys = [ys[0]] + [upsample(y, size, ALIGN_CORNERS["segformer"]) for y in ys[1:]]
         return self.linear_fuse(torch.cat(ys[::-1], dim=1))                   # concat order c4, c3, c2, c1

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import models
 from evaluate import CheckpointError, load_checkpoint
-from runs import fail, is_master
+from collectives import is_master
+from runs import fail
 
 
 @dataclass

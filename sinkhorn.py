@@ -17,18 +17,8 @@ the same assignment as one rank holding all of them. Without a process group the
 import math
 
 import torch
-import torch.distributed as dist
 
-
-def is_distributed():
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce(tensor, op="sum"):
-    """In-place all-reduce over the default group; a no-op without one. op: 'sum' or 'max'."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return tensor
+from collectives import all_reduce, is_distributed
 
 
 @torch.no_grad()

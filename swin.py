@@ -18,7 +18,7 @@ Facts read from swin_transformer.py (both repositories) and mmseg's uper_head.py
   - init: Linear trunc-normal(0.02), bias 0; LayerNorm (1, 0); bias tables trunc-normal(0.02); patch conv: default.
   - UperNet: PPM (adaptive average pools 1, 2, 3, 6, 1x1 conv-BN-ReLU, upsampled) on stage 4 -> 3x3 bottleneck;
     1x1 laterals on stages 1-3; top-down sum; 3x3 FPN convs; upsample all to stride 4, concat, 3x3 conv-BN-ReLU.
-Departure: resizing uses the project's one ALIGN_CORNERS (models.py, True); mmseg's UperNet uses False.
+  - every resize of UperNet and its aux loss has align_corners=False (layers.ALIGN_CORNERS["upernet"]), as mmseg.
 """
 import math
 
@@ -26,9 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import upsample
-from protoseg import IGNORE_INDEX
-from segformer import ConvModule, DropPath, vit_init
+from labels import IGNORE_INDEX
+from layers import ALIGN_CORNERS, ConvModule, DropPath, drop_path_rates, upsample, vit_init
+
+AC = ALIGN_CORNERS["upernet"]   # False: every resize of UperNet and its aux head, as mmseg
 
 # Swin-T/S/B with 7 x 7 windows (ImageNet-1K 224 checkpoints), Swin-B/L with 12 x 12 (the 384 checkpoints).
 SWIN_PRESETS = {
@@ -211,6 +212,7 @@ class Stage(nn.Module):
 class SwinTransformer(nn.Module):
     """Swin backbone; returns 4 LayerNormed maps (norm0..norm3) at strides 4, 8, 16, 32 with C * [1, 2, 4, 8] channels.
     Any input size: padded to the patch / window grid inside, cropped back."""
+    family = "upernet"   # its resizing convention: layers.ALIGN_CORNERS
     # checkpoint keys the segmentation backbone does not use (pattern -> why), reported by models.load_pretrained
     skipped_keys = {"head.*": "ImageNet classifier", "norm.*": "final LayerNorm of the classifier",
                     "*.attn_mask": "shift masks, recomputed for each input size",
@@ -223,7 +225,7 @@ class SwinTransformer(nn.Module):
         self.window = window
         self.channels = [embed_dim * 2 ** i for i in range(4)]
         n = sum(depths)
-        rates = [drop_path * i / max(n - 1, 1) for i in range(n)]              # linspace(0, drop_path, n)
+        rates = drop_path_rates(n, drop_path)
         self.patch_embed = PatchEmbed(embed_dim)
         self.layers = nn.ModuleList(
             Stage(self.channels[i], depths[i], heads[i], window, rates[sum(depths[:i]):sum(depths[:i + 1])], i < 3)
@@ -292,13 +294,13 @@ class UperNet(nn.Module):
 
     def forward(self, xs):
         top = xs[-1]
-        psp = [top] + [upsample(pool(top), top.shape[-2:]) for pool in self.psp_modules]
+        psp = [top] + [upsample(pool(top), top.shape[-2:], AC) for pool in self.psp_modules]
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, xs)] + [self.bottleneck(torch.cat(psp, 1))]
         for i in range(len(laterals) - 1, 0, -1):                               # top-down: add the coarser level
-            laterals[i - 1] = laterals[i - 1] + upsample(laterals[i], laterals[i - 1].shape[-2:])
+            laterals[i - 1] = laterals[i - 1] + upsample(laterals[i], laterals[i - 1].shape[-2:], AC)
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals)] + [laterals[-1]]
         size = outs[0].shape[-2:]
-        fused = self.fpn_bottleneck(torch.cat([outs[0]] + [upsample(x, size) for x in outs[1:]], 1))
+        fused = self.fpn_bottleneck(torch.cat([outs[0]] + [upsample(x, size, AC) for x in outs[1:]], 1))
         train_aux = self.aux_head is not None and self.training
         self.aux_scores = self.aux_head(xs[self.aux_index]) if train_aux else None
         return fused
@@ -310,5 +312,5 @@ def aux_loss(aux_scores, labels, weight=0.4, ignore_index=IGNORE_INDEX):
         return labels.new_zeros((), dtype=torch.float32)
     if not (labels != ignore_index).any():                                     # nothing labelled: CE is nan
         return aux_scores.sum() * 0.0
-    logits = upsample(aux_scores, labels.shape[-2:]).float()
+    logits = upsample(aux_scores, labels.shape[-2:], AC).float()
     return weight * F.cross_entropy(logits, labels, ignore_index=ignore_index)

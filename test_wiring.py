@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import SegModel, upsample
+from layers import upsample
+from models import SegModel
 from protoseg import IGNORE_INDEX, ProtoSegHead, seg_loss
 from sinkhorn import sinkhorn
 
@@ -285,7 +286,7 @@ def slow_step(model, opt, images, labels, lambda_ppc, lambda_ppd, tau, weight, k
     # Eq. 6: -s_{i,c} = max_k i^T p_ck at the feature resolution, then upsampled to the image as the model does
     neg_s = torch.stack([torch.stack([(emb * protos[c, k][None, :, None, None]).sum(1) for k in range(nk)])
                          .amax(0) for c in range(nc)], 1)
-    scores = upsample(neg_s, (H, W))
+    scores = upsample(neg_s, (H, W), True)
     # Eq. 7: class-weighted cross-entropy of p(c|i) = exp(-s_c) / sum_c' exp(-s_c')
     num, den = 0.0, 0.0
     for b, y, x in itertools.product(range(B), range(H), range(W)):
@@ -337,7 +338,7 @@ def test_end_to_end_sgd_steps_match_slow_transcription_of_eq5_to_eq14():
     backbone = nn.Sequential(nn.Conv2d(3, DIN, 3, stride=2, padding=1), nn.BatchNorm2d(DIN), nn.ReLU())
     head = ProtoSegHead(DIN, nc, embed_dim=D, num_prototypes=nk, kappa=0.05, sinkhorn_iters=3, momentum=MU,
                         dropout=0.0)
-    model = SegModel(backbone, nn.Identity(), head).train()
+    model = SegModel(backbone, nn.Identity(), head, family="hrnet").train()
     ref = copy.deepcopy(model)
     g = torch.Generator().manual_seed(6)
     images = torch.randn(2, 3, 12, 12, generator=g)

@@ -29,9 +29,9 @@ from data import DatasetError, EvalTransform, TrainTransform, build_dataset, che
 from evaluate import autocast, evaluate, format_metrics, metrics_report
 from models import load_pretrained, model_from_config
 from protoseg import cluster_prototypes, seg_loss
-from runs import claim_out_dir, fail, is_master, last_good, log_row, one_line, open_log, save_checkpoint
+from collectives import all_reduce, is_master, setup_distributed
+from runs import claim_out_dir, fail, last_good, log_row, one_line, open_log, save_checkpoint
 from settings import Config, family, parse_args, resolve  # noqa: F401  (Config: for users and tests)
-from sinkhorn import all_reduce
 from swin import aux_loss
 
 # Cityscapes CE class weights (trainId order) of the official HRNet / ProtoSeg configs
@@ -40,18 +40,6 @@ CITYSCAPES_CLASS_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754
 
 
 # ----------------------------------------------------------------------------- set-up
-
-def setup_distributed():
-    """-> (rank, world, device). Under torchrun (RANK set): NCCL on GPUs, gloo on CPUs."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
 
 def make_datasets(cfg, log=print):
     """(train set or None for --eval-only, val set). Data errors become one-line user errors."""
