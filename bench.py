@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from protoseg import (HEADS, momentum_update, ppc_loss, ppd_loss, prototype_losses, prototype_step, seg_loss,
-                      similarity_map)
+from protoseg import (HEADS, momentum_update, ppc_loss, ppd_loss, prototype_losses, seg_loss,
+                      similarity_map, sinkhorn_targets, update_prototypes)
 from sinkhorn import sinkhorn, sinkhorn_batched
 
 
@@ -51,10 +51,10 @@ def proto_step(embed, labels, protos, kappa=0.05, iters=3, mu=0.999):
     clustering + Eq. 14 update, PPC/PPD + backward.
     embed: (B, D, h, w) unit, labels: (B, h, w)."""
     sim = similarity_map(embed, protos)                                        # (B, C*K, h, w)
-    target, new = prototype_step(embed.detach(), sim.detach(), protos, labels, kappa, iters, mu)
+    target = sinkhorn_targets(sim.detach(), labels, protos.shape[0], kappa, iters)
     ppc, ppd = prototype_losses(sim, target)
     (ppc + ppd).backward()
-    return new
+    return update_prototypes(protos, embed.detach(), target, mu)
 
 
 def proto_step_loop(embed, labels, protos, kappa=0.05, iters=3, mu=0.999):

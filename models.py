@@ -286,11 +286,18 @@ class SegModel(nn.Module):
         return self.head.embed(self.features(images))
 
     def forward(self, images, labels=None):
-        out = self.head(self.features(images), labels)
+        """-> scores (B, C, H, W); in training with labels a dict: 'scores' and the head's other entries (at
+        the feature resolution), plus 'aux_scores' (B, C, H, W) when the neck has UperNet's aux head."""
+        feats = self.backbone(images)
+        out = self.head(self.neck(feats), labels)
         size = images.shape[-2:]
-        if isinstance(out, torch.Tensor):
+        if not (self.training and labels is not None):
             return upsample(out, size, self.align_corners)
-        out["scores"] = upsample(out["scores"], size, self.align_corners)  # training dict: other entries stay at feature resolution
+        out = dict(out) if isinstance(out, dict) else {"scores": out}
+        out["scores"] = upsample(out["scores"], size, self.align_corners)
+        aux_head = getattr(self.neck, "aux_head", None)
+        if aux_head is not None:                                    # torchvision style: aux in the output dict
+            out["aux_scores"] = upsample(aux_head(feats[self.neck.aux_index]), size, self.align_corners)
         return out
 
 
@@ -312,7 +319,7 @@ def model_from_config(cfg):
     kw = dict(dropout=cfg.get("dropout", 0.1))
     if cfg["head"] == "protoseg":
         kw.update(num_prototypes=cfg["num_prototypes"], kappa=cfg["kappa"], sinkhorn_iters=cfg["sinkhorn_iters"],
-                  momentum=cfg["proto_momentum"], class_layernorm=cfg["class_layernorm"],
+                  class_layernorm=cfg["class_layernorm"],
                   embed_layernorm=cfg["embed_layernorm"], normalize_width=cfg.get("normalize_width", False),
                   update_correct_only=cfg["update_correct_only"], local_stats=cfg["local_stats"])
     aux = cfg.get("aux_loss_weight", 0) > 0

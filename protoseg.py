@@ -1,11 +1,18 @@
 """ProtoSeg: nonparametric prototype head, its losses and its prototype update (Eq. 1-7, 11-14).
 
+One training iteration, as train.py runs it (paper Sec. 3):
+    out = model(images, labels)           # head: scores, similarities, Sinkhorn targets (Eq. 5-10)
+    loss = seg_loss(out, labels, ...)     # Eq. 7, 11-13 (+ UperNet's aux CE when out has aux_scores)
+    loss.backward(); opt.step()
+    prototypes <- update_prototypes(prototypes, out["embed"], out["update_target"], mu)   # Eq. 14
+
 Shapes: B batch, C classes, K prototypes per class, D embedding size, h x w feature map, N labelled pixels.
 Embeddings i and prototypes p are l2-normalised; the paper's distance is <i, p> = -i^T p (negative cosine).
 Sinkhorn clustering (Eq. 8-10) lives in sinkhorn.py.
 
-Switches for the official code's departures from the paper (all off by default; README has the table):
-  class_layernorm      learnable LayerNorm over the C class scores, used as logits (official item 1)
+Switches for the official code's departures from the paper (README has the table); all off by default but
+  class_layernorm      learnable LayerNorm over the C class scores, used as logits (official item 1; on by default,
+                       chosen by measurement: README)
   embed_layernorm      learnable LayerNorm on the embedding before l2 normalisation (official item 2)
   update_correct_only  only correctly predicted pixels move the prototypes (official item 4)
   local_stats          Sinkhorn and Eq. 14 on the local batch, prototypes averaged over ranks (item 6)
@@ -19,6 +26,7 @@ import torch.nn.functional as F
 
 from collectives import all_reduce, is_distributed
 from labels import IGNORE_INDEX
+from layers import labels_to
 from sinkhorn import sinkhorn_batched
 
 
@@ -123,11 +131,13 @@ def cross_entropy(scores, labels, class_weight=None, ignore_index=IGNORE_INDEX):
 
 
 def seg_loss(out, labels, lambda_ppc=0.01, lambda_ppd=0.001, tau=0.1, class_weight=None,
-             ignore_index=IGNORE_INDEX):
-    """Eq. 13: L = L_CE + lambda1 L_PPC + lambda2 L_PPD. Returns (total, {name: detached term}).
+             ignore_index=IGNORE_INDEX, aux_weight=0.4):
+    """Eq. 13: L = L_CE + lambda1 L_PPC + lambda2 L_PPD (+ aux_weight L_CE(aux) for UperNet's auxiliary head,
+    unweighted by class as mmseg's). Returns (total, {name: detached unweighted term}).
 
     out: class scores (B, C, H, W) used as logits (for ProtoSeg: -s of Eq. 6), or the training dict of
-    ProtoSegHead with 'scores', 'proto_sim' (B, C*K, h, w) and 'proto_target' (B, h, w).
+    SegModel with 'scores', for ProtoSeg 'proto_sim' (B, C*K, h, w) and 'proto_target' (B, h, w), and
+    'aux_scores' (B, C, H, W) when the model has an aux head.
     """
     scores = out["scores"] if isinstance(out, dict) else out
     terms = {}
@@ -139,6 +149,9 @@ def seg_loss(out, labels, lambda_ppc=0.01, lambda_ppd=0.001, tau=0.1, class_weig
     if isinstance(out, dict) and "proto_sim" in out:
         terms.update(ppc=ppc, ppd=ppd)
         total = ce + lambda_ppc * ppc + lambda_ppd * ppd
+    if isinstance(out, dict) and "aux_scores" in out:
+        terms["aux"] = cross_entropy(out["aux_scores"], labels, None, ignore_index)
+        total = total + aux_weight * terms["aux"]
     return total, {k: v.detach() for k, v in terms.items()}
 
 
@@ -168,35 +181,56 @@ def momentum_update(prototypes, embed, labels, assign, momentum=0.999, distribut
 
 
 @torch.no_grad()
-def prototype_step(embed, proto_sim, prototypes, labels, kappa=0.05, iters=3, momentum=0.999, predicted=None,
-                   local_stats=False, ignore_index=IGNORE_INDEX):
-    """The training step of the prototypes, Eq. 8-10 and 14, as a function of its inputs (no module state).
+def sinkhorn_targets(proto_sim, labels, num_classes, kappa=0.05, iters=3, local_stats=False,
+                     ignore_index=IGNORE_INDEX):
+    """Eq. 8-10: each labelled pixel's prototype k_i within its class, as the PPC/PPD target c_i*K + k_i.
 
-    embed: (B, D, h, w) unit pixel embeddings; proto_sim: (B, C*K, h, w) their similarities to the prototypes
-    (C, K, D); labels: (B, h, w) at the feature resolution, ignore_index where unlabelled; predicted: (B, h, w)
-    predicted classes when only correctly predicted pixels may move the prototypes (official item 4), else
-    None; local_stats: Sinkhorn and Eq. 14 on the local batch, then prototypes averaged over ranks (item 6).
-    Returns (target, new prototypes): target (B, h, w) = c_i*K + k_i, the PPC/PPD target (IGNORE_INDEX where
-    unlabelled, whatever the labels' ignore value: a target c*K + k may equal it), and the (C, K, D) prototypes after Eq. 14. Every pixel is processed, labelled or not (no
-    data-dependent shapes): unlabelled pixels are clustered as an extra class C and move nothing.
+    proto_sim: (B, C*K, h, w) similarities to the prototypes; labels: (B, h, w) at the feature resolution,
+    ignore_index where unlabelled. local_stats: Sinkhorn on the local batch (official item 6), else its
+    marginals are global. Returns (B, h, w), IGNORE_INDEX where unlabelled (whatever the labels' ignore value: a
+    target c*K + k may equal it). Every pixel is processed (no data-dependent shapes): unlabelled pixels are
+    clustered as an extra class C.
     """
-    num_classes, num_prototypes, dim = prototypes.shape
+    b, ck, h, w = proto_sim.shape
+    num_prototypes = ck // num_classes
     valid = labels != ignore_index
     labels = labels.where(valid, num_classes).flatten()                        # (N,), unlabelled -> C
-    b, _, h, w = proto_sim.shape
     sim = proto_sim.view(b, num_classes, num_prototypes, h * w)
     index = labels.clamp(max=num_classes - 1).view(b, 1, 1, h * w).expand(-1, -1, num_prototypes, -1)
     own = sim.gather(1, index).squeeze(1).transpose(1, 2).reshape(-1, num_prototypes)   # (N, K) own class
-    # Eq. 8-10: cluster each class's pixels onto that class's K prototypes
     assign = sinkhorn_batched(own, labels, num_classes + 1, kappa, iters, distributed=not local_stats).argmax(1)
-    target = (labels * num_prototypes + assign).view(b, h, w).where(valid, IGNORE_INDEX)   # never a c*K + k
-    use = valid if predicted is None else valid & (predicted == labels.view(b, h, w))
-    update_labels = labels.where(use.flatten(), -1)
+    return (labels * num_prototypes + assign).view(b, h, w).where(valid, IGNORE_INDEX)
+
+
+@torch.no_grad()
+def update_prototypes(prototypes, embed, target, momentum=0.999, local_stats=False):
+    """Eq. 14 "after each training iteration": every prototype moves to the mean of the pixels assigned to it.
+
+    prototypes: (C, K, D); embed: (B, D, h, w) the step's unit embeddings; target: (B, h, w) c*K + k of each
+    pixel that moves a prototype, IGNORE_INDEX (< 0) for the others; momentum: mu of this iteration.
+    local_stats: Eq. 14 on the local batch, then the prototypes averaged over ranks (official item 6).
+    Returns the new (C, K, D).
+    """
+    num_classes, num_prototypes, dim = prototypes.shape
+    target = target.flatten()
+    labels = torch.where(target >= 0, target // num_prototypes, -1)            # (N,) class, -1: moves nothing
     pixels = embed.transpose(0, 1).reshape(dim, -1).T                         # (N, D), a view of (D, N) memory
-    new = momentum_update(prototypes, pixels, update_labels, assign, momentum, distributed=not local_stats)
+    new = momentum_update(prototypes, pixels, labels, target.clamp(min=0) % num_prototypes, momentum,
+                          distributed=not local_stats)
     if local_stats and is_distributed():                                      # official: average the ranks
         new = F.normalize(all_reduce(new.clone()), dim=-1)
-    return target, new
+    return new
+
+
+MU_START = 0.9                        # first mu of the warm-up (--proto-momentum-warmup)
+
+
+def momentum_at(it, final, warmup=0, start=MU_START):
+    """mu of Eq. 14 for iteration it (0-based): linear from `start` to `final` over `warmup` iterations, then final
+    (warmup 0: the paper's constant mu)."""
+    if it >= warmup or start >= final:
+        return final
+    return start + (final - start) * it / warmup
 
 
 # ----------------------------------------------------------------------------- heads
@@ -250,19 +284,19 @@ class QueryHead(nn.Module):
 class ProtoSegHead(nn.Module):
     """Nonparametric head: C x K prototypes as a buffer (never learned by SGD, no gradient reaches them).
 
-    forward(feats) -> class scores (B, C, h, w) = -s of Eq. 6 (or LayerNorm of max cosine, official).
-    In training with labels (B, H, W) it also clusters (Eq. 8-10), returns what PPC/PPD need, and moves the
-    prototypes (Eq. 14) with the batch's embeddings; the losses use the prototypes from before the move.
+    forward(feats) -> class scores (B, C, h, w) = -s of Eq. 6 (or LayerNorm of max cosine, official item 1).
+    In training with labels (B, H, W) it also clusters (Eq. 8-10) and returns a dict with what the losses
+    (Eq. 11-13) and the prototype update need; it never changes the prototypes: the training loop applies
+    Eq. 14 (update_prototypes) after the optimiser step. class_layernorm is on by default, as train.py's Config.
     """
 
     def __init__(self, in_channels, num_classes, embed_dim=None, num_prototypes=10, kappa=0.05,
-                 sinkhorn_iters=3, momentum=0.999, class_layernorm=False, embed_layernorm=False,
-                 update_correct_only=False, local_stats=False, dropout=0.1, ignore_index=IGNORE_INDEX,
-                 normalize_width=False):
+                 sinkhorn_iters=3, class_layernorm=True, embed_layernorm=False, update_correct_only=False,
+                 local_stats=False, dropout=0.1, ignore_index=IGNORE_INDEX, normalize_width=False):
         super().__init__()
         embed_dim = embed_dim or in_channels
         self.num_classes, self.num_prototypes = num_classes, num_prototypes
-        self.kappa, self.sinkhorn_iters, self.momentum = kappa, sinkhorn_iters, momentum
+        self.kappa, self.sinkhorn_iters = kappa, sinkhorn_iters
         self.update_correct_only, self.local_stats = update_correct_only, local_stats
         self.ignore_index, self.normalize_width = ignore_index, normalize_width
         self.trunk = Trunk(in_channels, embed_dim, dropout)
@@ -297,18 +331,21 @@ class ProtoSegHead(nn.Module):
         return scores, sim
 
     def forward(self, feats, labels=None):
+        """-> scores (B, C, h, w); in training with labels the dict: scores, proto_sim (B, C*K, h, w),
+        proto_target (B, h, w) = c_i*K + k_i of Eq. 8-10, and for Eq. 14 embed (B, D, h, w, detached) and
+        update_target (proto_target where the pixel moves its prototype, IGNORE_INDEX elsewhere)."""
         embed = self.embed_map(feats)                                          # (B, D, h, w)
         scores, sim = self.classify(embed)
         if not (self.training and labels is not None):
             return scores
-        # labels at the feature resolution (nearest); the losses use the prototypes from before the update
-        labels = F.interpolate(labels[:, None].float(), size=embed.shape[2:], mode="nearest")[:, 0].long()
-        predicted = scores.detach().argmax(1) if self.update_correct_only else None
-        target, new = prototype_step(embed.detach(), sim.detach(), self.prototypes, labels, self.kappa,
-                                     self.sinkhorn_iters, self.momentum, predicted, self.local_stats,
-                                     self.ignore_index)
-        self.prototypes.copy_(new)
-        return {"scores": scores, "proto_sim": sim, "proto_target": target}
+        labels = labels_to(labels, embed.shape[2:])                            # (B, h, w), nearest
+        target = sinkhorn_targets(sim.detach(), labels, self.num_classes, self.kappa, self.sinkhorn_iters,
+                                  self.local_stats, self.ignore_index)
+        movers = target
+        if self.update_correct_only:                                           # official item 4
+            movers = target.where(scores.detach().argmax(1) == labels, IGNORE_INDEX)
+        return {"scores": scores, "proto_sim": sim, "proto_target": target, "embed": embed.detach(),
+                "update_target": movers}
 
 
 HEADS = {"protoseg": ProtoSegHead, "softmax": SoftmaxHead, "query": QueryHead}
@@ -332,3 +369,19 @@ def cluster_prototypes(prototypes, embed, labels, kappa=0.05, sinkhorn_iters=3, 
         assign = sinkhorn_batched(own, labels, num_classes, kappa, sinkhorn_iters, distributed).argmax(1)
         prototypes = momentum_update(prototypes, embed, labels, assign, 0.0, distributed)
     return prototypes
+
+
+@torch.no_grad()
+def data_prototypes(model, images, labels, kappa=0.05, sinkhorn_iters=3, distributed=True):
+    """--proto-init data: the prototypes from cluster_prototypes on one batch's embeddings (model: a SegModel
+    with a ProtoSeg head, in training mode: BatchNorm uses batch statistics; dropout is off for this pass)."""
+    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    for m in drops:
+        m.eval()
+    embed = model.embed(images)                                                # (B, h, w, D)
+    for m in drops:
+        m.train()
+    lab = labels_to(labels, embed.shape[1:3]).flatten()
+    keep = lab != model.head.ignore_index
+    return cluster_prototypes(model.head.prototypes, embed.flatten(0, 2)[keep], lab[keep], kappa, sinkhorn_iters,
+                              distributed)

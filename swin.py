@@ -275,8 +275,8 @@ class FCNHead(nn.Module):
 class UperNet(nn.Module):
     """UperNet up to its classifier: (B, C_i, H/2^(i+2), W/2^(i+2)) x 4 -> (B, 512, H/4, W/4).
 
-    aux_classes > 0 adds the auxiliary FCN head (off by default). In training it sets `self.aux_scores`
-    (B, aux_classes, H/16, W/16) at every forward (None in eval); the loss is aux_loss().
+    aux_classes > 0 adds the auxiliary FCN head on stage aux_index (off by default); SegModel runs it in training
+    and returns its scores as out["aux_scores"]; protoseg.seg_loss adds their weighted CE.
     """
 
     def __init__(self, in_channels, channels=512, pool_scales=(1, 2, 3, 6), aux_classes=0, aux_index=2):
@@ -290,7 +290,6 @@ class UperNet(nn.Module):
         self.fpn_bottleneck = ConvModule(len(in_channels) * channels, channels, 3)
         self.out_channels, self.aux_index = channels, aux_index
         self.aux_head = FCNHead(in_channels[aux_index], aux_classes) if aux_classes else None
-        self.aux_scores = None
 
     def forward(self, xs):
         top = xs[-1]
@@ -300,17 +299,5 @@ class UperNet(nn.Module):
             laterals[i - 1] = laterals[i - 1] + upsample(laterals[i], laterals[i - 1].shape[-2:], AC)
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals)] + [laterals[-1]]
         size = outs[0].shape[-2:]
-        fused = self.fpn_bottleneck(torch.cat([outs[0]] + [upsample(x, size, AC) for x in outs[1:]], 1))
-        train_aux = self.aux_head is not None and self.training
-        self.aux_scores = self.aux_head(xs[self.aux_index]) if train_aux else None
-        return fused
+        return self.fpn_bottleneck(torch.cat([outs[0]] + [upsample(x, size, AC) for x in outs[1:]], 1))
 
-
-def aux_loss(aux_scores, labels, weight=0.4, ignore_index=IGNORE_INDEX):
-    """weight * CE of the auxiliary scores upsampled to the labels (B, H, W); 0 when there are none."""
-    if aux_scores is None:
-        return labels.new_zeros((), dtype=torch.float32)
-    if not (labels != ignore_index).any():                                     # nothing labelled: CE is nan
-        return aux_scores.sum() * 0.0
-    logits = upsample(aux_scores, labels.shape[-2:], AC).float()
-    return weight * F.cross_entropy(logits, labels, ignore_index=ignore_index)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import protoseg
 from protoseg import (IGNORE_INDEX, ProtoSegHead, QueryHead, SoftmaxHead, class_distance, cluster_prototypes,
                       cross_entropy, momentum_update, nearest_prototype, pixel_prototype_similarity, ppc_loss,
-                      ppd_loss, prototype_losses, seg_loss, similarity_map)
+                      ppd_loss, prototype_losses, seg_loss, similarity_map, update_prototypes)
 from sinkhorn import sinkhorn, sinkhorn_batched
 
 
@@ -87,7 +87,9 @@ def test_eq4_parametric_heads_learn_one_prototype_per_class():
 
 def test_protoseg_head_learnable_parameters_do_not_depend_on_num_classes():
     count = lambda m: sum(p.numel() for p in m.parameters())
-    assert count(ProtoSegHead(8, 19)) == count(ProtoSegHead(8, 150)) == count(ProtoSegHead(8, 847))
+    plain = [count(ProtoSegHead(8, c, class_layernorm=False)) for c in (19, 150, 847)]
+    assert plain[0] == plain[1] == plain[2]
+    assert count(ProtoSegHead(8, 150)) - plain[1] == 2 * 150                  # official item 1: LayerNorm(C)
     head = ProtoSegHead(8, 19, num_prototypes=10)
     assert head.prototypes.shape == (19, 10, 8) and not head.prototypes.requires_grad
     assert "prototypes" in dict(head.named_buffers())
@@ -115,7 +117,7 @@ def test_eq6_class_distance_matches_loop():
 
 def test_eq5_head_scores_argmax_is_nearest_prototype_class():
     torch.manual_seed(0)
-    head = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3).eval()
+    head = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3, class_layernorm=False).eval()
     feats = torch.randn(2, 8, 5, 5)
     scores = head(feats)
     c_star, _ = nearest_prototype(head.embed(feats), head.prototypes)
@@ -264,7 +266,7 @@ def test_eq7_cross_entropy_is_mean_over_labelled_pixels_without_sync():
     assert cross_entropy(scores, torch.full_like(labels, IGNORE_INDEX), weight) == 0
 
 
-def _transcribed_training_step(head, feats, labels, lambda_ppc, lambda_ppd, tau):
+def _transcribed_training_step(head, feats, labels, lambda_ppc, lambda_ppd, tau, mu):
     """The head's training step written out per labelled pixel (boolean selection, (N, C*K) similarities):
     Eq. 6-14 as the equation sheet states them. Returns (total loss, PPC target, new prototypes)."""
     C, K = head.num_classes, head.num_prototypes
@@ -277,7 +279,7 @@ def _transcribed_training_step(head, feats, labels, lambda_ppc, lambda_ppd, tau)
     own = s[torch.arange(len(lab)), lab].detach()                              # (N, K)
     assign = sinkhorn_batched(own, lab, C, head.kappa, head.sinkhorn_iters).argmax(1)
     target = lab * K + assign
-    new = momentum_update(head.prototypes, pix.detach(), lab, assign, head.momentum)
+    new = momentum_update(head.prototypes, pix.detach(), lab, assign, mu)
     s = s.flatten(1)                                                           # (N, C*K)
     ce = F.cross_entropy(scores, labels, ignore_index=IGNORE_INDEX)            # Eq. 7
     ppc = F.cross_entropy(s / tau, target)                                     # Eq. 11
@@ -287,15 +289,16 @@ def _transcribed_training_step(head, feats, labels, lambda_ppc, lambda_ppd, tau)
 
 def test_eq13_eq14_head_training_step_matches_per_pixel_transcription():
     torch.manual_seed(0)
-    head = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3, momentum=0.9, dropout=0.0).train()
-    ref = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3, momentum=0.9, dropout=0.0).train()
+    head = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3, class_layernorm=False, dropout=0.0).train()
+    ref = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3, class_layernorm=False, dropout=0.0).train()
     ref.load_state_dict(head.state_dict())
     feats = torch.randn(2, 8, 5, 6)
     labels = torch.randint(0, 3, (2, 5, 6))                                    # class 3 absent
     labels[0, :2] = IGNORE_INDEX
     out = head(feats, labels)
     total, _ = seg_loss(out, labels, lambda_ppc=0.1, lambda_ppd=0.05, tau=0.1)
-    ref_total, ref_target, ref_new = _transcribed_training_step(ref, feats, labels, 0.1, 0.05, 0.1)
+    head.prototypes.copy_(update_prototypes(head.prototypes, out["embed"], out["update_target"], 0.9))
+    ref_total, ref_target, ref_new = _transcribed_training_step(ref, feats, labels, 0.1, 0.05, 0.1, 0.9)
     torch.testing.assert_close(total, ref_total)
     keep = labels != IGNORE_INDEX
     assert torch.equal(out["proto_target"][keep], ref_target) and (out["proto_target"][~keep] == IGNORE_INDEX).all()
@@ -333,17 +336,16 @@ def test_eq14_momentum_update_matches_transcription():
     torch.testing.assert_close(momentum_update(protos, embed, labels, assign, 1.0), protos)
 
 
-def test_eq14_head_updates_prototypes_only_in_training_and_never_gets_gradients():
+def test_eq14_forward_never_moves_prototypes_the_update_does_and_gets_no_gradient():
     torch.manual_seed(0)
-    head = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3, momentum=0.5)
+    head = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3)
     feats = torch.randn(2, 8, 6, 6)
     labels = torch.randint(0, 2, (2, 6, 6))                             # classes 2, 3 absent
     before = head.prototypes.clone()
-    head.eval()
-    head(feats, labels)
-    assert torch.equal(head.prototypes, before)                         # eval: no update
-    head.train()
-    out = head(feats, labels)
+    assert torch.is_tensor(head.eval()(feats, labels))                  # eval: scores only, nothing for Eq. 14
+    out = head.train()(feats, labels)
+    assert torch.equal(head.prototypes, before)                         # no state changed by forward
+    head.prototypes.copy_(update_prototypes(head.prototypes, out["embed"], out["update_target"], 0.5))
     assert not torch.equal(head.prototypes[:2], before[:2])
     assert torch.equal(head.prototypes[2:], before[2:])                 # absent classes untouched
     seg_loss(out, labels)[0].backward()
@@ -363,12 +365,13 @@ def test_head_all_ignored_batch_is_finite_and_moves_nothing():
 
 def test_official_switches_update_correct_only_and_layernorms():
     torch.manual_seed(0)
-    head = ProtoSegHead(8, 3, embed_dim=6, num_prototypes=2, momentum=0.0, update_correct_only=True,
+    head = ProtoSegHead(8, 3, embed_dim=6, num_prototypes=2, update_correct_only=True,
                         class_layernorm=True, embed_layernorm=True).train()
     assert head.mask_norm.normalized_shape == (3,) and head.feat_norm.normalized_shape == (6,)
     feats, labels = torch.randn(1, 8, 4, 4), torch.randint(0, 3, (1, 4, 4))
     before = head.prototypes.clone()
     out = head(feats, labels)
+    head.prototypes.copy_(update_prototypes(head.prototypes, out["embed"], out["update_target"], 0.0))
     correct = out["scores"].argmax(1).flatten() == labels.flatten()
     touched = {divmod(t.item(), 2) for t in out["proto_target"].flatten()[correct]}
     for c, k in itertools.product(range(3), range(2)):

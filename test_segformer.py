@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models import SegModel, build_backbone, build_model, load_pretrained
-from protoseg import HEADS, seg_loss
+from protoseg import HEADS, seg_loss, update_prototypes
 from segformer import MIT_PRESETS, RECIPES, lr_multiplier, no_weight_decay
 
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")  # see testdata/README.md
@@ -112,10 +112,13 @@ def test_one_cpu_training_step_moves_encoder_decoder_and_head(b0, head):
     images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 5, (2, 64, 64))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss, terms = seg_loss(model(images, labels), labels)
+    out = model(images, labels)
+    loss, terms = seg_loss(out, labels)
     opt.zero_grad()
     loss.backward()
     opt.step()
+    if head == "protoseg":
+        model.head.prototypes.copy_(update_prototypes(model.head.prototypes, out["embed"], out["update_target"], 0.9))
     assert torch.isfinite(loss) and ("ppc" in terms) == (head == "protoseg")
     after = model.state_dict()
     for k in ("backbone.patch_embed1.proj.weight", "backbone.block4.1.mlp.fc2.weight",

@@ -7,10 +7,11 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import SegModel, build_backbone, build_model, load_pretrained
-from protoseg import HEADS, seg_loss
-from swin import (RECIPES, SWIN_PRESETS, SwinBlock, SwinTransformer, aux_loss, no_weight_decay,
+from protoseg import HEADS, seg_loss, update_prototypes
+from swin import (RECIPES, SWIN_PRESETS, SwinBlock, SwinTransformer, no_weight_decay,
                   relative_position_index, shift_mask, window_merge, window_partition)
 
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")  # see testdata/README.md
@@ -135,8 +136,7 @@ def test_eval_mode_is_deterministic_and_the_auxiliary_head_is_off_by_default(tin
     model = tiny.eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(model(x), model(x))
-    assert model.neck.aux_scores is None                                    # eval: no auxiliary scores
+        assert torch.equal(model(x), model(x))                              # eval: a tensor, no auxiliary scores
     with torch.device("meta"):
         assert build_model("swin_tiny", "softmax", 5).neck.aux_head is None
 
@@ -149,18 +149,27 @@ def test_one_cpu_training_step_with_the_auxiliary_fcn_head(tiny):
                "head.prototypes")
     before = {k: v.clone() for k, v in model.state_dict().items() if k in watched}
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)                    # AdamW over 60M parameters: slow here
-    loss, _ = seg_loss(model(images, labels), labels)
-    aux = model.neck.aux_scores
-    assert aux.shape == (2, 5, 4, 4)                                        # stage 3: stride 16
-    loss = loss + aux_loss(aux, labels, RECIPES["ade20k"]["aux_loss_weight"])
+    torch.manual_seed(1)
+    out = model(images, labels)
+    weight = RECIPES["ade20k"]["aux_loss_weight"]
+    loss, terms = seg_loss(out, labels, aux_weight=weight)
+    without_aux, _ = seg_loss({k: v for k, v in out.items() if k != "aux_scores"}, labels)
+    torch.manual_seed(1)                                                    # same dropout: the aux head by hand
+    feats = model.backbone(images)
+    model.head(model.neck(feats), labels)
+    aux = F.interpolate(model.neck.aux_head(feats[2]), size=(64, 64), mode="bilinear", align_corners=False)
+    assert out["aux_scores"].shape == (2, 5, 64, 64)                        # stage 3 (stride 16), resized as mmseg
+    torch.testing.assert_close(terms["aux"], F.cross_entropy(aux, labels))
+    torch.testing.assert_close(loss, without_aux + weight * terms["aux"])
     opt.zero_grad()
     loss.backward()
     opt.step()
+    model.head.prototypes.copy_(update_prototypes(model.head.prototypes, out["embed"], out["update_target"], 0.9))
     assert torch.isfinite(loss)
     after = model.state_dict()
     for k in watched:                                                       # prototypes: moved by Eq. 14
         assert not torch.equal(before[k], after[k]), k
-    assert model.eval()(images).shape == (2, 5, 64, 64) and model.neck.aux_scores is None
+    assert model.eval()(images).shape == (2, 5, 64, 64)
 
 
 def test_recipe_equals_reference_and_no_decay_on_norms_and_bias_tables():

@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 import evaluate
+import protoseg
 import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -61,17 +62,17 @@ def test_presets_and_overrides():
 
 
 def test_proto_momentum_warmup_schedule_values():
-    at = train.proto_momentum_at
+    at = protoseg.momentum_at
     assert [at(it, 0.999, 0) for it in (0, 5)] == [0.999, 0.999]               # no warm-up: today's mu
-    assert at(0, 0.999, 100) == train.MU_START == 0.9
+    assert at(0, 0.999, 100) == protoseg.MU_START == 0.9
     assert at(50, 0.999, 100) == pytest.approx(0.9495) and at(99, 0.999, 100) == pytest.approx(0.99801)
     assert at(100, 0.999, 100) == at(500, 0.999, 100) == 0.999
     assert at(3, 0.5, 100) == 0.5                                              # a final mu below the start: no ramp
 
 
-def test_warmup_sets_head_momentum_each_step(tmp_path, monkeypatch):
-    seen, real = [], train.forward
-    monkeypatch.setattr(train, "forward", lambda model, *a: seen.append(model.head.momentum) or real(model, *a))
+def test_warmup_passes_each_steps_momentum_to_the_eq14_update(tmp_path, monkeypatch):
+    seen, real = [], train.update_prototypes
+    monkeypatch.setattr(train, "update_prototypes", lambda *a: seen.append(a[3]) or real(*a))
     train.main(TINY + ["--iters", "3", "--proto-momentum-warmup", "2", "--out-dir", str(tmp_path)])
     assert seen == pytest.approx([0.9, 0.9495, 0.999])
 
@@ -79,8 +80,8 @@ def test_warmup_sets_head_momentum_each_step(tmp_path, monkeypatch):
 def test_proto_init_data_sets_prototypes_from_first_batch_clustering(tmp_path, monkeypatch):
     """With mu = 1 (Eq. 14 moves nothing) last.pt holds the start: the random one, or the clustering's."""
     args = TINY + ["--iters", "1", "--proto-momentum", "1.0", "--val-size", "1"]
-    calls, real = [], train.cluster_prototypes
-    monkeypatch.setattr(train, "cluster_prototypes", lambda *a, **k: calls.append([x.clone() for x in a[:3]]) or real(*a, **k))
+    calls, real = [], protoseg.cluster_prototypes
+    monkeypatch.setattr(protoseg, "cluster_prototypes", lambda *a, **k: calls.append([x.clone() for x in a[:3]]) or real(*a, **k))
     train.main(args + ["--out-dir", str(tmp_path / "random")])
     assert not calls
     train.main(args + ["--out-dir", str(tmp_path / "data"), "--proto-init", "data"])

@@ -3,7 +3,8 @@
 The equation functions are tested in test_protoseg.py. Here every expected value is computed independently of
 the head's code path: Eq. 10 by calling sinkhorn() per class (or, end to end, by a float64 transcription of
 L = diag(u) exp(P^T X / kappa) diag(v)), Eq. 14 by a loop over (c, k), the losses by loops over pixels. Only the
-head's public API is used: constructor, .train(), head(feats, labels), .prototypes, .embed(), .trunk.
+head's public API is used: constructor, .train(), head(feats, labels), .prototypes, .embed(), .trunk, and the
+prototype update as train.py applies it after the optimiser step (train_step below).
 """
 import copy
 import itertools
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from layers import upsample
 from models import SegModel
-from protoseg import IGNORE_INDEX, ProtoSegHead, seg_loss
+from protoseg import IGNORE_INDEX, ProtoSegHead, seg_loss, update_prototypes
 from sinkhorn import sinkhorn
 
 C, K, DIN, D = 4, 3, 8, 6
@@ -28,9 +29,17 @@ KAPPA, ITERS, MU = 0.08, 4, 0.5          # non-default kappa / iterations: the h
 
 def make_head(seed=0, **kw):
     torch.manual_seed(seed)
-    kw = {"embed_dim": D, "num_prototypes": K, "kappa": KAPPA, "sinkhorn_iters": ITERS, "momentum": MU,
+    kw = {"embed_dim": D, "num_prototypes": K, "kappa": KAPPA, "sinkhorn_iters": ITERS, "class_layernorm": False,
           "dropout": 0.0, **kw}
     return ProtoSegHead(DIN, C, **kw).train()
+
+
+def train_step(head, feats, labels, mu=MU):
+    """The head's part of one training iteration as train.py runs it: forward, then Eq. 14 with mu."""
+    out = head(feats, labels)
+    head.prototypes.copy_(update_prototypes(head.prototypes, out["embed"], out["update_target"], mu,
+                                            head.local_stats))
+    return out
 
 
 def unit_embed(head, feats):
@@ -85,7 +94,7 @@ def train_step_fixture(seed=0):
     labels[0, :2] = IGNORE_INDEX
     before = head.prototypes.clone()
     embed, y = labelled(unit_embed(head, feats), labels)
-    out = head(feats, labels)
+    out = train_step(head, feats, labels)
     return head, before, embed, y, out
 
 
@@ -216,7 +225,7 @@ def _head_rank_worker(rank, world, port, state, feats, labels, results):
         head = make_head(local_stats=local)
         head.load_state_dict(state)
         head.trunk.eval()                       # BN on running stats: a pixel's embedding is batch-independent
-        out = head(feats[rank], labels[rank])
+        out = train_step(head, feats[rank], labels[rank])
         results[(rank, local)] = (labelled_outputs(out)[1], head.prototypes.clone())
     dist.destroy_process_group()
 
@@ -243,7 +252,7 @@ def test_ddp_head_global_sinkhorn_identical_prototypes_and_local_stats_average()
     assert not torch.equal(target, torch.cat([t for t, _ in local]))  # fixture: local Sinkhorn differs
     expected = eq14_slow(before, embed, target)
     single = copy.deepcopy(head)
-    single_out = single(torch.cat(feats), torch.cat(labels))
+    single_out = train_step(single, torch.cat(feats), torch.cat(labels))
     assert torch.equal(labelled_outputs(single_out)[1], target)
     torch.testing.assert_close(single.prototypes, expected, rtol=1e-5, atol=1e-6)
     for rank, t in enumerate(target.split(sizes)):
@@ -336,7 +345,7 @@ def test_end_to_end_sgd_steps_match_slow_transcription_of_eq5_to_eq14():
     hyper = {"lambda_ppc": 0.5, "lambda_ppd": 0.3, "tau": 0.2, "class_weight": torch.tensor([1.0, 2.0, 0.5])}
     torch.manual_seed(6)
     backbone = nn.Sequential(nn.Conv2d(3, DIN, 3, stride=2, padding=1), nn.BatchNorm2d(DIN), nn.ReLU())
-    head = ProtoSegHead(DIN, nc, embed_dim=D, num_prototypes=nk, kappa=0.05, sinkhorn_iters=3, momentum=MU,
+    head = ProtoSegHead(DIN, nc, embed_dim=D, num_prototypes=nk, kappa=0.05, sinkhorn_iters=3, class_layernorm=False,
                         dropout=0.0)
     model = SegModel(backbone, nn.Identity(), head, family="hrnet").train()
     ref = copy.deepcopy(model)
@@ -348,10 +357,12 @@ def test_end_to_end_sgd_steps_match_slow_transcription_of_eq5_to_eq14():
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
     start = head.prototypes.clone()
     for step in range(3):
-        total, terms = seg_loss(model(images, labels), labels, ignore_index=IGNORE_INDEX, **hyper)
+        out = model(images, labels)
+        total, terms = seg_loss(out, labels, ignore_index=IGNORE_INDEX, **hyper)
         opt.zero_grad()
         total.backward()
         opt.step()
+        head.prototypes.copy_(update_prototypes(head.prototypes, out["embed"], out["update_target"], MU))  # Eq. 14
         expected, margin = slow_step(ref, ref_opt, images, labels, weight=hyper["class_weight"], kappa=0.05,
                                      iters=3, mu=MU, **{k: hyper[k] for k in ("lambda_ppc", "lambda_ppd", "tau")})
         assert margin > 1e-4, step                                      # fixture: no near-ties

@@ -28,11 +28,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import DatasetError, EvalTransform, TrainTransform, build_dataset, check_dataset
 from evaluate import autocast, evaluate, format_metrics, metrics_report
 from models import load_pretrained, model_from_config
-from protoseg import cluster_prototypes, seg_loss
+from protoseg import data_prototypes, momentum_at, seg_loss, update_prototypes
 from collectives import all_reduce, is_master, setup_distributed
 from runs import claim_out_dir, fail, last_good, log_row, one_line, open_log, save_checkpoint
 from settings import Config, family, parse_args, resolve  # noqa: F401  (Config: for users and tests)
-from swin import aux_loss
 
 # Cityscapes CE class weights (trainId order) of the official HRNet / ProtoSeg configs
 CITYSCAPES_CLASS_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023,
@@ -169,16 +168,15 @@ def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, l
         lr = learning_rate(cfg, it)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
-        if hasattr(net.head, "prototypes"):
-            schedule_prototypes(cfg, net, it, images, labels)
+        if it == 0 and cfg.proto_init == "data" and hasattr(net.head, "prototypes"):
+            with autocast(cfg.amp, device):                     # not in the paper, which starts random
+                net.head.prototypes.copy_(data_prototypes(net, images, labels, cfg.kappa, cfg.sinkhorn_iters,
+                                                          distributed=not cfg.local_stats))
         torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + it)             # dropout: a function of it
         with autocast(cfg.amp, device):
-            out = forward(model, images, labels, cfg)
-        loss, terms = seg_loss(out, labels, cfg.lambda_ppc, cfg.lambda_ppd, cfg.tau, weight)
-        if cfg.aux_loss_weight:                                 # UperNet's auxiliary FCN head (Swin recipe)
-            terms["aux"] = aux_loss(net.neck.aux_scores, labels, cfg.aux_loss_weight)
-            loss = loss + terms["aux"]
-            terms["aux"] = terms["aux"].detach()
+            out = forward(model, images, labels, cfg)           # Eq. 5-10 (ProtoSeg: + Sinkhorn targets)
+        loss, terms = seg_loss(out, labels, cfg.lambda_ppc, cfg.lambda_ppd, cfg.tau, weight,
+                               aux_weight=cfg.aux_loss_weight)  # Eq. 7, 11-13 (+ UperNet's aux CE)
         if all_reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)).item():
             fail(f"non-finite loss at iteration {it + 1} ({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); "
                  f"stopping. {last_good(cfg, saved_it)}")
@@ -186,6 +184,10 @@ def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, l
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+        if "update_target" in out:                              # Eq. 14 after the step, mu of this iteration
+            mu = momentum_at(it, cfg.proto_momentum, cfg.proto_momentum_warmup)
+            net.head.prototypes.copy_(update_prototypes(net.head.prototypes, out["embed"], out["update_target"],
+                                                        mu, cfg.local_stats))
         done = it + 1
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.iters):
             speed = (done - max(start, done - cfg.log_every)) / max(time.time() - t_last, 1e-9)
@@ -222,41 +224,6 @@ def learning_rate(cfg, it):
     if it < cfg.warmup_iters:
         lr *= 1 - (1 - it / cfg.warmup_iters) * (1 - 1e-6)
     return lr
-
-
-MU_START = 0.9                        # first mu of the warm-up (--proto-momentum-warmup)
-
-
-def schedule_prototypes(cfg, net, it, images, labels):
-    """--proto-init data at the first step; mu of Eq. 14 for this step (--proto-momentum-warmup)."""
-    if it == 0 and cfg.proto_init == "data":
-        init_prototypes(cfg, net, images, labels)
-    net.head.momentum = proto_momentum_at(it, cfg.proto_momentum, cfg.proto_momentum_warmup)
-
-
-def proto_momentum_at(it, final, warmup, start=MU_START):
-    """mu of Eq. 14 for iteration it (0-based): linear from `start` to `final` over `warmup` iterations, then final."""
-    if it >= warmup or start >= final:
-        return final
-    return start + (final - start) * it / warmup
-
-
-@torch.no_grad()
-def init_prototypes(cfg, net, images, labels):
-    """--proto-init data: the K prototypes of each class from the first batch's within-class clustering
-    (protoseg.cluster_prototypes). Embeddings in training mode (BatchNorm batch statistics), dropout off."""
-    drops = [m for m in net.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
-    for m in drops:
-        m.eval()
-    with autocast(cfg.amp, images.device):
-        embed = net.embed(images)                                              # (B, h, w, D)
-    for m in drops:
-        m.train()
-    lab = torch.nn.functional.interpolate(labels[:, None].float(), size=embed.shape[1:3], mode="nearest")
-    lab = lab.long().flatten()
-    keep = lab != net.head.ignore_index
-    net.head.prototypes.copy_(cluster_prototypes(net.head.prototypes, embed.flatten(0, 2)[keep], lab[keep],
-                                                 cfg.kappa, cfg.sinkhorn_iters, distributed=not cfg.local_stats))
 
 
 def forward(model, images, labels, cfg):
