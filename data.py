@@ -29,8 +29,8 @@ from datafiles import (LOSSY, DatasetError, _same_size, ade20k_full_ids, check_d
 from labels import (ADE20K_CLASSES, ADE20K_FULL_CLASSES, ADE20K_FULL_LUT, ADE20K_FULL_PALETTE,  # noqa: F401
                     ADE20K_FULL_RAW_IDS, ADE20K_FULL_TIF_LUT, ADE20K_LUT, ADE20K_PALETTE, CITYSCAPES_CLASSES,
                     CITYSCAPES_LABEL_IDS, CITYSCAPES_LUT, CITYSCAPES_PALETTE, COCO_STUFF_CLASSES, COCO_STUFF_LUT,
-                    COCO_STUFF_PALETTE, COCO_STUFF_RAW_IDS, IGNORE, INVALID, _hex_palette, _lut,
-                    default_palette)
+                    COCO_STUFF_PALETTE, COCO_STUFF_RAW_IDS, IGNORE, IMAGE_EXTS, INVALID, MASK_EXTS,
+                    SYNTHETIC_CLASSES, SYNTHETIC_MODES, SYNTHETIC_PALETTE, _hex_palette, _lut, default_palette)
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255  # ImageNet RGB statistics
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
@@ -222,8 +222,6 @@ def coco_stuff(root, split="train", transform=None, seed=0):
     return FileDataset(pairs, COCO_STUFF_CLASSES, COCO_STUFF_PALETTE, COCO_STUFF_LUT, rule, transform, seed)
 
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # folder dataset, any case
-MASK_EXTS = (".png", ".bmp", ".tif", ".tiff")  # lossless only
 
 
 def _by_name(d, exts, what):
@@ -284,9 +282,6 @@ def folder(root, split="train", transform=None, seed=0, num_classes=None, ignore
 # stripes): each colour is used by three classes and each texture by all four, so only the pair decides the class
 # and every class is three distinct-looking sub-classes, the case K prototypes per class are for. Shapes (disc,
 # square, triangle) are random and carry no class information. Background modes: 0 grain, 1 gradient, 2 blotches.
-SYNTHETIC_CLASSES = ["background", "alpha", "beta", "gamma", "delta"]
-SYNTHETIC_MODES = [3, 3, 3, 3, 3]
-SYNTHETIC_PALETTE = _hex_palette("808080 9131b4 f58231 46f0f0 f032e6")
 _COLOURS = np.array([[205, 45, 45], [45, 175, 65], [50, 85, 215], [220, 195, 40]], np.float32)  # R G B Y
 
 

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from collectives import all_reduce
 import data
+from labels import CITYSCAPES_CATEGORIES, CITYSCAPES_MEAN_INSTANCE_SIZE, IGNORE_INDEX, INSTANCE_CATEGORIES
 from layers import upsample
 from models import model_from_config
-from collectives import all_reduce
-from labels import IGNORE_INDEX
 
 
 class CheckpointError(ValueError):
@@ -92,14 +92,6 @@ def metrics_from_confusion(conf):
             "aacc": (tp.sum() / conf.sum().clamp(min=1)).item(), "iou": iou.tolist(), "acc": acc.tolist()}
 
 
-# Cityscapes facts (cityscapesScripts 2.3.0: labels.py categories; evalPixelLevelSemanticLabeling.py avgClassSize).
-# Train ids of each of the 7 categories, and the mean instance size (pixels) that weights each class's iIoU.
-CITYSCAPES_CATEGORIES = {"flat": [0, 1], "construction": [2, 3, 4], "object": [5, 6, 7], "nature": [8, 9],
-                         "sky": [10], "human": [11, 12], "vehicle": [13, 14, 15, 16, 17, 18]}
-CITYSCAPES_MEAN_INSTANCE_SIZE = {11: 3462.4756337644, 12: 3930.4788056518, 13: 12794.0202738185,   # person rider car
-                                 14: 27855.1264367816, 15: 35732.1511111111, 16: 67583.7075812274,  # truck bus train
-                                 17: 6298.7200839748, 18: 4672.3249222261}                        # motorcycle bicycle
-INSTANCE_CATEGORIES = ("human", "vehicle")               # the categories whose classes all have instances
 
 
 def instance_counts(pred, instances):

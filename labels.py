@@ -315,3 +315,32 @@ ADE20K_FULL_RAW_IDS = [
 ADE20K_FULL_PALETTE = default_palette(847)
 ADE20K_FULL_LUT = _lut(dict(zip(ADE20K_FULL_RAW_IDS, range(847))), default=IGNORE, size=25 * 256 + 256)  # R//10<=25
 ADE20K_FULL_TIF_LUT = _lut({**{i: i for i in range(847)}, 65535: IGNORE}, default=INVALID, size=65536)  # uint16
+
+
+# Cityscapes CE class weights (trainId order) of the official HRNet / ProtoSeg configs
+CITYSCAPES_CLASS_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023,
+                            0.9539, 0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]
+
+# Cityscapes facts (cityscapesScripts 2.3.0: labels.py categories; evalPixelLevelSemanticLabeling.py avgClassSize).
+# Train ids of each of the 7 categories, and the mean instance size (pixels) that weights each class's iIoU.
+CITYSCAPES_CATEGORIES = {"flat": [0, 1], "construction": [2, 3, 4], "object": [5, 6, 7], "nature": [8, 9],
+                         "sky": [10], "human": [11, 12], "vehicle": [13, 14, 15, 16, 17, 18]}
+CITYSCAPES_MEAN_INSTANCE_SIZE = {11: 3462.4756337644, 12: 3930.4788056518, 13: 12794.0202738185,   # person rider car
+                                 14: 27855.1264367816, 15: 35732.1511111111, 16: 67583.7075812274,  # truck bus train
+                                 17: 6298.7200839748, 18: 4672.3249222261}                        # motorcycle bicycle
+INSTANCE_CATEGORIES = ("human", "vehicle")               # the categories whose classes all have instances
+
+# The embedded synthetic dataset (data.SyntheticDataset): 5 classes, each drawn from 3 sub-class modes
+SYNTHETIC_CLASSES = ["background", "alpha", "beta", "gamma", "delta"]
+SYNTHETIC_MODES = [3, 3, 3, 3, 3]
+SYNTHETIC_PALETTE = _hex_palette("808080 9131b4 f58231 46f0f0 f032e6")
+
+# file name endings of the folder dataset and predict.py, any case
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # folder dataset, any case
+MASK_EXTS = (".png", ".bmp", ".tif", ".tiff")  # lossless only
+
+# dataset -> (class names, palette): what a checkpoint's "dataset" names (predict.py, atlas.py)
+CLASS_TABLES = {"cityscapes": (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE), "ade20k": (ADE20K_CLASSES, ADE20K_PALETTE),
+                "ade20k_full": (ADE20K_FULL_CLASSES, ADE20K_FULL_PALETTE),
+                "coco_stuff": (COCO_STUFF_CLASSES, COCO_STUFF_PALETTE),
+                "synthetic": (SYNTHETIC_CLASSES, SYNTHETIC_PALETTE)}

@@ -23,18 +23,13 @@ from PIL import Image
 
 import data
 from evaluate import CheckpointError, load_model, predict_scores
+from labels import CLASS_TABLES, IMAGE_EXTS
 
-LABELS = {"cityscapes": (data.CITYSCAPES_CLASSES, data.CITYSCAPES_PALETTE),
-          "ade20k": (data.ADE20K_CLASSES, data.ADE20K_PALETTE),
-          "ade20k_full": (data.ADE20K_FULL_CLASSES, data.ADE20K_FULL_PALETTE),
-          "coco_stuff": (data.COCO_STUFF_CLASSES, data.COCO_STUFF_PALETTE),
-          "synthetic": (data.SYNTHETIC_CLASSES, data.SYNTHETIC_PALETTE)}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def class_table(cfg):
     """(class names, palette (C, 3) uint8) of the checkpoint's dataset; numbered names otherwise."""
-    names, palette = LABELS.get(cfg.get("dataset"), (None, None))
+    names, palette = CLASS_TABLES.get(cfg.get("dataset"), (None, None))
     if names is None or len(names) != cfg["num_classes"]:
         return [str(i) for i in range(cfg["num_classes"])], data.default_palette(cfg["num_classes"])
     return list(names), np.asarray(palette, np.uint8)
@@ -45,7 +40,7 @@ def output_names(inputs):
     found = []
     for arg in map(Path, inputs):
         if arg.is_dir():
-            files = sorted(p for p in arg.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            files = sorted(p for p in arg.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
             if not files:
                 print(f"warning: no images in folder {arg}", file=sys.stderr)
             found += [(p, p.relative_to(arg).with_suffix("")) for p in files]

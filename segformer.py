@@ -38,7 +38,7 @@ MIT_PRESETS = {
 
 # Training recipes of NVlabs/SegFormer's local_configs (testdata/transformer_recipes.json). Poly schedule:
 # lr = base * (1 - it / iters) ** power, times 1 - (1 - it / warmup_iters) * (1 - warmup_ratio) during warm-up.
-# Weight decay everywhere except the names no_weight_decay() picks (biases keep it); lr x10 where lr_multiplier().
+# Weight decay everywhere except the names no_weight_decay() picks (biases keep it); lr x10 on the decoder and head (train.make_optimizer).
 _COMMON = dict(optimizer="adamw", lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01, head_lr_mult=10.0,
                lr_power=1.0, min_lr=0.0, warmup_iters=1500, warmup_ratio=1e-6, iters=160000, drop_path=0.1,
                decoder_dropout=0.1)
@@ -55,11 +55,6 @@ def no_weight_decay(name):
     """mmcv custom_keys {'norm': decay 0, 'head': lr x10}, 'head' winning ties: every encoder LayerNorm (its name
     holds 'norm') has no weight decay; decoder and head parameters (our `neck.*`, `head.*`) keep it."""
     return "norm" in name and not name.startswith(("neck.", "head."))
-
-
-def lr_multiplier(name):
-    """The official 'head' key matches decode_head.*, which here is the decoder (`neck.*`) plus our head."""
-    return RECIPES["ade20k"]["head_lr_mult"] if name.startswith(("neck.", "head.")) else 1.0
 
 
 # ----------------------------------------------------------------------------- MiT encoder

@@ -39,11 +39,6 @@ SWIN_PRESETS = {
     "swin_base_w12": dict(embed_dim=128, depths=(2, 2, 18, 2), heads=(4, 8, 16, 32), window=12),
     "swin_large_w12": dict(embed_dim=192, depths=(2, 2, 18, 2), heads=(6, 12, 24, 48), window=12),
 }
-CHECKPOINTS = {  # microsoft/Swin-Transformer release file for each preset
-    "swin_tiny": "swin_tiny_patch4_window7_224.pth", "swin_small": "swin_small_patch4_window7_224.pth",
-    "swin_base": "swin_base_patch4_window7_224.pth", "swin_base_w12": "swin_base_patch4_window12_384.pth",
-    "swin_large_w12": "swin_large_patch4_window12_384_22k.pth",  # no ImageNet-1K-only Swin-L exists
-}
 
 # Swin-Transformer-Semantic-Segmentation's UperNet recipe (testdata/transformer_recipes.json); the lr schedule is
 # SegFormer's (poly power 1 after a linear warm-up). No lr multiplier; weight decay except no_weight_decay().

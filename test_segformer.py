@@ -8,7 +8,8 @@ import torch
 
 from models import SegModel, build_backbone, build_model, load_pretrained
 from protoseg import HEADS, seg_loss, update_prototypes
-from segformer import MIT_PRESETS, RECIPES, lr_multiplier, no_weight_decay
+import train
+from segformer import MIT_PRESETS, RECIPES, no_weight_decay
 
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")  # see testdata/README.md
 
@@ -148,4 +149,10 @@ def test_recipe_equals_reference_and_no_decay_on_encoder_norms_only():
     assert no_decay == {k for k in names if k.startswith("backbone.") and ".norm" in "." + k.split("backbone.")[1]}
     assert "backbone.block1.0.attn.norm.weight" in no_decay and "backbone.norm4.bias" in no_decay
     assert "neck.linear_fuse.bn.weight" not in no_decay and "head.mask_norm.weight" not in no_decay
-    assert lr_multiplier("neck.linear_c1.proj.weight") == 10 and lr_multiplier("backbone.norm1.weight") == 1
+    cfg, _ = train.parse_args(["--dataset", "ade20k", "--backbone", "mit_b0"])   # the optimiser train.py builds
+    with torch.device("meta"):
+        net = build_model("mit_b0", "protoseg", 5)
+    group = {id(p): g for g in train.make_optimizer(cfg, net).param_groups for p in g["params"]}
+    for k, p in net.named_parameters():
+        assert group[id(p)]["lr_mult"] == (10 if k.startswith(("neck.", "head.")) else 1), k      # 'head' lr x10
+        assert (group[id(p)]["weight_decay"] == 0) == (k in no_decay), k

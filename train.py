@@ -25,18 +25,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from collectives import all_reduce, is_master, setup_distributed
 from data import DatasetError, EvalTransform, TrainTransform, build_dataset, check_dataset
 from evaluate import autocast, evaluate, format_metrics, metrics_report
+from labels import CITYSCAPES_CLASS_WEIGHTS
 from models import load_pretrained, model_from_config
 from protoseg import data_prototypes, momentum_at, seg_loss, update_prototypes
-from collectives import all_reduce, is_master, setup_distributed
 from runs import claim_out_dir, fail, last_good, log_row, one_line, open_log, save_checkpoint
 from settings import Config, family, parse_args, resolve  # noqa: F401  (Config: for users and tests)
-
-# Cityscapes CE class weights (trainId order) of the official HRNet / ProtoSeg configs
-CITYSCAPES_CLASS_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023,
-                            0.9539, 0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]
-
 
 # ----------------------------------------------------------------------------- set-up
 
