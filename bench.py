@@ -9,8 +9,8 @@
 (b) one prototype step (clustering + PPC/PPD losses with backward + Eq. 14 update), 2 x 128 x 256 pixels,
     19 classes, K = 10, D = 720: this implementation vs a per-class Python loop (the official code's structure)
 (c) inference, ProtoSeg head vs softmax head on the same backbone (the paper: no extra test-time cost)
-(d) one training step, ProtoSeg vs softmax, and the peak memory of each (each in a fresh process on the CPU)
-(e) learnable parameters of the head for 19, 150 and 847 classes
+(d) one training step, ProtoSeg vs softmax, interleaved in one process, and the peak memory of each (fresh processes)
+(e) learnable parameters of the head (ProtoSeg with Eq. 6 scores) for 19, 150 and 847 classes
 (f) `vocab` only: head parameters, train step time and step memory (peak above the weights and inputs),
     ProtoSeg (K = 10) / softmax for C = 19, 150, 847; each configuration in fresh processes, interleaved
 """
@@ -107,11 +107,15 @@ def train_step(backbone, head, size, device, num_classes=19):
     images = torch.randn(2, 3, *size, device=device)
     labels = torch.randint(0, num_classes, (2, *size), device=device)
 
-    def step():
-        loss, _ = seg_loss(model(images, labels), labels)
+    def step():                                                                # train.py's iteration
+        out = model(images, labels)
+        loss, _ = seg_loss(out, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if "update_target" in out:                                             # Eq. 14
+            model.head.prototypes.copy_(update_prototypes(model.head.prototypes, out["embed"],
+                                                          out["update_target"], 0.999))
     return model, step
 
 
@@ -145,26 +149,31 @@ def run_child(*args, exact_rss=False):
     return result
 
 
+def head_pair(backbone, size, device, num_classes, repeats, exact_rss=False):
+    """ProtoSeg vs softmax training steps: memory of each head in a fresh process ((peak, peak above weights and
+    inputs) GB), then both heads' step times in this process, interleaved P S P S ... after 2 warm-up rounds,
+    medians. -> (times, memories, head parameter counts), each a (ProtoSeg, softmax) pair."""
+    heads = ("protoseg", "softmax")
+    memory = [run_child(backbone, h, size, str(device), num_classes, exact_rss=exact_rss)[1:] for h in heads]
+    models, steps = zip(*(train_step(backbone, h, size, device, num_classes) for h in heads))
+    params = [sum(p.numel() for p in m.head.parameters()) for m in models]
+    times = [[] for _ in heads]
+    for i in range(repeats + 2):
+        for t, step in zip(times, steps):
+            t.append(timeit(step, device, warmup=0, repeats=1) if i >= 2 else step())
+    return [statistics.median(t[2:]) for t in times], memory, params
+
+
 def vocab(args, row):
-    """(f): for C = 19, 150, 847 (K = 10): the step memory of each head in a fresh process, then both heads'
-    step times in this process, interleaved P S P S ..., medians."""
+    """(f): for C = 19, 150, 847 (K = 10): head_pair at the paper's scale (or --quick)."""
     device = torch.device(args.device)
     backbone = "hrnet18_small_v2" if args.quick else "hrnet48"
     size = (128, 256) if args.quick else (512, 1024)
-    heads = ("protoseg", "softmax")
     for c in (19, 150, 847):
-        memory = {h: run_child(backbone, h, size, args.device, c, exact_rss=True)[2] for h in heads}
-        models, steps = zip(*(train_step(backbone, h, size, device, c) for h in heads))
-        params = [sum(p.numel() for p in m.head.parameters()) for m in models]
-        times = [[] for _ in heads]
-        for i in range(args.repeats + 2):                                      # 2 warm-up rounds
-            for t, step in zip(times, steps):
-                t.append(timeit(step, device, warmup=0, repeats=1) if i >= 2 else step())
-        (tp, ts), (mp_, ms) = [statistics.median(t[2:]) for t in times], memory.values()
+        (tp, ts), ((_, mp_), (_, ms)), params = head_pair(backbone, size, device, c, args.repeats, exact_rss=True)
         row(f"C={c:<4d} {backbone} 2x{size[0]}x{size[1]}: params {params[0] / 1e6:.2f}M / {params[1] / 1e6:.2f}M, "
             f"step {tp * 1e3:.0f} / {ts * 1e3:.0f} ms, memory {mp_:.2f} / {ms:.2f} GB",
             "", f"time ratio {tp / ts:.3f} memory ratio {mp_ / ms:.3f}")
-        del models, steps
 
 
 def main():
@@ -222,8 +231,8 @@ def main():
             f"ratio {times['protoseg'] / times['softmax']:.3f}")
     # (d)
     size = (128, 256) if args.quick else (512, 1024)
-    for backbone in backbones:
-        (tp, mp_, _), (ts, ms, _) = (run_child(backbone, h, size, args.device) for h in ("protoseg", "softmax"))
+    for backbone in backbones:                                                 # interleaved, as (f)
+        (tp, ts), ((mp_, _), (ms, _)), _ = head_pair(backbone, size, device, 19, 3 if device.type == "cpu" else 10)
         row(f"(d) train step {backbone}, 2x{size[0]}x{size[1]}: ProtoSeg / softmax", f"{tp * 1e3:.0f} / {ts * 1e3:.0f} ms",
             f"ratio {tp / ts:.3f}")
         row(f"    peak memory ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})",
@@ -231,8 +240,9 @@ def main():
     # (e)
     for backbone, d in (("hrnet48", 720), ("mit_b0", 256), ("swin_tiny", 512)):  # D: the neck's width
         for c in (19, 150, 847):
-            count = {h: sum(q.numel() for q in HEADS[h](d, c).parameters()) for h in ("protoseg", "softmax")}
-            row(f"(e) head learnable parameters, {backbone}, C={c}, D={d}: ProtoSeg / softmax",
+            count = {h: sum(q.numel() for q in HEADS[h](d, c, **kw).parameters())
+                     for h, kw in (("protoseg", {"class_layernorm": False}), ("softmax", {}))}
+            row(f"(e) head learnable parameters, {backbone}, C={c}, D={d}: ProtoSeg (Eq. 6) / softmax",
                 f"{count['protoseg']:,} / {count['softmax']:,}", f"diff {count['softmax'] - count['protoseg']:+,}")
 
 

@@ -13,6 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from layers import ALIGN_CORNERS, upsample
+from protoseg import HEADS
+from segformer import MIT_PRESETS, MixTransformer, MLPDecoder
+from swin import SWIN_PRESETS, SwinTransformer, UperNet
 
 
 def conv3x3(cin, cout, stride=1, dilation=1):
@@ -230,15 +233,11 @@ class ResNet(nn.Module):
 
 
 def backbone_names():
-    from segformer import MIT_PRESETS
-    from swin import SWIN_PRESETS
     return list(HRNET_PRESETS) + list(RESNET_PRESETS) + list(MIT_PRESETS) + list(SWIN_PRESETS)
 
 
 def build_backbone(name, output_stride=8):
     """HRNet / ResNet presets here; MiT (segformer.py) and Swin (swin.py) presets in their files."""
-    from segformer import MIT_PRESETS, MixTransformer
-    from swin import SWIN_PRESETS, SwinTransformer
     if name in HRNET_PRESETS:
         return HRNet(**HRNET_PRESETS[name])
     if name in RESNET_PRESETS:
@@ -253,8 +252,6 @@ def build_backbone(name, output_stride=8):
 def build_neck(net, num_classes=0, aux_head=False):
     """The decoder up to its classifier: HRNetV2 concat, SegFormer's all-MLP decoder, UperNet (+ its optional
     auxiliary FCN head); ResNet feeds the head directly."""
-    from segformer import MixTransformer, MLPDecoder
-    from swin import SwinTransformer, UperNet
     if aux_head and not isinstance(net, SwinTransformer):
         raise ValueError("aux_head: the auxiliary FCN head belongs to UperNet (Swin backbones)")
     if isinstance(net, HRNet):
@@ -304,13 +301,12 @@ class SegModel(nn.Module):
 def build_model(backbone="hrnet48", head="protoseg", num_classes=19, output_stride=8, aux_head=False, **head_kwargs):
     """e.g. build_model("hrnet48", "protoseg", 19, num_prototypes=10). `output_stride` applies to ResNets only;
     `aux_head` (Swin + UperNet only) adds UperNet's auxiliary FCN head, see swin.UperNet."""
-    from protoseg import HEADS as heads
-    if head not in heads:
-        raise ValueError(f"unknown head {head!r}; choose from {list(heads)}")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose from {list(HEADS)}")
     net = build_backbone(backbone, output_stride)
     neck = build_neck(net, num_classes, aux_head)
     in_channels = getattr(neck, "out_channels", getattr(net, "out_channels", None))
-    return SegModel(net, neck, heads[head](in_channels, num_classes, **head_kwargs))
+    return SegModel(net, neck, HEADS[head](in_channels, num_classes, **head_kwargs))
 
 
 def model_from_config(cfg):

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 
 import models
+import segformer
+import swin
 from evaluate import CheckpointError, load_checkpoint
 from collectives import is_master
 from runs import fail
@@ -95,7 +97,7 @@ PRESETS = {
                        out_dir="runs/coco_stuff", eval_every=8000, ckpt_every=1000),
     "folder": dict(out_dir="runs/folder"),
 }
-FAMILIES = {"mit_": "segformer", "swin_": "swin"}  # backbone prefix -> the file holding its RECIPES
+FAMILIES = {"mit_": segformer, "swin_": swin}  # backbone prefix -> the file holding its RECIPES
 RECIPE_KEYS = ("optimizer", "lr", "weight_decay", "head_lr_mult", "lr_power", "warmup_iters", "iters", "batch_size",
                "crop", "scale", "aux_loss_weight")
 MODEL_KEYS = ("backbone", "head", "num_classes", "num_prototypes", "class_layernorm", "embed_layernorm",
@@ -166,7 +168,7 @@ def make_parser(dataset, backbone=None):
 def family(backbone):
     """The module (segformer / swin) whose published recipe a transformer backbone trains with, or None."""
     prefix = next((p for p in FAMILIES if backbone.startswith(p)), None)
-    return __import__(FAMILIES[prefix]) if prefix else None
+    return FAMILIES[prefix] if prefix else None
 
 
 def preset(dataset, backbone=None):
