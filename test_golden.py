@@ -9,6 +9,7 @@ enough for a LayerNorm eps slip). Each test is named after the official function
   HRNet_W48_Proto               tfzhou/ProtoSeg @1c4a778   lib/models/nets/hrnet.py
 """
 import functools
+import json
 import zlib
 from pathlib import Path
 
@@ -180,8 +181,11 @@ def test_protoseg_hrnet48_scores_and_embed_equal_official():
 def test_official_release_file_read_by_load_model_gives_official_scores(tmp_path):
     """The same weights written as the official release (state_dict wrapper, module. prefix, mlp2 alias) and read
     through evaluate.load_model give the official scores."""
+    release = official_release(protoseg_hrnet48()[0])
+    layout = json.loads((GOLDEN.parent / "protoseg_official_hrnet48_keys.json").read_text())["state_dict"]
+    assert {k: list(v.shape) for k, v in release["state_dict"].items()} == {"module." + k: s for k, s in layout}
     path = tmp_path / "hrnet_w48_proto_latest.pth"
-    torch.save(official_release(protoseg_hrnet48()[0]), path)
+    torch.save(release, path)
     model, cfg = evaluate.load_model(path)
     assert cfg["backbone"] == "hrnet48" and cfg["normalize_width"]
     x = x_of("protoseg_hrnet48")
