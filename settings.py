@@ -103,7 +103,8 @@ RECIPE_KEYS = ("optimizer", "lr", "weight_decay", "head_lr_mult", "lr_power", "w
 MODEL_KEYS = ("backbone", "head", "num_classes", "num_prototypes", "class_layernorm", "embed_layernorm",
               "normalize_width")
 # settings that change the training trajectory: a resumed run refuses other values unless --allow-changes
-TRAJECTORY_KEYS = ("dataset", "crop", "scale", "flip", "batch_size", "iters", "optimizer", "lr", "lr_power",
+TRAJECTORY_KEYS = ("dataset", "ignore_value", "binary_masks", "crop", "scale", "flip", "batch_size", "iters",
+                   "optimizer", "lr", "lr_power",
                    "momentum", "weight_decay", "class_weights", "kappa", "sinkhorn_iters", "proto_momentum",
                    "proto_momentum_warmup", "proto_init",
                    "lambda_ppc", "lambda_ppd", "tau", "update_correct_only", "local_stats", "dropout", "freeze_bn",

@@ -241,3 +241,15 @@ def test_trainid_to_labelid_round_trips_with_lut():
     assert ids.dtype == np.uint8 and ids[0].tolist() == data.CITYSCAPES_LABEL_IDS
     assert (data.CITYSCAPES_LUT[ids] == pred).all()
     assert data.trainid_to_labelid(torch.tensor([data.IGNORE]))[0] == 0
+
+
+# ---- the quick label-value check at its bounds ------------------------------------------------------------
+
+@pytest.mark.parametrize("lut, largest_valid", [(data.CITYSCAPES_LUT, 33), (data.ADE20K_LUT, 150)])
+def test_quick_label_check_passes_the_largest_valid_id_and_refuses_the_next(lut, largest_valid):
+    import datafiles
+    assert lut[largest_valid] != datafiles.INVALID and lut[largest_valid + 1] == datafiles.INVALID   # the table's bound
+    ok = np.full((4, 5), largest_valid, np.uint8)
+    datafiles.check_values(ok, lut, "ok.png", "the valid ids")             # alone: no error
+    with pytest.raises(data.DatasetError, match=rf"label values \[{largest_valid + 1}\] in bad.png"):
+        datafiles.check_values(ok + 1, lut, "bad.png", "the valid ids")

@@ -1,6 +1,7 @@
 """evaluate.py: Cityscapes metrics against a transcription of cityscapesScripts, the official ProtoSeg checkpoint
 (key mapping, its forward transcribed, both scripts), evaluation from a checkpoint alone, submissions."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +230,56 @@ def test_predict_names_every_output_uniquely(tmp_path):
         Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "in" / name)
     names = predict.output_names([str(tmp_path / "in")])
     assert sorted(str(s) for _, s in names) == ["a_jpg", "a_png", "sub/b"]
+
+
+# ----------------------------------------------------------------------------- scales and metrics
+
+class StridedConv(torch.nn.Module):
+    """A 3x3 stride-2 conv (not pointwise: its output depends on the scale), with a family's align_corners."""
+
+    def __init__(self, align_corners):
+        super().__init__()
+        self.conv, self.align_corners = torch.nn.Conv2d(3, 4, 3, 2, 1), align_corners
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def scales_transcribed(model, image, scales):
+    """sum_s resize(model(resize(image, s)), H x W), every resize with the model's align_corners."""
+    H, W = image.shape[-2:]
+    ac, total = model.align_corners, 0
+    for s in scales:
+        x = F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=ac)
+        total = total + F.interpolate(model(x), (H, W), mode="bilinear", align_corners=ac)
+    return total
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_predict_scores_over_scales_equals_a_transcription(align_corners):
+    torch.manual_seed(0)
+    model, image = StridedConv(align_corners).eval(), torch.randn(1, 3, 37, 53)
+    scales = (0.5, 0.75, 1.0, 1.25)
+    with torch.no_grad():
+        expected = scales_transcribed(model, image, scales)
+        torch.testing.assert_close(evaluate.predict_scores(model, image, 4, scales=scales), expected)
+        model.align_corners = not align_corners                # the model's convention is the one used
+        assert (evaluate.predict_scores(model, image, 4, scales=scales) - expected).abs().max() > 1e-2
+
+
+def test_miou_and_macc_with_a_class_absent_from_the_ground_truth_or_never_predicted():
+    """Rows = ground truth, columns = prediction. Class 2: never in the ground truth, predicted twice (IoU 0,
+    no accuracy); class 3: in the ground truth, never predicted (IoU 0, accuracy 0); class 4: absent from both
+    (no IoU, no accuracy). Means over the classes that have a value."""
+    conf = torch.tensor([[5, 1, 2, 0, 0],
+                         [0, 3, 0, 0, 0],
+                         [0, 0, 0, 0, 0],
+                         [2, 2, 0, 0, 0],
+                         [0, 0, 0, 0, 0]])
+    m = evaluate.metrics_from_confusion(conf)
+    iou = [5 / (8 + 7 - 5), 3 / (3 + 6 - 3), 0 / 2, 0 / 4]
+    acc = [5 / 8, 3 / 3, 0 / 4]
+    assert m["iou"][:4] == pytest.approx(iou) and math.isnan(m["iou"][4])
+    assert [m["acc"][c] for c in (0, 1, 3)] == pytest.approx(acc) and math.isnan(m["acc"][2]) and math.isnan(m["acc"][4])
+    assert m["miou"] == pytest.approx(sum(iou) / 4) and m["macc"] == pytest.approx(sum(acc) / 3)
+    assert m["aacc"] == pytest.approx(8 / 15)

@@ -442,3 +442,58 @@ def test_cluster_prototypes_finds_planted_sub_classes_and_keeps_absent_classes()
     assign = sinkhorn_batched(own, labels, 3, 0.05, 3).argmax(1)
     torch.testing.assert_close(cluster_prototypes(start, embed, labels, rounds=1),
                                momentum_update(start, embed, labels, assign, 0.0))
+
+
+# ----------------------------------------------------------------------------- ignore value, small kappa
+
+@pytest.mark.parametrize("update_correct_only", [False, True])
+def test_head_with_ignore_index_255_trains_as_the_default_after_mapping_labels(update_correct_only):
+    """One training step (forward, Eq. 13 loss, backward, SGD) of a head built with ignore_index=255 on labels
+    using 255 equals the step of the default head (-1) on the same labels with 255 -> -1."""
+    kw = dict(embed_dim=6, num_prototypes=3, dropout=0.0, update_correct_only=update_correct_only)
+    torch.manual_seed(0)
+    heads = [ProtoSegHead(8, 4, **kw).train(), ProtoSegHead(8, 4, ignore_index=255, **kw).train()]
+    heads[1].load_state_dict(heads[0].state_dict())
+    start = heads[0].prototypes.clone()
+    feats = torch.randn(2, 8, 5, 6)
+    labels = torch.randint(0, 4, (2, 5, 6))
+    labels[0, :2], labels[1, 3] = IGNORE_INDEX, IGNORE_INDEX
+    outs, losses = [], []
+    for head, lab, ignore in zip(heads, (labels, labels.where(labels != IGNORE_INDEX, 255)), (IGNORE_INDEX, 255)):
+        opt = torch.optim.SGD(head.parameters(), lr=0.5)
+        out = head(feats, lab)
+        loss, _ = seg_loss(out, lab, lambda_ppc=0.1, lambda_ppd=0.05, tau=0.1, ignore_index=ignore)
+        loss.backward()
+        opt.step()
+        head.prototypes.copy_(update_prototypes(head.prototypes, out["embed"], out["update_target"], 0.9))
+        outs.append(out), losses.append(loss.detach())
+    assert not torch.equal(heads[0].prototypes, start)                         # Eq. 14 moved them
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    assert torch.equal(outs[0]["proto_target"], outs[1]["proto_target"])
+    for (name, a), b in zip(heads[0].state_dict().items(), heads[1].state_dict().values()):
+        assert torch.equal(a, b), name                                          # weights and prototypes
+
+
+def sinkhorn_float64(scores, kappa, iters):
+    """Eq. 10 for one class in float64, no stabiliser: L = exp(S / kappa); columns to N / K, then rows to 1."""
+    L = (scores.double() / kappa).exp()
+    N, K = L.shape
+    for _ in range(iters):
+        L = L / L.sum(0, keepdim=True) * (N / K)
+        L = L / L.sum(1, keepdim=True)
+    return L
+
+
+@pytest.mark.parametrize("kappa", [0.01, 0.02])
+def test_eq10_one_iteration_at_small_kappa_needs_a_stabiliser_per_class(kappa):
+    """Class 0's similarities lie near +0.9, class 1's near -0.9: at kappa 0.01 exp((S - max) / kappa) with one max
+    over all pixels would be exp(-180), zero in float32, for every pixel of class 1; the max per class keeps it."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.tensor([0] * 20 + [1] * 12 + [2] * 7)[torch.randperm(39, generator=g)]
+    centre = torch.tensor([0.9, -0.9, 0.0])[labels][:, None]
+    scores = centre + 0.1 * (torch.rand(39, 4, generator=g) - 0.5)
+    batched = sinkhorn_batched(scores, labels, num_classes=3, kappa=kappa, iters=1)
+    for c in range(3):
+        m = labels == c
+        torch.testing.assert_close(batched[m], sinkhorn(scores[m], kappa=kappa, iters=1))
+        torch.testing.assert_close(batched[m].double(), sinkhorn_float64(scores[m], kappa, 1), rtol=1e-5, atol=1e-6)

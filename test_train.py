@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 import evaluate
 import protoseg
+import settings
 import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -295,3 +296,117 @@ def test_worker_wrapped_data_error_becomes_its_own_line():
     wrapped = ("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                '  File "x.py", line 1, in f\ndata.DatasetError: label values [7] in a.png: neither a class nor ignore')
     assert train.one_line(ValueError(wrapped)) == "label values [7] in a.png: neither a class nor ignore"
+
+
+# ----------------------------------------------------------------------------- optimiser groups, health, dropout
+
+def no_decay_by_module(net):
+    """The CNN recipe's rule stated by module: every parameter of a norm layer and every bias has no weight decay."""
+    norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    names = set()
+    for mname, m in net.named_modules():
+        for pname, _ in m.named_parameters(recurse=False):
+            if isinstance(m, norms) or pname == "bias":
+                names.add(f"{mname}.{pname}" if mname else pname)
+    return names
+
+
+# (dataset preset, backbone, head, flags): the CNN presets whose recipe keeps norms and biases out of weight decay
+CNN_GROUPS = [("synthetic", "hrnet_tiny", "protoseg", dict(embed_layernorm=True)),
+              ("cityscapes", "hrnet_tiny", "protoseg", {}), ("ade20k", "resnet18", "softmax", {})]
+
+
+@pytest.mark.parametrize("dataset, backbone, head, flags", CNN_GROUPS)
+def test_cnn_optimizer_has_no_weight_decay_on_norms_and_biases(dataset, backbone, head, flags):
+    cfg = train.Config(**{**settings.preset(dataset, backbone), "dataset": dataset, "backbone": backbone,
+                          "head": head, "num_classes": 5, "weight_decay": 1e-4, **flags})
+    net = train.model_from_config(cfg)
+    opt = train.make_optimizer(cfg, net)
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    params = dict(net.named_parameters())
+    assert len(decay_of) == len(params)                                          # every parameter, once
+    free = no_decay_by_module(net)
+    assert free and len(free) < len(params)
+    for name, p in params.items():
+        assert decay_of[id(p)] == (0.0 if name in free else cfg.weight_decay), name
+
+
+def test_health_check_looks_at_buffers_too():
+    """runs.unhealthy: prototypes and BatchNorm running statistics are buffers, not parameters."""
+    import runs
+    net = train.model_from_config(dataclasses.replace(train.Config(), backbone="hrnet_tiny", num_classes=3,
+                                                      num_prototypes=2))
+    assert runs.unhealthy(net) is None
+    for name, bad in (("head.prototypes", float("nan")), ("backbone.bn1.running_var", float("inf")),
+                      ("backbone.bn1.running_mean", 1e30)):
+        t = dict(net.named_buffers())[name]
+        keep = t.clone()
+        t.view(-1)[0] = bad
+        assert runs.unhealthy(net).startswith(name)
+        t.copy_(keep)
+
+
+def test_dropout_masks_change_from_iteration_to_iteration(tmp_path, monkeypatch):
+    """train.py reseeds from (seed, rank, iteration) before each forward: the head's Dropout2d keeps other channels at
+    every step (a reseed by the seed alone would repeat one mask; exact resume: test_resumed_run_equals_...)."""
+    masks, real_forward = [], train.forward
+
+    def record(module, inputs, output):
+        if module.training:                                                      # not the final evaluation
+            live = (inputs[0] != 0).flatten(2).any(2)                              # (B, C) channel not all zero
+            masks.append(((output != 0).flatten(2).any(2), live))                  # (kept, live)
+
+    def forward(model, images, labels, cfg):
+        if not masks and not getattr(forward, "hooked", False):
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout2d):
+                    m.register_forward_hook(record)
+            forward.hooked = True
+        return real_forward(model, images, labels, cfg)
+
+    monkeypatch.setattr(train, "forward", forward)
+    train.main(TINY + ["--iters", "3", "--dropout", "0.5", "--out-dir", str(tmp_path)])
+    assert len(masks) == 3 and all((live & ~kept).any() for kept, live in masks)   # live channels were dropped
+    for (k0, l0), (k1, l1) in zip(masks, masks[1:]):                                # another mask next iteration
+        assert ((k0 != k1) & l0 & l1).any()
+
+
+# ----------------------------------------------------------------------------- trajectory settings on resume
+
+# Config fields that do not change the training trajectory (where the files are, logging, evaluation, this command)
+NOT_TRAJECTORY = {"data_root", "pretrained", "out_dir", "workers", "log_every", "eval_every", "ckpt_every",
+                  "eval_crop", "eval_scales", "eval_flip", "val_size", "resume", "eval_only", "overwrite",
+                  "allow_changes"}
+
+
+def test_every_setting_is_classified_as_trajectory_model_or_neither():
+    fields = {f.name for f in dataclasses.fields(train.Config)}
+    traj, model = set(settings.TRAJECTORY_KEYS), set(settings.MODEL_KEYS)
+    assert not traj & model and not (traj | model) & NOT_TRAJECTORY
+    assert fields == traj | model | NOT_TRAJECTORY, sorted(fields ^ (traj | model | NOT_TRAJECTORY))
+
+
+def another(name, value):
+    """A different valid-looking value of a setting."""
+    choices = settings.CHOICES.get(name)
+    if choices:
+        return next(c for c in choices if c != value)
+    if value is None or isinstance(value, bool):
+        return not value
+    if isinstance(value, tuple):
+        return tuple(v * 2 + 1 for v in value)
+    return value * 2 + 1
+
+
+def test_resume_refuses_a_change_of_every_trajectory_and_model_setting(tmp_path, capsys):
+    saved = {**dataclasses.asdict(train.Config()), "num_classes": 5}
+    path = tmp_path / "last.pt"
+    torch.save({"model": {}, "config": saved, "iter": 1}, path)
+    for name in settings.TRAJECTORY_KEYS + settings.MODEL_KEYS:
+        cfg = dataclasses.replace(train.Config(**{k: v for k, v in saved.items()}), resume=str(path))
+        cfg = dataclasses.replace(cfg, **{name: another(name, saved[name])})
+        with pytest.raises(SystemExit):
+            train.resolve(cfg, {name})
+        assert f"{name}: checkpoint {saved[name]!r} vs now" in capsys.readouterr().err, name
+    same = dataclasses.replace(train.Config(**saved), resume=str(path))
+    assert train.resolve(same, set(saved) - {"resume"})[0].num_classes == 5      # unchanged values pass
