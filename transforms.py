@@ -150,18 +150,19 @@ _SECTORS = np.array([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 
 
 
 def hsv_to_rgb(hsv):
-    """cv2.cvtColor(HSV2BGR) for uint8 (HSV2RGB_b): float32 h * 6/180, s / 255, v / 255, sector table,
-    * 255 rounded half to even (cvRound)."""
-    h = hsv[..., 0].astype(np.float32) * np.float32(6.0 / 180)
-    s = hsv[..., 1].astype(np.float32) * np.float32(1 / 255)
-    v = hsv[..., 2].astype(np.float32) * np.float32(1 / 255)
-    h = np.where(h >= 6, h - 6, h)
-    sector = np.floor(h).astype(np.int64)
+    """cv2.cvtColor(HSV2BGR) for uint8 as its vector path computes it (x86 build, FMA): float32 h * 6/180,
+    s / 255, v / 255, sector table with 1 - s*h fused, x * 255 truncated. (cv2's scalar tail, the last < 32
+    pixels of an image whose size is no multiple of the vector block, rounds instead.)"""
+    f32 = np.float32
+    h = hsv[..., 0].astype(f32) * f32(6.0 / 180)
+    s = hsv[..., 1].astype(f32) * f32(1 / 255)
+    v = hsv[..., 2].astype(f32) * f32(1 / 255)
+    sector = np.trunc(h)
     h = h - sector
-    tab = np.stack([v, v * (1 - s), v * (1 - s * h), v * (1 - s * (1 - h))], -1)
-    bgr = np.take_along_axis(tab, _SECTORS[np.clip(sector, 0, 5)], -1)
-    bgr = np.where((s == 0)[..., None], v[..., None], bgr)
-    return np.clip(np.rint(bgr[..., ::-1] * np.float32(255)), 0, 255).astype(np.uint8)
+    fused = lambda a, b: (1.0 - a.astype(np.float64) * b).astype(f32)      # one rounding, as an FMA
+    tab = np.stack([v, v * (1 - s), v * fused(s, h), v * fused(s, 1 - h)], -1)
+    bgr = np.take_along_axis(tab, _SECTORS[sector.astype(np.int64) % 6], -1)
+    return np.clip(np.trunc(bgr[..., ::-1] * f32(255)), 0, 255).astype(np.uint8)
 
 
 def photometric(image, rng, brightness=32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=18):
