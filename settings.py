@@ -123,6 +123,9 @@ TRAJECTORY_KEYS = ("dataset", "crop", "scale", "flip", "batch_size", "iters", "o
                    "lambda_ppc", "lambda_ppd", "tau", "update_correct_only", "local_stats", "dropout", "freeze_bn",
                    "amp", "seed", "warmup_iters", "head_lr_mult", "aux_loss_weight", "pipeline", "aspect", "img_scale",
                    "cat_max_ratio", "channel_order", "no_decay_norms")
+# a checkpoint without these settings was made before they existed, with these values
+BEFORE_RECIPES = dict(pipeline="project", no_decay_norms=True, channel_order="rgb", eval_stride=(0, 0),
+                      eval_resize=(0, 0), eval_divisor=0)
 CHOICES = {"dataset": list(PRESETS), "backbone": models.backbone_names(), "head": ["protoseg", "softmax", "query"],
            "optimizer": ["sgd", "adamw"], "proto_init": ["random", "data"], "class_weights": ["none", "cityscapes"],
            "pipeline": ["project", "openseg", "mmseg"], "channel_order": ["rgb", "bgr"], "amp": ["bf16", "fp16", "none"]}
@@ -259,6 +262,8 @@ def resolve(cfg, given):
     run_control = ("resume", "eval_only", "overwrite", "allow_changes")              # this command's, not the run's
     saved = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__ and k not in run_control}
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    if not ckpt.get("official"):                 # checkpoints from before these settings: what they trained with
+        saved = {**{k: v for k, v in BEFORE_RECIPES.items() if k not in saved}, **saved}
     keys = MODEL_KEYS + (() if cfg.eval_only or cfg.allow_changes else TRAJECTORY_KEYS)
     diff = [f"{k}: checkpoint {saved[k]!r} vs now {getattr(cfg, k)!r}" for k in keys
             if k in given and k in saved and saved[k] != getattr(cfg, k)]
