@@ -1,7 +1,7 @@
 """Datasets, augmentation and mask colouring for ProtoSeg.
 
 Every dataset item is a dict:
-    "image": FloatTensor 3xHxW, RGB normalised with ImageNet mean/std
+    "image": FloatTensor 3xHxW, RGB (or BGR: channel_order) normalised with ImageNet mean/std
     "label": LongTensor HxW, train ids 0..C-1, IGNORE (-1, labels.IGNORE_INDEX) = ignore
     "name":  str, the file path relative to its split folder, without suffix
     "modes": LongTensor HxW, synthetic only: which sub-class (mode) of its class each pixel shows, -1 = ignore
