@@ -1,7 +1,7 @@
 """Datasets, augmentation and mask colouring for ProtoSeg.
 
 Every dataset item is a dict:
-    "image": FloatTensor 3xHxW, RGB normalised with ImageNet mean/std
+    "image": FloatTensor 3xHxW, RGB (or BGR: channel_order) normalised with ImageNet mean/std
     "label": LongTensor HxW, train ids 0..C-1, IGNORE (-1, labels.IGNORE_INDEX) = ignore
     "name":  str, the file path relative to its split folder, without suffix
     "modes": LongTensor HxW, synthetic only: which sub-class (mode) of its class each pixel shows, -1 = ignore
@@ -11,7 +11,8 @@ Each dataset has .num_classes, .ignore_index (-1), .class_names, .palette (C x 3
         coco_stuff | folder (kw: num_classes, ignore_value, class_names, binary_masks)
     check_dataset(dataset, values=False, name="")   the data check before training (datafiles.py)
     read_image(path) -> HxWx3 uint8;  DatasetError: one line, also out of a DataLoader worker (datafiles.py)
-    TrainTransform(crop_size, scale, flip, jitter), EvalTransform()
+    TrainTransform(crop_size, scale, flip, jitter) (the project's), RecipeTransform(pipeline, ...) (openseg | mmseg,
+        the official pipelines of transforms.py), EvalTransform(channel_order, resize, divisor)
     colorize(label, palette) -> PIL image;  trainid_to_labelid(pred) -> Cityscapes labelIds for the server
 
 Label tables live in labels.py. Augmentation draws only from np.random.default_rng((seed, epoch, index)), so it
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import transforms
 from datafiles import (LOSSY, DatasetError, _same_size, ade20k_full_ids, check_dataset,  # noqa: F401
                        map_labels, read_image, read_label)
 from labels import (ADE20K_CLASSES, ADE20K_FULL_CLASSES, ADE20K_FULL_LUT, ADE20K_FULL_PALETTE,  # noqa: F401
@@ -54,24 +56,37 @@ def trainid_to_labelid(pred):
 # ---------------------------------------------------------------------------------------------------------
 # Transforms: callables (image HxWx3 uint8, [masks HxW int], rng) -> (FloatTensor 3xhxw, [LongTensor hxw])
 
-def normalize(image):
-    """HxWx3 RGB (0..255) -> 3xHxW float tensor with ImageNet mean/std."""
+def normalize(image, channel_order="rgb"):
+    """HxWx3 RGB (0..255) -> 3xHxW float tensor with ImageNet mean/std. channel_order "bgr" (official departure 9,
+    the ProtoSeg release): the channels reversed first, then the same mean/std, as openseg's cv2 input and its
+    Normalize(255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) give to B, G, R."""
+    image = image[..., ::-1] if channel_order == "bgr" else image
     return torch.from_numpy(((image - MEAN) / STD).transpose(2, 0, 1).astype(np.float32))
 
 
 class EvalTransform:
-    """Whole image, normalised; nothing random."""
+    """Whole image, normalised; nothing random. resize (long, short): the image rescaled to fit, keeping its
+    ratio (mmseg's test Resize, cv2 bilinear), then up to a multiple of divisor (SegFormer's AlignedResize); the
+    label keeps its size (the scores are resized back to it)."""
+
+    def __init__(self, channel_order="rgb", resize=(0, 0), divisor=0):
+        self.channel_order, self.resize, self.divisor = channel_order, tuple(resize), divisor
 
     def __call__(self, image, masks, rng=None):
-        return normalize(image), [torch.from_numpy(m.astype(np.int64)) for m in masks]
+        if self.resize[0]:
+            size, aligned = transforms.mmseg_test_size(image.shape[1], image.shape[0], self.resize, self.divisor)
+            image = transforms.resize(image, size)
+            image = transforms.resize(image, aligned) if aligned else image
+        return normalize(image.astype(np.float32), self.channel_order), \
+            [torch.from_numpy(m.astype(np.int64)) for m in masks]
 
 
 class TrainTransform:
     """Random scale, random crop (padded with ignore / the mean colour), horizontal flip, colour jitter."""
 
-    def __init__(self, crop_size=(512, 1024), scale=(0.5, 2.0), flip=True, jitter=0.1):
+    def __init__(self, crop_size=(512, 1024), scale=(0.5, 2.0), flip=True, jitter=0.1, channel_order="rgb"):
         self.crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)  # (h, w)
-        self.scale, self.flip, self.jitter = scale, flip, jitter
+        self.scale, self.flip, self.jitter, self.channel_order = scale, flip, jitter, channel_order
 
     def __call__(self, image, masks, rng):
         (h, w), (ch, cw) = image.shape[:2], self.crop
@@ -95,7 +110,39 @@ class TrainTransform:
             image = (grey[..., None] + (image - grey[..., None]) * sat).clip(0, 255)
         pad = (0, cw - tw, 0, ch - th)  # right, bottom; the image gets 0 = the mean colour after normalising
         masks = [torch.nn.functional.pad(torch.from_numpy(m.astype(np.int64)), pad, value=IGNORE) for m in masks]
-        return torch.nn.functional.pad(normalize(image), pad), masks
+        return torch.nn.functional.pad(normalize(image, self.channel_order), pad), masks
+
+
+class RecipeTransform:
+    """An official training pipeline (transforms.py): "openseg" (ProtoSeg Cityscapes: resize x aspect, bicubic,
+    crop, flip, brightness shift, pad at a random offset) or "mmseg" (Resize to img_scale x ratio, cat_max_ratio
+    crop, flip, PhotoMetricDistortion, pad bottom/right). Padding: 0 (the mean colour) and ignore."""
+
+    def __init__(self, pipeline, crop_size, scale=(0.5, 2.0), flip=True, aspect=(0.9, 1.1), img_scale=(2048, 512),
+                 cat_max_ratio=0.75, channel_order="rgb"):
+        self.pipeline, self.crop, self.scale, self.flip = pipeline, tuple(crop_size), tuple(scale), flip
+        self.aspect, self.img_scale, self.cat_max_ratio = tuple(aspect), tuple(img_scale), cat_max_ratio
+        self.channel_order = channel_order
+
+    def __call__(self, image, masks, rng):
+        (ch, cw), top, left = self.crop, 0, 0
+        if self.pipeline == "openseg":
+            image, masks, (top, left) = transforms.openseg_train(image, masks, rng, self.crop, self.scale,
+                                                                 self.aspect, self.flip)
+        else:
+            image, masks = transforms.mmseg_train(image, masks, rng, self.crop, self.img_scale, self.scale,
+                                                  self.cat_max_ratio, self.flip, IGNORE)
+        h, w = image.shape[:2]
+        pad = (left, cw - w - left, top, ch - h - top)
+        masks = [torch.nn.functional.pad(torch.from_numpy(m.astype(np.int64)), pad, value=IGNORE) for m in masks]
+        return torch.nn.functional.pad(normalize(image.astype(np.float32), self.channel_order), pad), masks
+
+
+def train_transform(pipeline, crop, scale, flip, channel_order="rgb", **recipe):
+    """The training transform a setting names: "project" (TrainTransform) or an official one (RecipeTransform)."""
+    if pipeline == "project":
+        return TrainTransform(crop, scale, flip, channel_order=channel_order)
+    return RecipeTransform(pipeline, crop, scale, flip, channel_order=channel_order, **recipe)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -38,9 +38,11 @@ def autocast(amp, device):
 # ----------------------------------------------------------------------------- inference
 
 @torch.no_grad()
-def predict_scores(model, image, num_classes, crop=(0, 0), scales=(1.0,), flip=False, align_corners=None):
-    """Class scores (1, C, H, W) for one image (1, 3, H, W): whole image or sliding window, summed over
-    scales and the horizontal flip (the argmax is what counts). Resizes use the model's family's align_corners
+def predict_scores(model, image, num_classes, crop=(0, 0), scales=(1.0,), flip=False, align_corners=None,
+                   stride=(0, 0), size=None):
+    """Class scores (1, C, H, W) for one image (1, 3, H, W): whole image or sliding window (stride: 0 = 2/3 of the
+    window), summed over scales and the horizontal flip (the argmax is what counts), resized to size (H, W) when
+    given (the label of an image rescaled for the test, as mmseg). Resizes use the model's family's align_corners
     (SegModel.align_corners) unless given."""
     H, W = image.shape[-2:]
     ac = getattr(model, "module", model).align_corners if align_corners is None else align_corners
@@ -49,17 +51,18 @@ def predict_scores(model, image, num_classes, crop=(0, 0), scales=(1.0,), flip=F
         x = F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=ac) if s != 1 else image
         for flipped in ((False, True) if flip else (False,)):
             xi = x.flip(-1) if flipped else x
-            out = sliding_window(model, xi, num_classes, crop) if crop[0] else model(xi)
+            out = sliding_window(model, xi, num_classes, crop, stride) if crop[0] else model(xi)
             total += upsample(out.flip(-1) if flipped else out, (H, W), ac).float()
-    return total
+    return total if size is None or tuple(size) == (H, W) else upsample(total, tuple(size), ac)
 
 
-def sliding_window(model, image, num_classes, crop):
-    """Windows of `crop` with stride 2/3 crop; the image is padded up to the crop; scores averaged."""
+def sliding_window(model, image, num_classes, crop, stride=(0, 0)):
+    """Windows of `crop` at `stride` (0: 2/3 crop), the last one of a row / column ending at the border (mmseg's
+    slide_inference); the image is padded up to the crop; scores averaged."""
     (H, W), (ch, cw) = image.shape[-2:], crop
     padded = F.pad(image, (0, max(cw - W, 0), 0, max(ch - H, 0)))
     ph, pw = padded.shape[-2:]
-    sh, sw = max(1, ch * 2 // 3), max(1, cw * 2 // 3)
+    sh, sw = (stride[0], stride[1]) if stride[0] else (max(1, ch * 2 // 3), max(1, cw * 2 // 3))
     scores = image.new_zeros(1, num_classes, ph, pw, dtype=torch.float32)
     count = image.new_zeros(1, 1, ph, pw, dtype=torch.float32)
     for y in range(0, max(ph - ch, 0) + sh, sh):
@@ -203,10 +206,11 @@ def _progress(log, done, total, t0, world):
 
 @torch.no_grad()
 def evaluate(model, dataset, device, crop=(0, 0), scales=(1.0,), flip=False, amp="none", limit=0, workers=0,
-             rank=0, world=1, log=print):
+             rank=0, world=1, log=print, stride=(0, 0)):
     """Confusion matrix over this rank's share of the (first `limit`) images, all-reduced -> metrics dict.
     Adds prototype use (and purity, when the dataset gives modes) for a head with prototypes, and the
-    Cityscapes category / iIoU scores when instanceIds maps sit beside the labels."""
+    Cityscapes category / iIoU scores when instanceIds maps sit beside the labels. Scores are resized to the
+    label's size (an image the transform rescaled, e.g. ADE20K's test resize)."""
     net = getattr(model, "module", model)
     was_training = net.training
     net.eval()
@@ -226,9 +230,11 @@ def evaluate(model, dataset, device, crop=(0, 0), scales=(1.0,), flip=False, amp
             if single and protos is not None:                  # one pass gives both scores and embeddings
                 embed = net.head.embed_map(net.features(image))              # (1, D, h, w), computed once
                 scores = upsample(net.head.classify(embed)[0], image.shape[-2:], net.align_corners).float()
+                if scores.shape[-2:] != label.shape:                         # back to the label (mmseg)
+                    scores = upsample(scores, label.shape, net.align_corners)
                 embed = embed.permute(0, 2, 3, 1)
             else:
-                scores = predict_scores(net, image, C, crop, scales, flip)
+                scores = predict_scores(net, image, C, crop, scales, flip, stride=stride, size=label.shape)
                 embed = net.embed(image) if protos is not None else None
         pred = scores.argmax(1)[0]
         conf += confusion_matrix(pred, label, C)
@@ -337,7 +343,8 @@ def is_official(sd):
 def official_to_project(sd):
     """Official state dict -> (this project's state dict, config). Renames the head's keys into ProtoSegHead's,
     drops proj_head.mlp2.* (aliases of proj_head.proj.*), and sets the switches the official model computes
-    with: class and embedding LayerNorms, l2 over the width axis (official items 1, 2, 7; 4 and 6 for training)."""
+    with: class and embedding LayerNorms, l2 over the width axis, BGR input (official items 1, 2, 7, 9; 4 and 6
+    for training)."""
     out = {}
     for k, v in sd.items():
         if k.startswith("proj_head.mlp2."):
@@ -356,7 +363,7 @@ def official_to_project(sd):
     C, K, _ = sd["prototypes"].shape
     cfg = dict(backbone=backbone, head="protoseg", num_classes=C, num_prototypes=K, class_layernorm="mask_norm.weight" in sd,
                embed_layernorm="feat_norm.weight" in sd, normalize_width=True, update_correct_only=True,
-               local_stats=True, kappa=0.05, sinkhorn_iters=3, proto_momentum=0.999, dropout=0.1, tau=1.0,
+               channel_order="bgr", local_stats=True, kappa=0.05, sinkhorn_iters=3, proto_momentum=0.999, dropout=0.1, tau=1.0,
                dataset="cityscapes" if C == 19 else "folder")
     return out, cfg
 

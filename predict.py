@@ -79,16 +79,36 @@ def parse_args(argv):
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--class", dest="cls", default=None,
                    help="class (name or index) for the prototype map (default: the most predicted non-first class)")
-    p.add_argument("--eval-crop", nargs="+", type=int, default=[0], help="sliding-window size H W or N (0: whole)")
+    p.add_argument("--eval-crop", nargs="+", type=int, default=None,
+                   help="sliding-window size H W or N (0: whole; default: the checkpoint's)")
+    p.add_argument("--eval-stride", nargs="+", type=int, default=None,
+                   help="sliding-window stride H W or N (0: 2/3 of the window; default: the checkpoint's)")
+    p.add_argument("--eval-resize", nargs="+", type=int, default=None,
+                   help="rescale to fit LONG SHORT keeping the ratio, labels at the image's size (0: none; default: "
+                        "the checkpoint's)")
     p.add_argument("--eval-scales", nargs="+", type=float, default=[1.0], help="test-time scales (default: 1)")
     p.add_argument("--eval-flip", action="store_true", help="add the horizontally flipped image")
+    p.add_argument("--channel-order", choices=["rgb", "bgr"], default=None,
+                   help="model input channel order (default: the checkpoint's; bgr for the official release)")
     p.add_argument("--labelids", action="store_true", help="only Cityscapes labelId PNGs (a submission folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if len(args.eval_crop) > 2 or min(args.eval_crop) < 0:
-        p.error(f"--eval-crop takes N or H W (>= 0), got {args.eval_crop}")
-    args.eval_crop = tuple((args.eval_crop * 2)[:2])
+    for name in ("eval_crop", "eval_stride", "eval_resize"):
+        v = getattr(args, name)
+        if v is not None and (len(v) > 2 or min(v) < 0):
+            p.error(f"--{name.replace('_', '-')} takes N or H W (>= 0), got {v}")
+        setattr(args, name, None if v is None else tuple((v * 2)[:2]))
     return args
+
+
+def test_protocol(args, cfg):
+    """The flags not given take the checkpoint's settings (its recipe's test protocol); older checkpoints: none."""
+    for name, default in (("eval_crop", (0, 0)), ("eval_stride", (0, 0)), ("eval_resize", (0, 0)),
+                          ("channel_order", "rgb")):
+        if getattr(args, name) is None:
+            value = cfg.get(name, default)
+            setattr(args, name, tuple(value) if isinstance(value, list) else value)
+    args.eval_divisor = cfg.get("eval_divisor", 0) if args.eval_resize == tuple(cfg.get("eval_resize", (0, 0))) else 0
 
 
 def main(argv=None):
@@ -99,6 +119,7 @@ def main(argv=None):
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     names, palette = class_table(cfg)
+    test_protocol(args, cfg)
     if args.labelids and cfg.get("dataset") != "cityscapes":
         sys.exit(f"error: --labelids needs a Cityscapes checkpoint; {args.checkpoint} is {cfg.get('dataset')!r}")
     cls = None
@@ -126,8 +147,10 @@ def main(argv=None):
 
 
 def write_outputs(model, cfg, rgb, out, names, palette, cls, args, device):
-    image = data.normalize(rgb.astype(np.float32))[None].to(device)
-    scores = predict_scores(model, image, len(names), args.eval_crop, tuple(args.eval_scales), args.eval_flip)
+    transform = data.EvalTransform(args.channel_order, args.eval_resize, args.eval_divisor)
+    image = transform(rgb, [])[0][None].to(device)
+    scores = predict_scores(model, image, len(names), args.eval_crop, tuple(args.eval_scales), args.eval_flip,
+                            stride=args.eval_stride, size=rgb.shape[:2])
     pred = scores.argmax(1)[0]
     if args.labelids:
         Image.fromarray(data.trainid_to_labelid(pred)).save(f"{out}.png")

@@ -42,13 +42,21 @@ MIT_PRESETS = {
 _COMMON = dict(optimizer="adamw", lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01, head_lr_mult=10.0,
                lr_power=1.0, min_lr=0.0, warmup_iters=1500, warmup_ratio=1e-6, iters=160000, drop_path=0.1,
                decoder_dropout=0.1)
+# The pipelines (mmseg 0.x, transforms.py): train Resize(img_scale, ratio 0.5-2) -> RandomCrop(cat_max_ratio 0.75)
+# -> flip -> PhotoMetricDistortion; test ADE20K: AlignedResize(2048 x 512, keep ratio, size divisor 32), whole
+# image; Cityscapes: Resize(2048 x 1024, keep ratio), 1024 x 1024 windows, stride 768.
 RECIPES = {
-    # 8 GPUs x 2; B5 uses 640 x 640 crops (MIT_CROP_B5); test: whole image, short side 512, size divisible by 32
-    "ade20k": dict(_COMMON, batch_size=16, crop=(512, 512), scale=(0.5, 2.0), eval="whole"),
-    # 8 GPUs x 1; test: 1024 x 1024 sliding windows, stride 768
-    "cityscapes": dict(_COMMON, batch_size=8, crop=(1024, 1024), scale=(0.5, 2.0), eval="slide 1024 stride 768"),
+    # 8 GPUs x 2; B5 uses 640 x 640 crops and img_scale 2048 x 640 (MIT_B5)
+    "ade20k": dict(_COMMON, batch_size=16, crop=(512, 512), scale=(0.5, 2.0), eval="whole", pipeline="mmseg",
+                   img_scale=(2048, 512), cat_max_ratio=0.75, eval_resize=(2048, 512), eval_divisor=32,
+                   eval_crop=(0, 0), eval_stride=(0, 0)),
+    # 8 GPUs x 1
+    "cityscapes": dict(_COMMON, batch_size=8, crop=(1024, 1024), scale=(0.5, 2.0), eval="slide 1024 stride 768",
+                       pipeline="mmseg", img_scale=(2048, 1024), cat_max_ratio=0.75, eval_resize=(2048, 1024),
+                       eval_divisor=0, eval_crop=(1024, 1024), eval_stride=(768, 768)),
 }
-MIT_CROP_B5 = {"ade20k": (640, 640)}
+MIT_B5 = {"ade20k": dict(crop=(640, 640), img_scale=(2048, 640), eval_resize=(2048, 640))}
+MIT_CROP_B5 = {k: v["crop"] for k, v in MIT_B5.items()}
 
 
 def no_weight_decay(name):

@@ -10,6 +10,7 @@ import inspect
 import os
 import re
 import sys
+import textwrap
 from dataclasses import dataclass
 
 import models
@@ -34,6 +35,11 @@ class Config:
     crop: tuple = (128, 128)          # training crop: H W, or one N for N x N
     scale: tuple = (0.5, 2.0)         # random scale range
     flip: bool = True                 # random horizontal flip
+    pipeline: str = "project"         # train augmentation: project (scale, crop, flip, +-10 percent colour) | openseg (official ProtoSeg) | mmseg (SegFormer, Swin, mmseg baselines)
+    aspect: tuple = (0.9, 1.1)        # openseg: aspect range of the random resize
+    img_scale: tuple = (2048, 512)    # mmseg: the (long, short) box the image is rescaled to fit before x scale
+    cat_max_ratio: float = 0.75       # mmseg: a crop is re-drawn (10x at most) while one class covers this share
+    channel_order: str = "rgb"        # rgb | bgr: model input channel order (official departure 9; on for the ProtoSeg release)
     batch_size: int = 8               # global, split over ranks
     iters: int = 1000                 # optimizer steps
     optimizer: str = "sgd"            # sgd | adamw
@@ -43,7 +49,8 @@ class Config:
     head_lr_mult: float = 1.0         # lr multiplier of the decoder and head (SegFormer recipe: 10)
     aux_loss_weight: float = 0.0      # UperNet's auxiliary FCN head on stage 3 (Swin recipe: 0.4; 0 = none)
     momentum: float = 0.9             # SGD momentum
-    weight_decay: float = 5e-4        # none on BN / LayerNorm / biases
+    weight_decay: float = 5e-4        # see no_decay_norms (MiT / Swin: their recipe's groups)
+    no_decay_norms: bool = True       # CNNs: no weight decay on 1-D tensors (BN, biases); official ProtoSeg / mmseg HRNet: decay on all
     class_weights: str = "none"       # none | cityscapes (official CE weights)
     num_prototypes: int = 10          # K prototypes per class
     kappa: float = 0.05               # Sinkhorn entropy weight (Eq. 9)
@@ -68,6 +75,9 @@ class Config:
     eval_every: int = 0               # iterations between evaluations; 0: only at the end
     ckpt_every: int = 500             # iterations between checkpoints (and at the end)
     eval_crop: tuple = (0, 0)         # sliding-window size H W (or N); 0: whole image
+    eval_stride: tuple = (0, 0)       # sliding-window stride H W (or N); 0: 2/3 of the window
+    eval_resize: tuple = (0, 0)       # test: rescale to fit (long, short) keeping the ratio, scores resized back to the label; 0: none
+    eval_divisor: int = 0             # test: after eval_resize, size rounded up to a multiple of this (SegFormer ADE20K: 32)
     eval_scales: tuple = (1.0,)       # test-time scales, scores summed
     eval_flip: bool = False           # add the horizontally flipped image
     val_size: int = 0                 # evaluate on the first N val images only (0 = all)
@@ -77,6 +87,8 @@ class Config:
     allow_changes: bool = False       # resume with settings that change the training trajectory
 
 
+MMSEG_512 = dict(pipeline="mmseg", img_scale=(2048, 512), cat_max_ratio=0.75, eval_resize=(2048, 512),
+                 no_decay_norms=False)
 # The published recipes. Cityscapes: EQUATIONS.md; ADE20K / COCO-Stuff: the common 512x512 schedules.
 PRESETS = {
     # CPU-sized: a tiny HRNet, 700 AdamW steps of batch 16 (~4.3 min on 2 cores). mu stays the paper's 0.999:
@@ -87,19 +99,23 @@ PRESETS = {
     "synthetic_modes": dict(backbone="hrnet_tiny", iters=700, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
                             batch_size=16, ckpt_every=100, log_every=25, head="softmax",
                             out_dir="runs/synthetic_modes"),
+    # openseg's pipeline (H_48_D_4_proto.json) and its optimiser (weight decay on every parameter)
     "cityscapes": dict(backbone="hrnet48", crop=(512, 1024), batch_size=8, iters=80000, lr=0.01,
-                       class_weights="cityscapes", out_dir="runs/cityscapes", eval_every=8000, ckpt_every=1000),
+                       class_weights="cityscapes", out_dir="runs/cityscapes", eval_every=8000, ckpt_every=1000,
+                       pipeline="openseg", no_decay_norms=False),
+    # the mmseg HRNet baselines' pipeline (_base_/datasets/ade20k.py, coco-stuff164k.py) and optimiser
     "ade20k": dict(backbone="hrnet48", crop=(512, 512), batch_size=16, iters=160000, lr=0.01,
-                   out_dir="runs/ade20k", eval_every=16000, ckpt_every=2000),
+                   out_dir="runs/ade20k", eval_every=16000, ckpt_every=2000, **MMSEG_512),
     "ade20k_full": dict(backbone="hrnet48", crop=(512, 512), batch_size=16, iters=160000, lr=0.01,
-                        out_dir="runs/ade20k_full", eval_every=16000, ckpt_every=2000),
+                        out_dir="runs/ade20k_full", eval_every=16000, ckpt_every=2000, **MMSEG_512),
     "coco_stuff": dict(backbone="hrnet48", crop=(512, 512), batch_size=16, iters=80000, lr=0.01,
-                       out_dir="runs/coco_stuff", eval_every=8000, ckpt_every=1000),
+                       out_dir="runs/coco_stuff", eval_every=8000, ckpt_every=1000, **MMSEG_512),
     "folder": dict(out_dir="runs/folder"),
 }
 FAMILIES = {"mit_": segformer, "swin_": swin}  # backbone prefix -> the file holding its RECIPES
 RECIPE_KEYS = ("optimizer", "lr", "weight_decay", "head_lr_mult", "lr_power", "warmup_iters", "iters", "batch_size",
-               "crop", "scale", "aux_loss_weight")
+               "crop", "scale", "aux_loss_weight", "pipeline", "img_scale", "cat_max_ratio", "eval_resize",
+               "eval_divisor", "eval_crop", "eval_stride")
 MODEL_KEYS = ("backbone", "head", "num_classes", "num_prototypes", "class_layernorm", "embed_layernorm",
               "normalize_width")
 # settings that change the training trajectory: a resumed run refuses other values unless --allow-changes
@@ -108,13 +124,19 @@ TRAJECTORY_KEYS = ("dataset", "ignore_value", "binary_masks", "crop", "scale", "
                    "momentum", "weight_decay", "class_weights", "kappa", "sinkhorn_iters", "proto_momentum",
                    "proto_momentum_warmup", "proto_init",
                    "lambda_ppc", "lambda_ppd", "tau", "update_correct_only", "local_stats", "dropout", "freeze_bn",
-                   "amp", "seed", "warmup_iters", "head_lr_mult", "aux_loss_weight")
+                   "amp", "seed", "warmup_iters", "head_lr_mult", "aux_loss_weight", "pipeline", "aspect", "img_scale",
+                   "cat_max_ratio", "channel_order", "no_decay_norms")
+# a checkpoint without these settings was made before they existed, with these values
+BEFORE_RECIPES = dict(pipeline="project", no_decay_norms=True, channel_order="rgb", eval_stride=(0, 0),
+                      eval_resize=(0, 0), eval_divisor=0)
 CHOICES = {"dataset": list(PRESETS), "backbone": models.backbone_names(), "head": ["protoseg", "softmax", "query"],
-           "optimizer": ["sgd", "adamw"], "proto_init": ["random", "data"], "class_weights": ["none", "cityscapes"], "amp": ["bf16", "fp16", "none"]}
+           "optimizer": ["sgd", "adamw"], "proto_init": ["random", "data"], "class_weights": ["none", "cityscapes"],
+           "pipeline": ["project", "openseg", "mmseg"], "channel_order": ["rgb", "bgr"], "amp": ["bf16", "fp16", "none"]}
 POSITIVE = {"batch_size", "iters", "lr", "log_every", "ckpt_every", "num_prototypes", "kappa", "sinkhorn_iters",
-            "tau", "crop"}
+            "tau", "crop", "img_scale", "aspect"}
 NON_NEGATIVE = {"workers", "eval_every", "val_size", "lambda_ppc", "lambda_ppd", "weight_decay", "momentum",
-                "dropout", "num_classes", "eval_crop", "lr_power", "seed", "proto_momentum_warmup"}
+                "dropout", "num_classes", "eval_crop", "lr_power", "seed", "proto_momentum_warmup", "eval_stride",
+                "eval_resize", "eval_divisor", "cat_max_ratio"}
 
 
 # ----------------------------------------------------------------------------- settings
@@ -146,9 +168,10 @@ def field_comments():
 
 
 def make_parser(dataset, backbone=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     chosen = preset(dataset, backbone) if dataset in PRESETS else {}
     shown = {**dataclasses.asdict(Config()), **chosen}
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=protocol(shown, f"--dataset {dataset}" + (f" --backbone {backbone}" if backbone else "")))
     comments = field_comments()
     for f in dataclasses.fields(Config):
         flag, default = "--" + f.name.replace("_", "-"), shown[f.name]
@@ -166,6 +189,26 @@ def make_parser(dataset, backbone=None):
     return p
 
 
+def protocol(s, chosen=""):
+    """The train and test protocol of settings s (a dict), in words: what --help ends with."""
+    train = {"project": f"the project's (scale {s['scale']}, crop, flip, +-10 percent colour jitter)",
+             "openseg": f"openseg's (scale {s['scale']} x aspect {s['aspect']} bicubic, crop at random, padded at a "
+                        "random offset, flip, brightness shift +-10)",
+             "mmseg": f"mmseg's (Resize to fit {s['img_scale']} x {s['scale']}, RandomCrop cat_max_ratio "
+                      f"{s['cat_max_ratio']}, flip, PhotoMetricDistortion, Pad)"}[s["pipeline"]]
+    crop, stride = tuple(s["eval_crop"]), tuple(s["eval_stride"])
+    test = "whole image" if not crop[0] else \
+        f"sliding window {crop}, stride {stride if stride[0] else '2/3 of the window'}"
+    if s["eval_resize"][0]:
+        test += f", rescaled to fit {tuple(s['eval_resize'])} keeping the ratio" + \
+            (f" (size a multiple of {s['eval_divisor']})" if s["eval_divisor"] else "") + ", scores back to the label"
+    decay = "norms and biases without weight decay" if s["no_decay_norms"] else "weight decay on every parameter"
+    decay = "the recipe's no-decay groups" if family(s["backbone"]) else decay
+    return textwrap.fill(f"{chosen or 'these settings'}: crop {tuple(s['crop'])}, batch {s['batch_size']}, {s['iters']} iterations; "
+            f"train pipeline {train}; {decay}; test {test}, scales {tuple(s['eval_scales'])}; input channel "
+            f"order {s['channel_order']}", 100)
+
+
 def family(backbone):
     """The module (segformer / swin) whose published recipe a transformer backbone trains with, or None."""
     prefix = next((p for p in FAMILIES if backbone.startswith(p)), None)
@@ -180,8 +223,8 @@ def preset(dataset, backbone=None):
     recipe = fam.RECIPES.get("ade20k" if dataset == "ade20k_full" else dataset) if fam is not None else None
     if recipe is not None:
         out.update({k: v for k, v in recipe.items() if k in RECIPE_KEYS})
-        if backbone == "mit_b5" and dataset in fam.MIT_CROP_B5:
-            out["crop"] = fam.MIT_CROP_B5[dataset]
+        if backbone == "mit_b5" and dataset in getattr(fam, "MIT_B5", {}):
+            out.update(fam.MIT_B5[dataset])
     return out
 
 
@@ -196,7 +239,7 @@ def parse_args(argv=None):
     dataset, backbone = known.dataset, known.backbone
     p = make_parser(dataset, backbone)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    for name in ("crop", "eval_crop"):
+    for name in ("crop", "eval_crop", "eval_stride"):
         if name in given:
             if len(given[name]) > 2:
                 p.error(f"--{name.replace('_', '-')} takes N or H W, got {len(given[name])} numbers")
@@ -222,6 +265,8 @@ def resolve(cfg, given):
     run_control = ("resume", "eval_only", "overwrite", "allow_changes")              # this command's, not the run's
     saved = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__ and k not in run_control}
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    if not ckpt.get("official"):                 # checkpoints from before these settings: what they trained with
+        saved = {**{k: v for k, v in BEFORE_RECIPES.items() if k not in saved}, **saved}
     keys = MODEL_KEYS + (() if cfg.eval_only or cfg.allow_changes else TRAJECTORY_KEYS)
     diff = [f"{k}: checkpoint {saved[k]!r} vs now {getattr(cfg, k)!r}" for k in keys
             if k in given and k in saved and saved[k] != getattr(cfg, k)]
@@ -232,5 +277,6 @@ def resolve(cfg, given):
     base = {**dataclasses.asdict(Config()), **preset(saved.get("dataset", cfg.dataset), saved.get("backbone")), **saved}
     cfg = Config(**{**base, **{k: getattr(cfg, k) for k in given | {"eval_only", "resume"}}})
     if ckpt.get("official") and is_master():
-        print(f"{path}: the official ProtoSeg format; evaluating it with official departures 1, 2 and 7 on")
+        print(f"{path}: the official ProtoSeg format; evaluating it with official departures 1, 2, 7 and 9 (BGR "
+              "input) on")
     return cfg, ckpt

@@ -46,10 +46,14 @@ RECIPES = {
     "ade20k": dict(optimizer="adamw", lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01, head_lr_mult=1.0,
                    lr_power=1.0, min_lr=0.0, warmup_iters=1500, warmup_ratio=1e-6, iters=160000, batch_size=16,
                    crop=(512, 512), scale=(0.5, 2.0), drop_path=0.3, decoder_dropout=0.1, aux_loss_weight=0.4,
-                   eval="whole"),
+                   eval="whole", pipeline="mmseg", img_scale=(2048, 512), cat_max_ratio=0.75,
+                   eval_resize=(2048, 512), eval_divisor=0, eval_crop=(0, 0), eval_stride=(0, 0)),
 }
-# Not in the official Swin seg repo (ADE20K only): the ADE20K recipe with SegFormer's Cityscapes crop and batch.
-RECIPES["cityscapes"] = dict(RECIPES["ade20k"], batch_size=8, crop=(1024, 1024), eval="slide 1024 stride 768")
+# Not in the official Swin seg repo (ADE20K only): the ADE20K recipe with SegFormer's Cityscapes crop, batch,
+# pipeline and test (mmseg's cityscapes_1024x1024: img_scale 2048 x 1024, windows 1024, stride 768).
+RECIPES["cityscapes"] = dict(RECIPES["ade20k"], batch_size=8, crop=(1024, 1024), eval="slide 1024 stride 768",
+                             img_scale=(2048, 1024), eval_resize=(2048, 1024), eval_crop=(1024, 1024),
+                             eval_stride=(768, 768))
 
 
 def no_weight_decay(name):

@@ -283,3 +283,46 @@ def test_miou_and_macc_with_a_class_absent_from_the_ground_truth_or_never_predic
     assert [m["acc"][c] for c in (0, 1, 3)] == pytest.approx(acc) and math.isnan(m["acc"][2]) and math.isnan(m["acc"][4])
     assert m["miou"] == pytest.approx(sum(iou) / 4) and m["macc"] == pytest.approx(sum(acc) / 3)
     assert m["aacc"] == pytest.approx(8 / 15)
+
+
+# ----------------------------------------------------------------------------- the release's input (official item 9)
+
+def official_input(path):
+    """openseg's test input, transcribed: cv2.imread (BGR uint8), ToTensor, Normalize(div 255, mean, std) channel by
+    channel in that (B, G, R) order. (1, 3, H, W)."""
+    bgr = np.array(Image.open(path).convert("RGB"))[..., ::-1]
+    x = torch.from_numpy(bgr.transpose(2, 0, 1).copy()).float().div(255.0)
+    for t, m, s in zip(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]):
+        t.sub_(m).div_(s)
+    return x[None]
+
+
+def test_release_model_input_equals_the_official_bgr_pipeline(tmp_path):
+    import settings
+    path = small_official_file(tmp_path)
+    cfg, ckpt = settings.resolve(*settings.parse_args(["--eval-only", "--resume", str(path), "--data-root",
+                                                       str(SAMPLE)]))
+    assert cfg.channel_order == "bgr" and ckpt["config"]["channel_order"] == "bgr"
+    _, val = train.make_datasets(cfg)
+    ref = official_input(SAMPLE / f"leftImg8bit/{FRAME}_leftImg8bit.png")[0]
+    torch.testing.assert_close(val[0]["image"], ref, rtol=0, atol=2e-6)
+    rgb = train.make_datasets(settings.Config(dataset="cityscapes", data_root=str(SAMPLE), eval_only=True))[1]
+    assert (rgb[0]["image"] - ref).abs().max() > 0.5                          # the project's default: RGB
+
+
+@torch.no_grad()
+def test_predict_labelids_of_the_release_equal_the_official_single_scale_test(tmp_path):
+    path = small_official_file(tmp_path)
+    out = tmp_path / "results"
+    predict.main(["--checkpoint", str(path), str(SAMPLE / "leftImg8bit/val"), "--labelids", "--out", str(out)])
+    ours = np.array(Image.open(out / f"frankfurt/frankfurt_000000_000294_leftImg8bit.png"))
+    net, _ = evaluate.load_model(path)                    # its forward equals the official one (test above)
+    x = official_input(SAMPLE / f"leftImg8bit/{FRAME}_leftImg8bit.png")
+    h, w = x.shape[-2:]
+    x = F.interpolate(x, size=(int(h * 1), int(w * 1)), mode="bilinear", align_corners=True)   # ss_test, scale 1
+    seg = F.interpolate(net.head(net.features(x)), size=(h, w), mode="bilinear", align_corners=True)
+    label_list = json.loads((REF / "cityscapes_labels.json").read_text())["train_classes"]["labelIds"]
+    ref = np.array(label_list, np.uint8)[seg.argmax(1)[0].numpy()]
+    assert np.array_equal(ours, ref)
+    rgb = net(data.normalize(np.array(Image.open(SAMPLE / f"leftImg8bit/{FRAME}_leftImg8bit.png"), np.float32))[None])
+    assert (np.array(label_list, np.uint8)[rgb.argmax(1)[0].numpy()] != ref).mean() > 0.05   # RGB input differs

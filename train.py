@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from collectives import all_reduce, is_master, setup_distributed
-from data import DatasetError, EvalTransform, TrainTransform, build_dataset, check_dataset
+from data import DatasetError, EvalTransform, build_dataset, check_dataset, train_transform
 from evaluate import autocast, evaluate, format_metrics, metrics_report
 from labels import CITYSCAPES_CLASS_WEIGHTS
 from models import load_pretrained, model_from_config
@@ -40,10 +40,14 @@ def make_datasets(cfg, log=print):
     """(train set or None for --eval-only, val set). Data errors become one-line user errors."""
     kw = dict(num_classes=cfg.num_classes, ignore_value=cfg.ignore_value,
               binary_masks=cfg.binary_masks) if cfg.dataset == "folder" else {}
+    augment = train_transform(cfg.pipeline, cfg.crop, cfg.scale, cfg.flip, cfg.channel_order, **(
+        dict(aspect=cfg.aspect) if cfg.pipeline == "openseg" else
+        dict(img_scale=cfg.img_scale, cat_max_ratio=cfg.cat_max_ratio) if cfg.pipeline == "mmseg" else {}))
     try:
         train = None if cfg.eval_only else build_dataset(
-            cfg.dataset, cfg.data_root or None, "train", TrainTransform(cfg.crop, cfg.scale, cfg.flip), seed=cfg.seed, **kw)
-        val = build_dataset(cfg.dataset, cfg.data_root or None, "val", EvalTransform(), seed=cfg.seed, **kw)
+            cfg.dataset, cfg.data_root or None, "train", augment, seed=cfg.seed, **kw)
+        val = build_dataset(cfg.dataset, cfg.data_root or None, "val",
+                            EvalTransform(cfg.channel_order, cfg.eval_resize, cfg.eval_divisor), seed=cfg.seed, **kw)
         say = log if is_master() else None                      # every file checked before the first step
         if train is not None:
             check_dataset(train, name="train", log=say)
@@ -79,12 +83,13 @@ def build(cfg, ckpt, device, world, log):
 
 
 def make_optimizer(cfg, net):
-    """Parameter groups by (weight decay?, lr multiplier). CNNs: no decay on norms and biases. MiT / Swin: the
-    family's no_weight_decay(name) (norms, position-bias tables); head_lr_mult on the decoder and head."""
+    """Parameter groups by (weight decay?, lr multiplier). CNNs: no decay on norms and biases with no_decay_norms,
+    else decay on every parameter (the official ProtoSeg / mmseg HRNet optimisers). MiT / Swin: the family's
+    no_weight_decay(name) (norms, position-bias tables); head_lr_mult on the decoder and head."""
     fam = family(cfg.backbone)
     groups = {}
     for name, p in net.named_parameters():
-        decay = not fam.no_weight_decay(name) if fam else p.ndim > 1
+        decay = not fam.no_weight_decay(name) if fam else p.ndim > 1 or not cfg.no_decay_norms
         mult = cfg.head_lr_mult if name.startswith(("neck.", "head.")) else 1.0
         groups.setdefault((decay, mult), []).append(p)
     groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_mult": mult}
@@ -246,7 +251,7 @@ def log_progress(cfg, it, loss, terms, lr, speed, device, log, log_file):
 def run_evaluation(cfg, model, val_set, device, rank, world, log):
     try:
         return evaluate(model, val_set, device, cfg.eval_crop, cfg.eval_scales, cfg.eval_flip, cfg.amp,
-                        cfg.val_size, cfg.workers, rank, world, log)
+                        cfg.val_size, cfg.workers, rank, world, log, stride=cfg.eval_stride)
     except DatasetError as e:
         fail(one_line(e))
 
