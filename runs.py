@@ -36,15 +36,17 @@ def one_line(error):
 def claim_out_dir(cfg, resuming):
     """out_dir belongs to one run: a lock file keeps a second one out; an earlier run's last.pt needs
     --resume or --overwrite. Returns the lock path (removed at exit)."""
+    lock = os.path.join(cfg.out_dir, "run.lock")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        lock = os.path.join(cfg.out_dir, "run.lock")
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
+        if not os.path.isdir(cfg.out_dir):
+            fail(f"--out-dir {cfg.out_dir} is a file, expected a folder (created if missing)")
         pid = open(lock).read().strip()
         if pid.isdigit() and _alive(int(pid)):
-            fail(f"out_dir {cfg.out_dir} is in use by another run (pid {pid}, {lock}); wait for it or choose "
-                 "another --out-dir")
+            fail(f"out_dir {cfg.out_dir} is in use by another run (pid {pid}, {lock}){_stale_hint(int(pid), lock)}; "
+                 "wait for it or choose another --out-dir")
         os.remove(lock)                                         # left by a run that died
         return claim_out_dir(cfg, resuming)
     except OSError as e:
@@ -57,6 +59,31 @@ def claim_out_dir(cfg, resuming):
         fail(f"{last} holds an earlier run; continue it with --resume auto, or replace it with --overwrite "
              "(or choose another --out-dir)")
     return lock
+
+
+def _stale_hint(pid, lock):
+    """A pid is reused after a restart: say what runs under it now, and how to clear a stale lock."""
+    try:
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        cmd = ""
+    what = f": it runs `{cmd[:80]}`, not train.py, so the lock is probably stale" if cmd and "train.py" not in cmd \
+        else ""
+    return f"{what}; if no run uses this folder (e.g. after a restart), delete {lock}"
+
+
+def run_complete(cfg, ckpt):
+    """A resumed run whose checkpoint is at --iters and whose log.jsonl holds the final metrics: nothing to do
+    (a message, or None when there is work left)."""
+    if ckpt is None or cfg.eval_only or ckpt.get("official") or ckpt.get("iter", 0) < cfg.iters:
+        return None
+    path = os.path.join(cfg.out_dir, "log.jsonl")
+    rows = [json.loads(r) for r in open(path).read().splitlines() if r.strip()] if os.path.isfile(path) else []
+    if not any("final" in r and r.get("iter") == ckpt["iter"] for r in rows):
+        return None                                             # stopped in its final evaluation: do that now
+    return (f"the run in {cfg.out_dir} is complete ({ckpt['iter']} of {cfg.iters} iterations, final metrics in "
+            f"{os.path.join(cfg.out_dir, 'metrics.json')}); nothing changed. To train longer: --iters N "
+            f"--allow-changes; to evaluate again: --eval-only --resume {os.path.join(cfg.out_dir, 'last.pt')}")
 
 
 def _alive(pid):

@@ -14,12 +14,16 @@ Exact resume: dropout is reseeded from (seed, rank, iteration) every step, data 
 functions of (seed, epoch, index), so a resumed run replays the same stream.
 """
 import dataclasses
+import gc
 import json
 import os
 import pickle
+import re
 import resource
+import signal
 import sys
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -30,7 +34,7 @@ from evaluate import autocast, evaluate, format_metrics, metrics_report
 from models import load_pretrained, model_from_config
 from protoseg import cluster_prototypes, seg_loss
 from collectives import all_reduce, is_master, setup_distributed
-from runs import claim_out_dir, fail, last_good, log_row, one_line, open_log, save_checkpoint
+from runs import claim_out_dir, fail, last_good, log_row, one_line, open_log, run_complete, save_checkpoint
 from settings import Config, family, parse_args, resolve  # noqa: F401  (Config: for users and tests)
 from swin import aux_loss
 
@@ -150,12 +154,15 @@ def next_batch(stream, world):
     return batch
 
 
-def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, log_file):
+def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, log_file, progress=None):
     """The loop: lr schedule, one step, log, checkpoint, evaluate now and then. Returns the seconds it took;
-    exits (code 1) on a non-finite loss, a diverged model or a data error."""
+    exits (code 1) on a non-finite loss, a diverged model or a data error. progress: {"done", "saved"} kept
+    current for the interrupt message (cli)."""
     opt = make_optimizer(cfg, net)
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.amp == "fp16")
     start = saved_it = restore(cfg, ckpt, opt, scaler, log)
+    progress = {} if progress is None else progress
+    progress.update(done=start, saved=start)
     weight = torch.tensor(CITYSCAPES_CLASS_WEIGHTS, device=device) if cfg.class_weights == "cityscapes" else None
     stream = batches(cfg, train_set, rank, world, start, device)
     model.train()
@@ -191,8 +198,10 @@ def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, l
             speed = (done - max(start, done - cfg.log_every)) / max(time.time() - t_last, 1e-9)
             t_last = time.time()
             log_progress(cfg, done, loss, terms, lr, speed, device, log, log_file)
+        progress["done"] = done
         if done % cfg.ckpt_every == 0 or done == cfg.iters:
             saved_it = save_checkpoint(cfg, net, opt, scaler, done, saved_it) if rank == 0 else done
+            progress["saved"] = saved_it
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iters:
             m = run_evaluation(cfg, model, val_set, device, rank, world, log)
             log(f"it {done}: val mIoU {100 * m['miou']:.2f}")
@@ -290,12 +299,16 @@ def run_evaluation(cfg, model, val_set, device, rank, world, log):
 
 # ----------------------------------------------------------------------------- main
 
-def main(argv=None):
+def main(argv=None, progress=None):
     cfg, given = parse_args(argv)
     cfg, ckpt = resolve(cfg, given)
+    progress = {} if progress is None else progress
+    progress.update(cfg=cfg, saved=ckpt.get("iter", 0) if ckpt else 0)
     rank, world, device = setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
     lock = None
+    if run_complete(cfg, ckpt):
+        return log(run_complete(cfg, ckpt))
     try:
         train_set, val_set = make_datasets(cfg, log)
         if ckpt is not None and ckpt["config"]["num_classes"] != val_set.num_classes:
@@ -319,7 +332,7 @@ def main(argv=None):
         log_file = open_log(cfg, ckpt["iter"] if ckpt and not cfg.eval_only and "iter" in ckpt else 0) \
             if rank == 0 and not cfg.eval_only else None
         seconds = 0.0 if cfg.eval_only else train(cfg, model, net, train_set, val_set, ckpt, device, rank, world,
-                                                   log, log_file)
+                                                   log, log_file, progress)
         metrics = run_evaluation(cfg, model, val_set, device, rank, world, log)
         metrics["train_time_s"] = seconds
         log(format_metrics(metrics, val_set.class_names))
@@ -337,5 +350,108 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------- the command
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, torchrun, docker stop), handled as Ctrl-C is."""
+
+
+def _on_sigterm(signum, frame, owner=os.getpid()):
+    if os.getpid() != owner:                                    # a forked DataLoader worker: die as asked
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    raise Terminated()
+
+
+PEER_LOST = re.compile(r"Connection (reset|closed) by peer|Broken pipe|remote process exited|NCCL communicator "
+                       r"was aborted|Socket Timeout|connection refused", re.I)
+NO_MEMORY = re.compile(r"out of memory|can't allocate memory|failed to allocate", re.I)
+
+
+def cli(argv=None):
+    """main() as a command: Ctrl-C / SIGTERM, a torchrun peer's death and an allocation failure end in one line
+    (exit 130 / 143 / 1) with the lock removed and the DataLoader workers stopped, never a stack trace."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    progress, code = {}, 0
+    try:
+        main(argv, progress)
+    except KeyboardInterrupt as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)            # a second Ctrl-C must not break the clean-up
+        code = 143 if isinstance(e, Terminated) else 130
+        _release(e)
+        _say(interrupted_line(progress))
+    except (MemoryError, RuntimeError) as e:
+        text = " ".join(str(e).split())
+        if isinstance(e, MemoryError) or NO_MEMORY.search(text):
+            code = 1
+            _release(e)
+            _say("error: " + out_of_memory_line(progress, text))
+        elif PEER_LOST.search(text) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            code = 1
+            _release(e)
+            if _first_to_report():
+                _say("error: " + peer_lost_line(progress, text))
+        else:
+            raise
+    sys.exit(code)
+
+
+def _release(e):
+    """Drop the frames the exception holds (the data stream and its DataLoader workers), so they shut down now."""
+    traceback.clear_frames(e.__traceback__)
+    gc.collect()
+
+
+def _say(line):
+    if int(os.environ.get("RANK", "0")) == 0 or line.startswith("error: rank"):
+        print(line, file=sys.stderr, flush=True)
+
+
+def _first_to_report():
+    """Under torchrun every survivor sees the lost peer: the first to reach the rendezvous store reports it; a
+    survivor that cannot reach the store (its host died) reports too."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        return store.add("protoseg_peer_lost", 1) == 1
+    except Exception:
+        return True
+
+
+def _iterations(progress):
+    cfg = progress.get("cfg")
+    done, saved = progress.get("done"), progress.get("saved", 0)
+    where = (f"after iteration {done}" if done is not None and (cfg is None or done < cfg.iters)
+             else f"in the final evaluation (iteration {done})" if done is not None else "before the first iteration")
+    kept = f"last.pt holds iteration {saved}" if saved else "no checkpoint of this run was written"
+    return where, kept
+
+
+def interrupted_line(progress):
+    cfg = progress.get("cfg")
+    if cfg is not None and cfg.eval_only:
+        return f"interrupted during the evaluation of {cfg.resume}; nothing written"
+    where, kept = _iterations(progress)
+    return f"interrupted {where}; {kept}; --resume auto continues" if progress.get("saved") else \
+        f"interrupted {where}; {kept}; run the same command to start it"
+
+
+def out_of_memory_line(progress, text):
+    cfg = progress.get("cfg")
+    where, kept = _iterations(progress)
+    asked = re.search(r"allocate ([\d.]+ ?[KMGT]?i?B|\d+ bytes)", text)
+    sizes = (f"--crop {' '.join(map(str, cfg.crop))}, --batch-size {cfg.batch_size}"
+             f"{', --eval-crop ' + ' '.join(map(str, cfg.eval_crop)) if cfg.eval_crop[0] else ''}"
+             if cfg else "these settings")
+    return (f"out of memory {where} with {sizes}{' (tried to allocate ' + asked[1] + ')' if asked else ''}; "
+            f"expected sizes that fit this device: lower --crop or --batch-size (--eval-crop for evaluation); {kept}")
+
+
+def peer_lost_line(progress, text):
+    where, kept = _iterations(progress)
+    reason = PEER_LOST.search(text)[0]
+    return (f"rank {os.environ.get('RANK', '?')}: another rank stopped {where} ({reason}); its own message, if any, "
+            f"is above; {kept}; --resume auto continues")
+
+
 if __name__ == "__main__":
-    main()
+    cli()
