@@ -22,6 +22,7 @@ import re
 import resource
 import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -193,12 +194,11 @@ def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, l
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        done = it + 1
+        done = progress["done"] = it + 1
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.iters):
             speed = (done - max(start, done - cfg.log_every)) / max(time.time() - t_last, 1e-9)
             t_last = time.time()
             log_progress(cfg, done, loss, terms, lr, speed, device, log, log_file)
-        progress["done"] = done
         if done % cfg.ckpt_every == 0 or done == cfg.iters:
             saved_it = save_checkpoint(cfg, net, opt, scaler, done, saved_it) if rank == 0 else done
             progress["saved"] = saved_it
@@ -357,9 +357,8 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum, frame, owner=os.getpid()):
-    if os.getpid() != owner:                                    # a forked DataLoader worker: die as asked
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+    if os.getpid() != owner:                # a forked DataLoader worker (kill -TERM to the group): leave quietly,
+        os._exit(0)                         # exit 0 so torch's SIGCHLD check does not report it as a failure
     raise Terminated()
 
 
@@ -397,7 +396,11 @@ def cli(argv=None):
 
 
 def _release(e):
-    """Drop the frames the exception holds (the data stream and its DataLoader workers), so they shut down now."""
+    """Drop the frames the exception holds (the data stream and its DataLoader workers), so they shut down now,
+    quietly: a worker killed by the same signal is no failure (torch's SIGCHLD check), nor is a worker's socket
+    closing under multiprocessing's fd-sharing thread."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    threading.excepthook = lambda args: None
     traceback.clear_frames(e.__traceback__)
     gc.collect()
 
