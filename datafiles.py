@@ -131,6 +131,8 @@ TURNED = {5: "transposed", 6: "rotated 90 degrees", 7: "transversed", 8: "rotate
 
 
 def _orientation(im):
+    if im.format == "PNG" and "exif" not in im.info:  # PIL would decode the whole PNG to look for a late eXIf
+        return 1
     try:
         return im.getexif().get(0x0112, 1)      # EXIF Orientation; 1 = as stored
     except Exception:                           # unreadable EXIF: no orientation to apply

@@ -10,6 +10,7 @@ is healthy, log.jsonl that a resumed run continues, and one-line user errors.
 import dataclasses
 import json
 import os
+import re
 import sys
 
 import torch
@@ -159,3 +160,56 @@ def log_row(f, row):
     if f is not None:
         f.write(json.dumps(row) + "\n")
         f.flush()
+
+
+# ----------------------------------------------------------------------------- how a run stops: one line each
+
+PEER_LOST = re.compile(r"Connection (reset|closed) by peer|Broken pipe|remote process exited|NCCL communicator "
+                       r"was aborted|Socket Timeout|connection refused", re.I)
+NO_MEMORY = re.compile(r"out of memory|can't allocate memory|failed to allocate", re.I)
+
+
+def first_to_report():
+    """Under torchrun every survivor sees the lost peer: the first to reach the rendezvous store reports it; a
+    survivor that cannot reach the store (its host died) reports too."""
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        return store.add("protoseg_peer_lost", 1) == 1
+    except Exception:
+        return True
+
+
+def _iterations(progress):
+    cfg = progress.get("cfg")
+    done, saved = progress.get("done"), progress.get("saved", 0)
+    where = (f"after iteration {done}" if done and (cfg is None or done < cfg.iters)
+             else f"in the final evaluation (iteration {done})" if done else "before the first iteration ended")
+    kept = f"last.pt holds iteration {saved}" if saved else "no checkpoint of this run was written"
+    return where, kept
+
+
+def interrupted_line(progress):
+    cfg = progress.get("cfg")
+    if cfg is not None and cfg.eval_only:
+        return f"interrupted during the evaluation of {cfg.resume}; nothing written"
+    where, kept = _iterations(progress)
+    return f"interrupted {where}; {kept}; --resume auto continues" if progress.get("saved") else \
+        f"interrupted {where}; {kept}; run the same command to start it"
+
+
+def out_of_memory_line(progress, text):
+    cfg = progress.get("cfg")
+    where, kept = _iterations(progress)
+    asked = re.search(r"allocate ([\d.]+ ?[KMGT]?i?B|\d+ bytes)", text)
+    sizes = (f"--crop {' '.join(map(str, cfg.crop))}, --batch-size {cfg.batch_size}"
+             f"{', --eval-crop ' + ' '.join(map(str, cfg.eval_crop)) if cfg.eval_crop[0] else ''}"
+             if cfg else "these settings")
+    return (f"out of memory {where} with {sizes}{' (tried to allocate ' + asked[1] + ')' if asked else ''}; "
+            f"expected sizes that fit this device: lower --crop or --batch-size (--eval-crop for evaluation); {kept}")
+
+
+def peer_lost_line(progress, text):
+    where, kept = _iterations(progress)
+    reason = PEER_LOST.search(text)[0]
+    return (f"rank {os.environ.get('RANK', '?')}: another rank stopped {where} ({reason}); its own message, if any, "
+            f"is above; {kept}; --resume auto continues")

@@ -18,7 +18,6 @@ import gc
 import json
 import os
 import pickle
-import re
 import resource
 import signal
 import sys
@@ -35,7 +34,8 @@ from evaluate import autocast, evaluate, format_metrics, metrics_report
 from models import load_pretrained, model_from_config
 from protoseg import cluster_prototypes, seg_loss
 from collectives import all_reduce, is_master, setup_distributed
-from runs import claim_out_dir, fail, last_good, log_row, one_line, open_log, run_complete, save_checkpoint
+from runs import (NO_MEMORY, PEER_LOST, claim_out_dir, fail, first_to_report, interrupted_line, last_good, log_row,
+                  one_line, open_log, out_of_memory_line, peer_lost_line, run_complete, save_checkpoint)
 from settings import Config, family, parse_args, resolve  # noqa: F401  (Config: for users and tests)
 from swin import aux_loss
 
@@ -362,11 +362,6 @@ def _on_sigterm(signum, frame, owner=os.getpid()):
     raise Terminated()
 
 
-PEER_LOST = re.compile(r"Connection (reset|closed) by peer|Broken pipe|remote process exited|NCCL communicator "
-                       r"was aborted|Socket Timeout|connection refused", re.I)
-NO_MEMORY = re.compile(r"out of memory|can't allocate memory|failed to allocate", re.I)
-
-
 def cli(argv=None):
     """main() as a command: Ctrl-C / SIGTERM, a torchrun peer's death and an allocation failure end in one line
     (exit 130 / 143 / 1) with the lock removed and the DataLoader workers stopped, never a stack trace."""
@@ -388,7 +383,7 @@ def cli(argv=None):
         elif PEER_LOST.search(text) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             code = 1
             _release(e)
-            if _first_to_report():
+            if first_to_report():
                 _say("error: " + peer_lost_line(progress, text))
         else:
             raise
@@ -408,52 +403,6 @@ def _release(e):
 def _say(line):
     if int(os.environ.get("RANK", "0")) == 0 or line.startswith("error: rank"):
         print(line, file=sys.stderr, flush=True)
-
-
-def _first_to_report():
-    """Under torchrun every survivor sees the lost peer: the first to reach the rendezvous store reports it; a
-    survivor that cannot reach the store (its host died) reports too."""
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        return store.add("protoseg_peer_lost", 1) == 1
-    except Exception:
-        return True
-
-
-def _iterations(progress):
-    cfg = progress.get("cfg")
-    done, saved = progress.get("done"), progress.get("saved", 0)
-    where = (f"after iteration {done}" if done is not None and (cfg is None or done < cfg.iters)
-             else f"in the final evaluation (iteration {done})" if done is not None else "before the first iteration")
-    kept = f"last.pt holds iteration {saved}" if saved else "no checkpoint of this run was written"
-    return where, kept
-
-
-def interrupted_line(progress):
-    cfg = progress.get("cfg")
-    if cfg is not None and cfg.eval_only:
-        return f"interrupted during the evaluation of {cfg.resume}; nothing written"
-    where, kept = _iterations(progress)
-    return f"interrupted {where}; {kept}; --resume auto continues" if progress.get("saved") else \
-        f"interrupted {where}; {kept}; run the same command to start it"
-
-
-def out_of_memory_line(progress, text):
-    cfg = progress.get("cfg")
-    where, kept = _iterations(progress)
-    asked = re.search(r"allocate ([\d.]+ ?[KMGT]?i?B|\d+ bytes)", text)
-    sizes = (f"--crop {' '.join(map(str, cfg.crop))}, --batch-size {cfg.batch_size}"
-             f"{', --eval-crop ' + ' '.join(map(str, cfg.eval_crop)) if cfg.eval_crop[0] else ''}"
-             if cfg else "these settings")
-    return (f"out of memory {where} with {sizes}{' (tried to allocate ' + asked[1] + ')' if asked else ''}; "
-            f"expected sizes that fit this device: lower --crop or --batch-size (--eval-crop for evaluation); {kept}")
-
-
-def peer_lost_line(progress, text):
-    where, kept = _iterations(progress)
-    reason = PEER_LOST.search(text)[0]
-    return (f"rank {os.environ.get('RANK', '?')}: another rank stopped {where} ({reason}); its own message, if any, "
-            f"is above; {kept}; --resume auto continues")
 
 
 if __name__ == "__main__":
