@@ -257,6 +257,9 @@ TINY = ["--backbone", "hrnet_tiny", "--crop", "64", "--batch-size", "4", "--val-
         "--num-prototypes", "3", "--log-every", "1"]
 
 
+QUICK = TINY[:2] + ["--crop", "32", "--batch-size", "2"] + TINY[6:]   # for the runs that are stopped midway
+
+
 def user_error(capsys, fn, *args):
     """The one stderr line of a user error (exit code 1) that fn raises."""
     with pytest.raises(SystemExit) as e:
@@ -339,6 +342,8 @@ def test_eval_only_never_touches_the_training_record_and_a_finished_run_stays_fi
 def test_stale_lock_of_a_live_unrelated_process_says_it_may_be_stale(tmp_path, capsys):
     other = subprocess.Popen(["sleep", "30"])
     try:
+        while not open(f"/proc/{other.pid}/cmdline", "rb").read().startswith(b"sleep"):
+            pass                                                        # until the fork has become `sleep`
         (tmp_path / "run.lock").write_text(str(other.pid))
         msg = user_error(capsys, runs.claim_out_dir, train.Config(out_dir=str(tmp_path)), False)
         assert "it runs `sleep 30`, not train.py, so the lock is probably stale" in msg
@@ -377,8 +382,8 @@ def _run_until(args, line_start, env=None):
 
 @pytest.mark.parametrize("sig, code, group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)])
 def test_ctrl_c_and_sigterm_end_in_one_line_with_lock_and_workers_gone(tmp_path, sig, code, group):
-    args = [a if a != "0" else "2" for a in TINY] + ["--ckpt-every", "2", "--iters", "300",  # 2 workers
-                                                     "--out-dir", str(tmp_path)]
+    args = [a if a != "0" else "1" for a in QUICK] + ["--ckpt-every", "2", "--iters", "300",  # 1 worker
+                                                      "--out-dir", str(tmp_path)]
     p = _run_until(args, "it 3/")
     (os.killpg if group else os.kill)(p.pid, sig)                  # Ctrl-C reaches the whole group, as a terminal's
     _, err = p.communicate(timeout=120)
@@ -393,7 +398,7 @@ def test_a_dead_torchrun_peer_is_reported_once_in_one_line(tmp_path):
     s.bind(("127.0.0.1", 0))
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(s.getsockname()[1])}
     s.close()
-    args = [sys.executable, "train.py", *TINY, "--ckpt-every", "2", "--iters", "300", "--out-dir", str(tmp_path)]
+    args = [sys.executable, "train.py", *QUICK, "--batch-size", "4", "--ckpt-every", "2", "--iters", "300", "--out-dir", str(tmp_path)]
     peer = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**env, "RANK": "1"})
     survivor = _run_until(args[2:], "it 3/", {**env, "RANK": "0"})
