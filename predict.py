@@ -23,6 +23,7 @@ from PIL import Image
 
 import data
 from evaluate import CheckpointError, load_model, predict_scores
+from settings import number  # the ranges train.py checks: scales > 0, crops >= 0, finite
 
 LABELS = {"cityscapes": (data.CITYSCAPES_CLASSES, data.CITYSCAPES_PALETTE),
           "ade20k": (data.ADE20K_CLASSES, data.ADE20K_PALETTE),
@@ -84,8 +85,8 @@ def parse_args(argv):
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--class", dest="cls", default=None,
                    help="class (name or index) for the prototype map (default: the most predicted non-first class)")
-    p.add_argument("--eval-crop", nargs="+", type=int, default=[0], help="sliding-window size H W or N (0: whole)")
-    p.add_argument("--eval-scales", nargs="+", type=float, default=[1.0], help="test-time scales (default: 1)")
+    p.add_argument("--eval-crop", nargs="+", type=number(int, "eval_crop"), default=[0], help="sliding-window size H W or N (0: whole)")
+    p.add_argument("--eval-scales", nargs="+", type=number(float, "eval_scales"), default=[1.0], help="test-time scales (default: 1)")
     p.add_argument("--eval-flip", action="store_true", help="add the horizontally flipped image")
     p.add_argument("--labelids", action="store_true", help="only Cityscapes labelId PNGs (a submission folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
