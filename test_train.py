@@ -196,7 +196,7 @@ def test_bad_flags_are_refused_by_the_parser(flags, capsys):
 
 
 def test_flags_are_case_insensitive_and_crop_n_is_square():
-    cfg, _ = train.parse_args(["--optimizer", "SGD", "--class-weights", "Cityscapes", "--crop", "32",
+    cfg, _ = train.parse_args(["--dataset", "cityscapes", "--optimizer", "SGD", "--class-weights", "Cityscapes", "--crop", "32",
                                "--eval-crop", "48"])
     assert (cfg.optimizer, cfg.class_weights, cfg.crop, cfg.eval_crop) == ("sgd", "cityscapes", (32, 32), (48, 48))
 
