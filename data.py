@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 import transforms
-from datafiles import (LOSSY, DatasetError, _same_size, ade20k_full_ids, check_dataset,  # noqa: F401
+from datafiles import (LOSSY, DatasetError, _same_size, path_problem, ade20k_full_ids, check_dataset,  # noqa: F401
                        map_labels, read_image, read_label)
 from labels import (ADE20K_CLASSES, ADE20K_FULL_CLASSES, ADE20K_FULL_LUT, ADE20K_FULL_PALETTE,  # noqa: F401
                     ADE20K_FULL_RAW_IDS, ADE20K_FULL_TIF_LUT, ADE20K_LUT, ADE20K_PALETTE, CITYSCAPES_CLASSES,
@@ -276,6 +276,9 @@ def _by_name(d, exts, what):
     found = {}
     for p in sorted(d.iterdir()):
         ext = p.suffix.lower()
+        if p.is_symlink() and not p.exists() and ext in exts:  # a loop or a dangling link: not a missing file
+            raise DatasetError(f"broken {what} link in {p}: {path_problem(p)}, expected a link to an {what} file; "
+                               "fix or remove the link")
         if p.name.startswith(".") or not p.is_file():  # hidden files, e.g. macOS ._NAME.png
             continue
         if what == "mask" and ext in (".jpg", ".jpeg"):

@@ -7,12 +7,17 @@
     map_labels(raw, lut, path, rule) -> HxW int32 train ids   (the one place that applies labels.py's tables)
     check_dataset(dataset, values=False, name="")   every pair from its headers, in a thread pool
 """
+import errno
+import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile, ImageOps
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # PIL's default, restated: a file cut short is an error, never grey rows
 
 from labels import INVALID
 
@@ -36,6 +41,19 @@ LABEL_MODES = ("L", "P", "I;16", "I;16L", "I;16B", "I;16N", "I")  # one integer 
 LOSSY = ("lossy compression changes ids along every edge, expected a lossless PNG, TIFF or BMP; export the masks "
          "as PNG from their source, not from the JPEG")
 _ENDS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}  # the last chunk / marker of a complete file
+
+
+def path_problem(path):
+    """Why `path` cannot be opened, in words: a symlink loop, a link to a missing target, or not found."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        if os.path.islink(path):
+            return f"a broken link to {os.readlink(path)}"
+        return "not found"
+    return "found"
 
 
 def _unreadable(path, what, e):
@@ -90,13 +108,109 @@ def read_image(path):
     """Image file -> HxWx3 uint8 RGB (datasets and predict.py). One-channel 16-bit, 32-bit or float images (PNG
     I;16, TIFF) are stretched from their own min..max to 0..255: convert("RGB") would clip them to white, and the
     bit depth does not say the range used (a 12-bit sensor fills 0..4095). 16-bit RGB PNGs keep the high byte."""
-    with _open(path, "image") as im:
+    if str(path).lower().endswith((".jpg", ".jpeg")):
+        _check_jpeg(path)
+    with _open(path, "image") as im, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        im = _upright(im, path)
         if im.mode not in WIDE_MODES:
-            return _pixels(im, path, "image", "RGB")
-        a = _pixels(im, path, "image").astype(np.float64)
+            a = _pixels(im, path, "image", "RGB")
+        else:
+            a = _pixels(im, path, "image").astype(np.float64)
+        bad = [w for w in seen if "PIL" in w.filename and not issubclass(w.category, Image.DecompressionBombWarning)]
+        if bad:  # the decoder noticed damage (e.g. TIFF "Truncated File Read", corrupt EXIF) and went on
+            raise _unreadable(path, "image", bad[0].message)
+        if im.mode not in WIDE_MODES:
+            return a
     lo, hi = (a.min(), a.max()) if a.size else (0, 0)
     a = ((a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)).round().astype(np.uint8)
     return np.repeat(a[..., None], 3, 2)
+
+
+TURNED = {5: "transposed", 6: "rotated 90 degrees", 7: "transversed", 8: "rotated 270 degrees"}  # W, H swap
+
+
+def _orientation(im):
+    if im.format == "PNG" and "exif" not in im.info:  # PIL would decode the whole PNG to look for a late eXIf
+        return 1
+    try:
+        return im.getexif().get(0x0112, 1)      # EXIF Orientation; 1 = as stored
+    except Exception:                           # unreadable EXIF: no orientation to apply
+        return 1
+
+
+def _upright(im, path):
+    """The image as viewers show it: EXIF orientation applied (ImageOps.exif_transpose, as mmcv's and PIL-based
+    loaders do). Labels are read as stored (mmseg's LoadAnnotations: 'unchanged')."""
+    if _orientation(im) == 1:
+        return im
+    try:
+        return ImageOps.exif_transpose(im)
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise _unreadable(path, "image", e) from e
+
+
+def _upright_size(im):
+    w, h = im.size
+    return (h, w) if _orientation(im) in TURNED else (w, h)
+
+
+def _check_jpeg(path):
+    """A JPEG's marker structure walked to its end (PIL hides libjpeg's warnings and decodes damage as grey or
+    garbage rows): segments in bounds, scan data holding only stuffed bytes and RST0-7 in order, an EOI after the
+    last scan. Entropy damage that keeps the structure cannot be seen without a second decoder."""
+    data = open(path, "rb").read()
+    fail = lambda found: DatasetError(f"damaged image in {path}: {found}, expected a complete JPEG; re-download or "
+                                      "re-export it")
+    if data[:2] != b"\xff\xd8":
+        raise fail("no JPEG start marker")
+    i, frame, interval = 2, None, 0
+    while True:
+        while i < len(data) and data[i] == 0xFF:            # fill bytes before a marker
+            i += 1
+        if i >= len(data):
+            raise DatasetError(f"truncated image in {path}: no JPEG end marker after byte {len(data)}, expected a "
+                               "complete file; re-download or re-extract it")
+        if data[i - 1] != 0xFF:
+            raise fail(f"byte {data[i]:#04x} at offset {i} where a marker belongs")
+        m = data[i]
+        i += 1
+        if m == 0xD9:                                       # EOI
+            return
+        if 0xD0 <= m <= 0xD7 or m == 0x01:                  # markers without a length
+            continue
+        if i + 2 > len(data) or int.from_bytes(data[i:i + 2], "big") < 2:
+            raise fail(f"a segment (marker {m:#04x}) cut short at offset {i}")
+        seg, i = data[i + 2:i + int.from_bytes(data[i:i + 2], "big")], i + int.from_bytes(data[i:i + 2], "big")
+        if m in (0xC0, 0xC1) and len(seg) >= 6:             # baseline frame: H, W, sampling factors
+            h, w, n = int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5]
+            hs, vs = [seg[7 + 3 * k] >> 4 for k in range(n)], [seg[7 + 3 * k] & 15 for k in range(n)]
+            frame = (-(-w // (8 * max(hs))) * -(-h // (8 * max(vs))), n) if n and len(seg) >= 6 + 3 * n else None
+        if m == 0xDD and len(seg) >= 2:                     # DRI: an RSTn every `interval` MCUs
+            interval = int.from_bytes(seg[:2], "big")
+        if m != 0xDA:                                       # SOS: entropy-coded data follows
+            continue
+        rst, count = 0, 0
+        while True:
+            i = data.find(b"\xff", i)
+            if i < 0 or i + 1 >= len(data):
+                raise DatasetError(f"truncated image in {path}: its scan data ends without a JPEG end marker, "
+                                   f"{len(data)} bytes, expected a complete file; re-download or re-extract it")
+            nxt = data[i + 1]
+            if nxt == 0x00 or nxt == 0xFF:                  # stuffed 0xFF, or fill before a marker
+                i += 1 if nxt == 0xFF else 2
+            elif 0xD0 <= nxt <= 0xD7:
+                if nxt != 0xD0 + rst:
+                    raise fail(f"restart marker RST{nxt - 0xD0} at offset {i} after RST{(rst - 1) % 8}, "
+                               "expected them in order")
+                rst, count, i = (rst + 1) % 8, count + 1, i + 2
+            elif 0xC0 <= nxt <= 0xFE:                       # the scan ends at the next marker
+                break
+            else:
+                raise fail(f"bytes 0xff {nxt:#04x} at offset {i} inside the scan data")
+        if frame and interval and seg[:1] == bytes([frame[1]]) and count != -(-frame[0] // interval) - 1:
+            raise fail(f"{count} restart markers in its scan where {frame[0]} blocks need "
+                       f"{-(-frame[0] // interval) - 1} (data cut short or damaged)")
 
 
 def _check_label_mode(im, path, rgb):
@@ -149,9 +263,19 @@ def map_labels(raw, lut, path, rule):
 
 
 def _same_size(ip, lp, isize, lsize):
+    """isize: the image as shown (EXIF orientation applied). A label that fits the stored, unturned pixels says so."""
     if tuple(isize) != tuple(lsize):
+        turn = ""
+        if tuple(isize[::-1]) == tuple(lsize):
+            with _open(ip, "image") as im:
+                o = _orientation(im)
+            if o in TURNED:
+                turn = (f" (the image's EXIF orientation {o}: shown and read {TURNED[o]}; the label fits its stored, "
+                        "unturned pixels: draw the label on the image as viewers show it, or remove the image's "
+                        "EXIF orientation tag)")
         raise DatasetError(f"label size in {lp}: {lsize[0]}x{lsize[1]} (WxH), expected the size of its image "
-                           f"{ip}, {isize[0]}x{isize[1]}; re-export the label at the image's size or fix the pairing")
+                           f"{ip}, {isize[0]}x{isize[1]}{turn}; re-export the label at the image's size or fix the "
+                           "pairing")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -170,9 +294,11 @@ def _check_pair(ds, i, values):
     try:
         with _open(ip, "image") as im:
             _check_end(im, ip, "image")
-            isize = im.size
+            isize = _upright_size(im)
             if values and im.format == "PNG":
                 _verify(im, ip)
+            if values and im.format == "JPEG":
+                _check_jpeg(ip)
         with _open(lp, "label") as im:
             _check_label_mode(im, lp, ds.rgb_ids is not None)
             _check_end(im, lp, "label")

@@ -304,11 +304,15 @@ def format_metrics(m, class_names):
     pct = lambda v: "  n/a" if v is None or math.isnan(v) else f"{100 * v:5.1f}"
     lines = [f"val mIoU {pct(m['miou'])} | mAcc {pct(m['macc'])} | aAcc {pct(m['aacc'])} | {m['images']} images"]
     for c, name in enumerate(class_names):
-        extra = f" | prototypes in use {m['prototypes_in_use'][c]}" if "prototypes_in_use" in m else ""
+        used = m["prototypes_in_use"][c] if "prototypes_in_use" in m else None
+        extra = f" | prototypes in use {'n/a' if used is None else used}" if "prototypes_in_use" in m else ""
         extra += f" | prototype purity {pct(m['purity'][c])}" if "purity" in m else ""
         lines.append(f"  {name[:20]:>20s}: IoU {pct(m['iou'][c])} | Acc {pct(m['acc'][c])}{extra}")
     if "purity" in m:
         lines.append(f"mean prototype purity {pct(mean_of(m['purity']))}")
+    if m["aacc"] is None or math.isnan(m["aacc"]):              # no pixel counted at all
+        lines.append(f"val has no labelled pixel in its {m['images']} images (every label is ignore): no metric "
+                     "can be computed; check the val masks and --ignore-value")
     if "mean_iiou" in m:
         lines.append(f"Cityscapes: iIoU {pct(m['mean_iiou'])} | category IoU {pct(m['mean_category_iou'])} | "
                      f"category iIoU {pct(m['mean_category_iiou'])}")
@@ -383,10 +387,28 @@ def load_checkpoint(path):
         raise CheckpointError(f"checkpoint {path} has {keys}; expected train.py's {{'model', 'config', ...}} or the "
                               "official ProtoSeg {'state_dict': {'prototypes', 'backbone.*', ...}}. For ImageNet "
                               "backbone weights use train.py --pretrained")
+    _check_content(ckpt, path)
     if not ckpt["config"].get("num_classes"):                  # older checkpoints: read it off the head
-        head = {k: v for k, v in ckpt["model"].items() if k in ("head.prototypes", "head.classifier.weight", "head.queries")}
+        head = {k: v for k, v in ckpt["model"].items() if k in HEAD_KEYS}
         ckpt["config"]["num_classes"] = next(iter(head.values())).shape[0]
     return {**ckpt, "official": False}
+
+
+HEAD_KEYS = ("head.prototypes", "head.classifier.weight", "head.queries")
+
+
+def _check_content(ckpt, path):
+    """The right keys with nothing (or the wrong things) in them: one CheckpointError naming what is missing."""
+    model, cfg = ckpt["model"], ckpt["config"]
+    problem = ("its model holds no weights" if not model else
+               "its model holds non-tensor values" if not all(torch.is_tensor(v) for v in model.values()) else
+               f"its config lacks {[k for k in ('backbone', 'head') if not isinstance(cfg.get(k), str)]}"
+               if not all(isinstance(cfg.get(k), str) for k in ("backbone", "head")) else
+               "its model has no head (prototypes or classifier)" if not any(k in model for k in HEAD_KEYS) else None)
+    if problem:
+        raise CheckpointError(f"checkpoint {path}: {problem}, expected a model state dict and its settings as "
+                              "train.py writes them (runs/*/last.pt); the file was written incompletely or by "
+                              "another program")
 
 
 def load_model(path, device="cpu", defaults=None):

@@ -24,6 +24,7 @@ from PIL import Image
 import data
 from evaluate import CheckpointError, load_model, predict_scores
 from labels import CLASS_TABLES, IMAGE_EXTS
+from settings import number  # the ranges train.py checks: scales > 0, crops >= 0, finite
 
 
 
@@ -79,14 +80,14 @@ def parse_args(argv):
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--class", dest="cls", default=None,
                    help="class (name or index) for the prototype map (default: the most predicted non-first class)")
-    p.add_argument("--eval-crop", nargs="+", type=int, default=None,
+    p.add_argument("--eval-crop", nargs="+", type=number(int, "eval_crop"), default=None,
                    help="sliding-window size H W or N (0: whole; default: the checkpoint's)")
-    p.add_argument("--eval-stride", nargs="+", type=int, default=None,
+    p.add_argument("--eval-stride", nargs="+", type=number(int, "eval_stride"), default=None,
                    help="sliding-window stride H W or N (0: 2/3 of the window; default: the checkpoint's)")
-    p.add_argument("--eval-resize", nargs="+", type=int, default=None,
+    p.add_argument("--eval-resize", nargs="+", type=number(int, "eval_resize"), default=None,
                    help="rescale to fit LONG SHORT keeping the ratio, labels at the image's size (0: none; default: "
                         "the checkpoint's)")
-    p.add_argument("--eval-scales", nargs="+", type=float, default=[1.0], help="test-time scales (default: 1)")
+    p.add_argument("--eval-scales", nargs="+", type=number(float, "eval_scales"), default=[1.0], help="test-time scales (default: 1)")
     p.add_argument("--eval-flip", action="store_true", help="add the horizontally flipped image")
     p.add_argument("--channel-order", choices=["rgb", "bgr"], default=None,
                    help="model input channel order (default: the checkpoint's; bgr for the official release)")

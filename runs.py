@@ -10,6 +10,7 @@ is healthy, log.jsonl that a resumed run continues, and one-line user errors.
 import dataclasses
 import json
 import os
+import re
 import sys
 
 import torch
@@ -36,15 +37,17 @@ def one_line(error):
 def claim_out_dir(cfg, resuming):
     """out_dir belongs to one run: a lock file keeps a second one out; an earlier run's last.pt needs
     --resume or --overwrite. Returns the lock path (removed at exit)."""
+    lock = os.path.join(cfg.out_dir, "run.lock")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        lock = os.path.join(cfg.out_dir, "run.lock")
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
+        if not os.path.isdir(cfg.out_dir):
+            fail(f"--out-dir {cfg.out_dir} is a file, expected a folder (created if missing)")
         pid = open(lock).read().strip()
         if pid.isdigit() and _alive(int(pid)):
-            fail(f"out_dir {cfg.out_dir} is in use by another run (pid {pid}, {lock}); wait for it or choose "
-                 "another --out-dir")
+            fail(f"out_dir {cfg.out_dir} is in use by another run (pid {pid}, {lock}){_stale_hint(int(pid), lock)}; "
+                 "wait for it or choose another --out-dir")
         os.remove(lock)                                         # left by a run that died
         return claim_out_dir(cfg, resuming)
     except OSError as e:
@@ -57,6 +60,31 @@ def claim_out_dir(cfg, resuming):
         fail(f"{last} holds an earlier run; continue it with --resume auto, or replace it with --overwrite "
              "(or choose another --out-dir)")
     return lock
+
+
+def _stale_hint(pid, lock):
+    """A pid is reused after a restart: say what runs under it now, and how to clear a stale lock."""
+    try:
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        cmd = ""
+    what = f": it runs `{cmd[:80]}`, not train.py, so the lock is probably stale" if cmd and "train.py" not in cmd \
+        else ""
+    return f"{what}; if no run uses this folder (e.g. after a restart), delete {lock}"
+
+
+def run_complete(cfg, ckpt):
+    """A resumed run whose checkpoint is at --iters and whose log.jsonl holds the final metrics: nothing to do
+    (a message, or None when there is work left)."""
+    if ckpt is None or cfg.eval_only or ckpt.get("official") or ckpt.get("iter", 0) < cfg.iters:
+        return None
+    path = os.path.join(cfg.out_dir, "log.jsonl")
+    rows = [json.loads(r) for r in open(path).read().splitlines() if r.strip()] if os.path.isfile(path) else []
+    if not any("final" in r and r.get("iter") == ckpt["iter"] for r in rows):
+        return None                                             # stopped in its final evaluation: do that now
+    return (f"the run in {cfg.out_dir} is complete ({ckpt['iter']} of {cfg.iters} iterations, final metrics in "
+            f"{os.path.join(cfg.out_dir, 'metrics.json')}); nothing changed. To train longer: --iters N "
+            f"--allow-changes; to evaluate again: --eval-only --resume {os.path.join(cfg.out_dir, 'last.pt')}")
 
 
 def _alive(pid):
@@ -132,3 +160,56 @@ def log_row(f, row):
     if f is not None:
         f.write(json.dumps(row) + "\n")
         f.flush()
+
+
+# ----------------------------------------------------------------------------- how a run stops: one line each
+
+PEER_LOST = re.compile(r"Connection (reset|closed) by peer|Broken pipe|remote process exited|NCCL communicator "
+                       r"was aborted|Socket Timeout|connection refused", re.I)
+NO_MEMORY = re.compile(r"out of memory|can't allocate memory|failed to allocate", re.I)
+
+
+def first_to_report():
+    """Under torchrun every survivor sees the lost peer: the first to reach the rendezvous store reports it; a
+    survivor that cannot reach the store (its host died) reports too."""
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        return store.add("protoseg_peer_lost", 1) == 1
+    except Exception:
+        return True
+
+
+def _iterations(progress):
+    cfg = progress.get("cfg")
+    done, saved = progress.get("done"), progress.get("saved", 0)
+    where = (f"after iteration {done}" if done and (cfg is None or done < cfg.iters)
+             else f"in the final evaluation (iteration {done})" if done else "before the first iteration ended")
+    kept = f"last.pt holds iteration {saved}" if saved else "no checkpoint of this run was written"
+    return where, kept
+
+
+def interrupted_line(progress):
+    cfg = progress.get("cfg")
+    if cfg is not None and cfg.eval_only:
+        return f"interrupted during the evaluation of {cfg.resume}; nothing written"
+    where, kept = _iterations(progress)
+    return f"interrupted {where}; {kept}; --resume auto continues" if progress.get("saved") else \
+        f"interrupted {where}; {kept}; run the same command to start it"
+
+
+def out_of_memory_line(progress, text):
+    cfg = progress.get("cfg")
+    where, kept = _iterations(progress)
+    asked = re.search(r"allocate ([\d.]+ ?[KMGT]?i?B|\d+ bytes)", text)
+    sizes = (f"--crop {' '.join(map(str, cfg.crop))}, --batch-size {cfg.batch_size}"
+             f"{', --eval-crop ' + ' '.join(map(str, cfg.eval_crop)) if cfg.eval_crop[0] else ''}"
+             if cfg else "these settings")
+    return (f"out of memory {where} with {sizes}{' (tried to allocate ' + asked[1] + ')' if asked else ''}; "
+            f"expected sizes that fit this device: lower --crop or --batch-size (--eval-crop for evaluation); {kept}")
+
+
+def peer_lost_line(progress, text):
+    where, kept = _iterations(progress)
+    reason = PEER_LOST.search(text)[0]
+    return (f"rank {os.environ.get('RANK', '?')}: another rank stopped {where} ({reason}); its own message, if any, "
+            f"is above; {kept}; --resume auto continues")

@@ -7,6 +7,7 @@ published recipe), then (when resuming or evaluating) the checkpoint's, then the
 import argparse
 import dataclasses
 import inspect
+import math
 import os
 import re
 import sys
@@ -18,6 +19,7 @@ import segformer
 import swin
 from evaluate import CheckpointError, load_checkpoint
 from collectives import is_master
+from datafiles import path_problem
 from runs import fail
 
 
@@ -133,31 +135,39 @@ CHOICES = {"dataset": list(PRESETS), "backbone": models.backbone_names(), "head"
            "optimizer": ["sgd", "adamw"], "proto_init": ["random", "data"], "class_weights": ["none", "cityscapes"],
            "pipeline": ["project", "openseg", "mmseg"], "channel_order": ["rgb", "bgr"], "amp": ["bf16", "fp16", "none"]}
 POSITIVE = {"batch_size", "iters", "lr", "log_every", "ckpt_every", "num_prototypes", "kappa", "sinkhorn_iters",
-            "tau", "crop", "img_scale", "aspect"}
-NON_NEGATIVE = {"workers", "eval_every", "val_size", "lambda_ppc", "lambda_ppd", "weight_decay", "momentum",
-                "dropout", "num_classes", "eval_crop", "lr_power", "seed", "proto_momentum_warmup", "eval_stride",
-                "eval_resize", "eval_divisor", "cat_max_ratio"}
+            "tau", "crop", "img_scale", "aspect", "scale", "eval_scales", "head_lr_mult"}
+NON_NEGATIVE = {"workers", "eval_every", "val_size", "lambda_ppc", "lambda_ppd", "weight_decay", "num_classes",
+                "eval_crop", "lr_power", "seed", "proto_momentum_warmup", "warmup_iters", "aux_loss_weight",
+                "ignore_value", "eval_stride", "eval_resize", "eval_divisor"}
+FRACTION = {"momentum", "proto_momentum", "cat_max_ratio"}    # in [0, 1]
+BELOW_ONE = {"dropout"}                      # in [0, 1): p = 1 drops every channel
+# flags that only the ProtoSeg head reads: given with --head softmax / query they would do nothing
+PROTO_KEYS = ("num_prototypes", "kappa", "sinkhorn_iters", "proto_momentum", "proto_momentum_warmup", "proto_init",
+              "lambda_ppc", "lambda_ppd", "tau", "class_layernorm", "embed_layernorm", "update_correct_only",
+              "local_stats", "normalize_width")
+FOLDER_KEYS = ("num_classes", "ignore_value", "binary_masks")          # the folder dataset's own settings
 
 
 # ----------------------------------------------------------------------------- settings
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):                                   # flag errors: once, not once per rank
-        if is_master():
-            self.print_usage(sys.stderr)
-            print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+    def error(self, message):                                   # a flag error is a user error like any other
+        fail(f"{message} (python train.py --help lists every setting)")
 
 
 def number(kind, name):
-    """argparse type: int/float with the range this setting allows, named in the error."""
+    """argparse type: int/float with the range this setting allows, named in the error; inf and nan refused."""
     def parse(text):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if name in POSITIVE and not v > 0 or name in NON_NEGATIVE and not v >= 0:
-            raise argparse.ArgumentTypeError(f"{text} must be {'> 0' if name in POSITIVE else '>= 0'}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n' if kind is int else ''} "
+                                             f"{'integer' if kind is int else 'number'}") from None
+        rule = ("> 0" if name in POSITIVE else ">= 0" if name in NON_NEGATIVE else "in [0, 1]" if name in FRACTION
+                else "in [0, 1)" if name in BELOW_ONE else None)
+        ok = {"> 0": v > 0, ">= 0": v >= 0, "in [0, 1]": 0 <= v <= 1, "in [0, 1)": 0 <= v < 1, None: True}[rule]
+        if not math.isfinite(v) or not ok:
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number{' ' + rule if rule else ''}")
         return v
     return parse
 
@@ -244,24 +254,100 @@ def parse_args(argv=None):
             if len(given[name]) > 2:
                 p.error(f"--{name.replace('_', '-')} takes N or H W, got {len(given[name])} numbers")
             given[name] = tuple(given[name] * (3 - len(given[name])))[:2]
+    if "scale" in given and (len(given["scale"]) != 2 or given["scale"][0] > given["scale"][1]):
+        p.error(f"argument --scale: {' '.join(map(str, given['scale']))}, expected two numbers MIN MAX with "
+                "0 < MIN <= MAX (e.g. 0.5 2)")
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     cfg = Config(**{**preset(dataset, backbone), **given})
     if cfg.eval_only and not cfg.resume:
         p.error("--eval-only needs --resume CHECKPOINT")
+    check_paths(cfg, set(given))
+    if not cfg.resume:                          # when resuming, the checkpoint's settings are checked in resolve()
+        check_combinations(cfg, set(given))
     return cfg, set(given)
+
+
+def check_combinations(cfg, given):
+    """Flags that make no sense for this dataset / backbone / head / optimizer: one error naming the flag."""
+    problems = []
+    if cfg.class_weights == "cityscapes" and cfg.dataset != "cityscapes":
+        problems.append(f"--class-weights cityscapes: the official weights are 19 values in Cityscapes' trainId "
+                        f"order, --dataset {cfg.dataset} has other classes; expected --class-weights none")
+    if cfg.aux_loss_weight > 0 and not cfg.backbone.startswith("swin_"):
+        problems.append(f"--aux-loss-weight {cfg.aux_loss_weight}: --backbone {cfg.backbone} has no auxiliary head "
+                        "(UperNet's, swin_* backbones only); expected 0")
+    proto = [k for k in PROTO_KEYS if k in given]
+    if cfg.head != "protoseg" and proto:
+        problems.append(f"{flag(proto[0])}: only --head protoseg has prototypes, --head {cfg.head} would ignore it")
+    folder = [k for k in FOLDER_KEYS if k in given]
+    if cfg.dataset != "folder" and folder:
+        problems.append(f"{flag(folder[0])}: a setting of --dataset folder; --dataset {cfg.dataset} has its own "
+                        "classes")
+    if cfg.dataset.startswith("synthetic") and "data_root" in given:
+        problems.append(f"--data-root {cfg.data_root}: --dataset {cfg.dataset} is generated and reads no files; "
+                        "expected no --data-root (or --dataset folder / cityscapes / ...)")
+    if cfg.optimizer == "adamw" and "momentum" in given:
+        problems.append("--momentum: an SGD setting; --optimizer adamw keeps its betas (0.9, 0.999)")
+    if problems:
+        fail(problems[0])
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_paths(cfg, given):
+    """The kind of each path flag before anything runs: a folder where a folder is meant, a file where a file is."""
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        fail(f"--out-dir {cfg.out_dir} is a file, expected a folder (created if missing)")
+    if cfg.data_root and not os.path.isdir(cfg.data_root):
+        found = "a file" if os.path.exists(cfg.data_root) else path_problem(cfg.data_root)
+        fail(f"--data-root {cfg.data_root}: {found}, expected the dataset's folder")
+    if cfg.pretrained and not os.path.isfile(cfg.pretrained):
+        found = "a folder" if os.path.isdir(cfg.pretrained) else path_problem(cfg.pretrained)
+        fail(f"--pretrained {cfg.pretrained}: {found}, expected a weights file (.pth, or a run's last.pt)")
+
+
+def checkpoint_path(cfg):
+    """The file --resume names: 'auto' = out_dir/last.pt (None if absent, which starts afresh; --eval-only fails);
+    a run folder = its last.pt."""
+    if cfg.resume == "auto":
+        path = os.path.join(cfg.out_dir, "last.pt")
+        if os.path.isfile(path):
+            return path
+        if cfg.eval_only:
+            fail(f"--eval-only --resume auto: no last.pt in {cfg.out_dir} ({path_problem(path)}), expected a run's "
+                 "checkpoint there; give --out-dir RUN or --resume CHECKPOINT")
+        return None
+    if os.path.isdir(cfg.resume):
+        path = os.path.join(cfg.resume, "last.pt")
+        if not os.path.isfile(path):
+            fail(f"--resume {cfg.resume}: a folder without last.pt, expected a checkpoint file or a run folder "
+                 "holding last.pt")
+        return path
+    if not os.path.isfile(cfg.resume):
+        fail(f"--resume {cfg.resume}: {path_problem(cfg.resume)}, expected a checkpoint file (runs/*/last.pt), "
+             "a run folder or 'auto'")
+    return cfg.resume
 
 
 def resolve(cfg, given):
     """Settings for a resumed or evaluated checkpoint -> (cfg, checkpoint or None). The checkpoint's settings fill
     everything not given; a given model setting must agree; a given trajectory setting must agree unless
     --allow-changes (evaluation takes the model from the checkpoint and any other setting from the command line)."""
-    path = os.path.join(cfg.out_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
-    if cfg.resume == "auto" and not os.path.isfile(path) or not cfg.resume:
+    if not cfg.resume:
+        return cfg, None
+    path = checkpoint_path(cfg)
+    if path is None:                                            # --resume auto, no last.pt yet: a fresh run
+        check_combinations(cfg, given)
         return cfg, None
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as e:
         fail(str(e))
+    if not cfg.eval_only and not isinstance(ckpt.get("iter"), int) and not ckpt.get("official"):
+        fail(f"checkpoint {path} has no iteration count ('iter'), expected a train.py checkpoint to continue; "
+             "evaluate it with --eval-only")
     run_control = ("resume", "eval_only", "overwrite", "allow_changes")              # this command's, not the run's
     saved = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__ and k not in run_control}
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
@@ -276,6 +362,11 @@ def resolve(cfg, given):
         fail(f"checkpoint {path} was made with other settings: " + "; ".join(diff) + hint)
     base = {**dataclasses.asdict(Config()), **preset(saved.get("dataset", cfg.dataset), saved.get("backbone")), **saved}
     cfg = Config(**{**base, **{k: getattr(cfg, k) for k in given | {"eval_only", "resume"}}})
+    if cfg.resume != "auto":
+        cfg.resume = path
+    if cfg.eval_only:                            # never over the training run's record: its own folder
+        cfg.out_dir = os.path.join(cfg.out_dir if "out_dir" in given else os.path.dirname(path) or ".", "eval")
+    check_combinations(cfg, given)
     if ckpt.get("official") and is_master():
         print(f"{path}: the official ProtoSeg format; evaluating it with official departures 1, 2, 7 and 9 (BGR "
               "input) on")

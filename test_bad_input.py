@@ -101,7 +101,7 @@ def test_check_dataset_finds_truncated_and_corrupt_images_without_decoding(tmp_p
         (root / f"images/a.{ext}").write_bytes(blob[:len(blob) // 2])
         ds = data.build_dataset("folder", root, num_classes=2)
         assert error(data.check_dataset, ds, log=None).startswith(f"truncated image in {root / 'images'}")
-        assert error(ds.__getitem__, 0).startswith("unreadable image in")  # and when loaded
+        assert error(ds.__getitem__, 0).startswith(("unreadable image in", "truncated image in"))  # and when loaded
     save(tmp_path / "png/images/a.png", noise)
     blob = bytearray((tmp_path / "png/images/a.png").read_bytes())
     blob[len(blob) // 2] ^= 0xFF  # corrupt inside, end marker intact: the PNG checksums find it (decoded pairs)
@@ -237,3 +237,229 @@ def test_wide_labels_through_transforms():
     _, (lab,) = data.TrainTransform((24, 24))(image, [label], np.random.default_rng(1))
     assert set(lab.unique().tolist()) <= {0, 846, -1, 300}
     assert data.EvalTransform()(image, [label])[1][0].tolist() == label.tolist()
+
+
+# ---- round two (issue 23): flags, paths, checkpoints, stops, decoding ------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import evaluate  # noqa: E402
+import runs  # noqa: E402
+import train  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--backbone", "hrnet_tiny", "--crop", "64", "--batch-size", "4", "--val-size", "2", "--workers", "0",
+        "--num-prototypes", "3", "--log-every", "1"]
+
+
+QUICK = TINY[:2] + ["--crop", "32", "--batch-size", "2"] + TINY[6:]   # for the runs that are stopped midway
+
+
+def user_error(capsys, fn, *args):
+    """The one stderr line of a user error (exit code 1) that fn raises."""
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "inf"], "--lr: inf must be a finite number > 0"), (["--lr", "nan"], "--lr: nan must be a finite"),
+    (["--weight-decay", "-inf"], "--weight-decay"), (["--dropout", "1.5"], "--dropout: 1.5 must be a finite number in [0, 1)"),
+    (["--dropout", "1"], "[0, 1)"), (["--proto-momentum", "2"], "--proto-momentum: 2 must be a finite number in [0, 1]"),
+    (["--momentum", "-0.1", "--optimizer", "sgd"], "--momentum"), (["--scale", "-1", "-0.5"], "--scale: -1 must be"),
+    (["--scale", "2", "1"], "0 < MIN <= MAX"), (["--scale", "1"], "two numbers"), (["--eval-scales", "1", "0"], "--eval-scales: 0"),
+    (["--head-lr-mult", "-1"], "--head-lr-mult"), (["--warmup-iters", "-5"], "--warmup-iters"),
+    (["--aux-loss-weight", "-1"], "--aux-loss-weight"), (["--ignore-value", "-1"], "--ignore-value"),
+    (["--iters", "1.5"], "'1.5' is not an integer"), (["--nonsense"], "unrecognized arguments: --nonsense")])
+def test_every_flag_range_is_checked_where_parsed_and_named(flags, named, capsys):
+    assert named in user_error(capsys, train.parse_args, flags)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--class-weights", "cityscapes"], "--class-weights cityscapes: the official weights are 19 values"),
+    (["--dataset", "ade20k", "--class-weights", "cityscapes"], "--dataset ade20k has other classes"),
+    (["--aux-loss-weight", "0.4"], "--aux-loss-weight 0.4: --backbone hrnet_tiny has no auxiliary head"),
+    (["--head", "softmax", "--num-prototypes", "3"], "--num-prototypes: only --head protoseg"),
+    (["--head", "query", "--lambda-ppc", "1"], "--lambda-ppc"), (["--num-classes", "3"], "--num-classes: a setting of --dataset folder"),
+    (["--data-root", "."], "--dataset synthetic is generated"), (["--momentum", "0.5"], "--momentum: an SGD setting")])
+def test_flags_that_mean_nothing_for_the_dataset_backbone_or_head_are_refused(flags, named, capsys):
+    assert named in user_error(capsys, train.parse_args, flags)
+    train.parse_args(["--dataset", "ade20k", "--backbone", "swin_tiny", "--aux-loss-weight", "0.2"])  # has the head
+
+
+def test_flag_error_is_one_line_and_exit_1_from_the_command_line():
+    out = subprocess.run([sys.executable, "train.py", "--lr", "inf"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.startswith("error: argument --lr: inf") and out.stderr.count("\n") == 1
+
+
+def test_path_flags_are_checked_for_their_kind(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    assert "--out-dir" in user_error(capsys, train.parse_args, ["--out-dir", str(tmp_path / "file")])
+    assert "is a file, expected a folder" in user_error(capsys, train.main, TINY + ["--out-dir", str(tmp_path / "file")])
+    msg = user_error(capsys, train.parse_args, ["--dataset", "folder", "--num-classes", "2", "--data-root", str(tmp_path / "file")])
+    assert "--data-root" in msg and "a file, expected the dataset's folder" in msg
+    assert "a folder, expected a weights file" in user_error(capsys, train.parse_args, ["--pretrained", str(tmp_path)])
+    assert "a symlink loop" in user_error(capsys, train.parse_args, ["--pretrained", str(tmp_path / "loop")])
+    msg = user_error(capsys, train.main, ["--resume", str(tmp_path)])
+    assert f"--resume {tmp_path}: a folder without last.pt" in msg
+    assert "a symlink loop" in user_error(capsys, train.main, ["--resume", str(tmp_path / "loop")])
+    msg = user_error(capsys, train.main, ["--eval-only", "--resume", "auto", "--out-dir", str(tmp_path / "run")])
+    assert "--eval-only --resume auto: no last.pt in" in msg and not (tmp_path / "run").exists()  # nothing evaluated
+
+
+def test_checkpoint_with_the_right_keys_but_no_content_is_one_error(tmp_path, capsys):
+    cases = {"empty": {"model": {}, "config": {}, "iter": 1},
+             "no_backbone": {"model": {"head.prototypes": torch.zeros(2, 1, 3)}, "config": {"head": "protoseg"}},
+             "no_head": {"model": {"backbone.w": torch.zeros(1)}, "config": {"backbone": "hrnet_tiny", "head": "protoseg"}}}
+    for name, content in cases.items():
+        torch.save(content, tmp_path / f"{name}.pt")
+        with pytest.raises(evaluate.CheckpointError, match=f"checkpoint .*{name}.pt: its"):
+            evaluate.load_checkpoint(tmp_path / f"{name}.pt")
+    assert "its model holds no weights" in user_error(capsys, train.main, ["--eval-only", "--resume", str(tmp_path / "empty.pt")])
+
+
+def test_eval_only_never_touches_the_training_record_and_a_finished_run_stays_finished(tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(TINY + ["--iters", "1", "--out-dir", str(run)])
+    record = {f: (run / f).read_bytes() for f in ("metrics.json", "config.json", "log.jsonl", "last.pt")}
+    train.main(["--eval-only", "--resume", str(run), "--workers", "0", "--val-size", "1"])  # a run folder = its last.pt
+    assert json.loads((run / "eval/metrics.json").read_text())["images"] == 1
+    assert json.loads((run / "eval/config.json").read_text())["eval_only"] is True
+    capsys.readouterr()
+    assert train.main(TINY + ["--iters", "1", "--out-dir", str(run), "--resume", "auto"]) is None
+    assert "is complete (1 of 1 iterations" in capsys.readouterr().out
+    assert {f: (run / f).read_bytes() for f in record} == record           # neither command changed the record
+
+
+def test_stale_lock_of_a_live_unrelated_process_says_it_may_be_stale(tmp_path, capsys):
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        while not open(f"/proc/{other.pid}/cmdline", "rb").read().startswith(b"sleep"):
+            pass                                                        # until the fork has become `sleep`
+        (tmp_path / "run.lock").write_text(str(other.pid))
+        msg = user_error(capsys, runs.claim_out_dir, train.Config(out_dir=str(tmp_path)), False)
+        assert "it runs `sleep 30`, not train.py, so the lock is probably stale" in msg
+        assert f"delete {tmp_path / 'run.lock'}" in msg
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_evaluation_prints_n_a_and_says_when_val_has_no_labelled_pixel():
+    nan = float("nan")
+    m = {"miou": nan, "macc": nan, "aacc": nan, "images": 2, "iou": [nan, nan], "acc": [nan, nan],
+         "prototypes_in_use": [None, 2]}
+    text = evaluate.format_metrics(m, ["a", "b"])
+    assert "prototypes in use n/a" in text and "None" not in text
+    assert "val has no labelled pixel in its 2 images" in text
+
+
+def _session_gone(pid):
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _run_until(args, line_start, env=None):
+    """train.py in its own session, read until a stdout line starts with line_start."""
+    p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    for line in p.stdout:
+        if line.startswith(line_start):
+            return p
+    raise AssertionError(p.communicate()[1])
+
+
+@pytest.mark.parametrize("sig, code, group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)])
+def test_ctrl_c_and_sigterm_end_in_one_line_with_lock_and_workers_gone(tmp_path, sig, code, group):
+    args = [a if a != "0" else "1" for a in QUICK] + ["--ckpt-every", "2", "--iters", "300",  # 1 worker
+                                                      "--out-dir", str(tmp_path)]
+    p = _run_until(args, "it 3/")
+    (os.killpg if group else os.kill)(p.pid, sig)                  # Ctrl-C reaches the whole group, as a terminal's
+    _, err = p.communicate(timeout=120)
+    held = torch.load(tmp_path / "last.pt", weights_only=True)["iter"]
+    assert p.returncode == code and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("interrupted after iteration ") and f"; last.pt holds iteration {held}; --resume auto" in err
+    assert not (tmp_path / "run.lock").exists() and _session_gone(p.pid)
+
+
+def test_a_dead_torchrun_peer_is_reported_once_in_one_line(tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(s.getsockname()[1])}
+    s.close()
+    args = [sys.executable, "train.py", *QUICK, "--batch-size", "4", "--ckpt-every", "2", "--iters", "300", "--out-dir", str(tmp_path)]
+    peer = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**env, "RANK": "1"})
+    survivor = _run_until(args[2:], "it 3/", {**env, "RANK": "0"})
+    peer.kill()                                                     # a rank dies (OOM killer, node lost)
+    _, err = survivor.communicate(timeout=120)
+    peer.communicate()
+    assert survivor.returncode == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: rank 0: another rank stopped after iteration ") and "by peer" in err
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_an_allocation_failure_is_one_line_naming_crop_and_batch_size(tmp_path):
+    import resource
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # 6 GB of address space
+    out = subprocess.run([sys.executable, "train.py", *TINY, "--crop", "30000", "--iters", "2", "--out-dir",
+                          str(tmp_path)], cwd=ROOT, capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("error: out of memory") and "--crop 30000 30000, --batch-size 4" in out.stderr
+
+
+# ---- decoding: damage the decoder can tell, EXIF orientation, links -------------------------------------
+
+def jpeg(path, h=32, w=48, **kw):
+    a = np.random.default_rng(0).integers(0, 255, (h, w, 3)).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path, **kw)
+    return path
+
+
+def test_damaged_or_cut_jpeg_is_an_error_naming_the_file_not_grey_rows(tmp_path):
+    for kw in ({}, {"progressive": True}, {"restart_marker_blocks": 1}):
+        assert data.read_image(jpeg(tmp_path / "ok.jpg", **kw)).shape == (32, 48, 3)   # intact files read
+    blob = jpeg(tmp_path / "a.jpg", restart_marker_blocks=1).read_bytes()
+    bad = {"cut": blob[:len(blob) // 2],                                    # cut short
+           "cut_eoi": blob[:len(blob) // 2] + b"\xff\xd9",                 # cut, then an end marker (PIL: grey rows)
+           "junk": blob[:len(blob) // 2] + b"\xff\x13" + blob[len(blob) // 2 + 2:]}   # damaged scan data
+    for name, b in bad.items():
+        (tmp_path / f"{name}.jpg").write_bytes(b)
+        msg = error(data.read_image, tmp_path / f"{name}.jpg")
+        assert f"{name}.jpg" in msg and re.match(r"(damaged|truncated|unreadable) image in", msg), msg
+
+
+def test_exif_orientation_applied_to_images_and_a_mask_that_then_misfits_names_the_reason(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                     # shown rotated 90 degrees
+    a = np.zeros((4, 6, 3), np.uint8)
+    a[0, 0] = 255                                                        # top-left as stored
+    save(tmp_path / "images/p.jpg", a, exif=exif, quality=100)
+    upright = data.read_image(tmp_path / "images/p.jpg")
+    assert upright.shape == (6, 4, 3) and upright[0, -1, 0] > 128      # stored top-left ends top-right
+    save(tmp_path / "masks/p.png", np.zeros((6, 4)))                   # drawn on the rotated view: fits
+    assert check(tmp_path) == 1
+    save(tmp_path / "masks/p.png", np.zeros((4, 6)))                   # drawn on the stored pixels
+    msg = error(check, tmp_path, values=False)
+    assert "EXIF orientation 6" in msg and "rotated 90 degrees" in msg
+    assert "EXIF orientation 6" in error(data.build_dataset("folder", tmp_path, num_classes=2).__getitem__, 0)
+
+
+def test_a_symlink_loop_is_reported_as_such_not_as_missing(tmp_path):
+    folder_set(tmp_path, n=2)
+    (tmp_path / "images/i1.png").unlink()
+    os.symlink(tmp_path / "images/i1.png", tmp_path / "images/i1.png")
+    msg = error(data.build_dataset, "folder", tmp_path, num_classes=2)
+    assert msg.startswith(f"broken image link in {tmp_path / 'images/i1.png'}: a symlink loop")

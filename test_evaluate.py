@@ -181,7 +181,7 @@ def test_official_checkpoint_evaluates_and_predicts_through_both_scripts(tmp_pat
     m = train.main(["--eval-only", "--resume", str(path), "--data-root", str(SAMPLE), "--out-dir", str(tmp_path),
                     "--workers", "0"])
     assert m["images"] == 1 and 0 <= m["miou"] <= 1 and "mean_iiou" in m
-    report = json.loads((tmp_path / "metrics.json").read_text())
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())   # --out-dir DIR: DIR/eval/
     assert set(report["classes"]) == set(data.CITYSCAPES_CLASSES) and "category_iou" in report
     out = tmp_path / "results"
     predict.main(["--checkpoint", str(path), str(SAMPLE / "leftImg8bit/val"), "--labelids", "--out", str(out)])
@@ -206,7 +206,7 @@ def test_eval_only_takes_the_model_from_the_checkpoint_and_needs_only_val(tmp_pa
     path = cityscapes_checkpoint(tmp_path)                           # the sample has a val split only
     m = train.main(["--eval-only", "--resume", str(path), "--data-root", str(SAMPLE), "--workers", "0"])
     assert m["images"] == 1 and len(m["iou"]) == 19 and len(m["prototypes_in_use"]) == 19
-    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())      # beside the checkpoint, in eval/
     assert report["classes"]["car"]["prototypes_in_use"] >= 1 and report["iiou"].keys() >= {"person", "car"}
 
 

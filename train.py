@@ -14,12 +14,16 @@ Exact resume: dropout is reseeded from (seed, rank, iteration) every step, data 
 functions of (seed, epoch, index), so a resumed run replays the same stream.
 """
 import dataclasses
+import gc
 import json
 import os
 import pickle
 import resource
+import signal
 import sys
+import threading
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -31,7 +35,8 @@ from evaluate import autocast, evaluate, format_metrics, metrics_report
 from labels import CITYSCAPES_CLASS_WEIGHTS
 from models import load_pretrained, model_from_config
 from protoseg import data_prototypes, momentum_at, seg_loss, update_prototypes
-from runs import claim_out_dir, fail, last_good, log_row, one_line, open_log, save_checkpoint
+from runs import (NO_MEMORY, PEER_LOST, claim_out_dir, fail, first_to_report, interrupted_line, last_good, log_row,
+                  one_line, open_log, out_of_memory_line, peer_lost_line, run_complete, save_checkpoint)
 from settings import Config, family, parse_args, resolve  # noqa: F401  (Config: for users and tests)
 
 # ----------------------------------------------------------------------------- set-up
@@ -150,12 +155,15 @@ def next_batch(stream, world):
     return batch
 
 
-def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, log_file):
+def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, log_file, progress=None):
     """The loop: lr schedule, one step, log, checkpoint, evaluate now and then. Returns the seconds it took;
-    exits (code 1) on a non-finite loss, a diverged model or a data error."""
+    exits (code 1) on a non-finite loss, a diverged model or a data error. progress: {"done", "saved"} kept
+    current for the interrupt message (cli)."""
     opt = make_optimizer(cfg, net)
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.amp == "fp16")
     start = saved_it = restore(cfg, ckpt, opt, scaler, log)
+    progress = {} if progress is None else progress
+    progress.update(done=start, saved=start)
     weight = torch.tensor(CITYSCAPES_CLASS_WEIGHTS, device=device) if cfg.class_weights == "cityscapes" else None
     stream = batches(cfg, train_set, rank, world, start, device)
     model.train()
@@ -189,13 +197,14 @@ def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, l
             mu = momentum_at(it, cfg.proto_momentum, cfg.proto_momentum_warmup)
             net.head.prototypes.copy_(update_prototypes(net.head.prototypes, out["embed"], out["update_target"],
                                                         mu, cfg.local_stats))
-        done = it + 1
+        done = progress["done"] = it + 1
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.iters):
             speed = (done - max(start, done - cfg.log_every)) / max(time.time() - t_last, 1e-9)
             t_last = time.time()
             log_progress(cfg, done, loss, terms, lr, speed, device, log, log_file)
         if done % cfg.ckpt_every == 0 or done == cfg.iters:
             saved_it = save_checkpoint(cfg, net, opt, scaler, done, saved_it) if rank == 0 else done
+            progress["saved"] = saved_it
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iters:
             m = run_evaluation(cfg, model, val_set, device, rank, world, log)
             log(f"it {done}: val mIoU {100 * m['miou']:.2f}")
@@ -258,12 +267,16 @@ def run_evaluation(cfg, model, val_set, device, rank, world, log):
 
 # ----------------------------------------------------------------------------- main
 
-def main(argv=None):
+def main(argv=None, progress=None):
     cfg, given = parse_args(argv)
     cfg, ckpt = resolve(cfg, given)
+    progress = {} if progress is None else progress
+    progress.update(cfg=cfg, saved=ckpt.get("iter", 0) if ckpt else 0)
     rank, world, device = setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
     lock = None
+    if run_complete(cfg, ckpt):
+        return log(run_complete(cfg, ckpt))
     try:
         train_set, val_set = make_datasets(cfg, log)
         if ckpt is not None and ckpt["config"]["num_classes"] != val_set.num_classes:
@@ -287,7 +300,7 @@ def main(argv=None):
         log_file = open_log(cfg, ckpt["iter"] if ckpt and not cfg.eval_only and "iter" in ckpt else 0) \
             if rank == 0 and not cfg.eval_only else None
         seconds = 0.0 if cfg.eval_only else train(cfg, model, net, train_set, val_set, ckpt, device, rank, world,
-                                                   log, log_file)
+                                                   log, log_file, progress)
         metrics = run_evaluation(cfg, model, val_set, device, rank, world, log)
         metrics["train_time_s"] = seconds
         log(format_metrics(metrics, val_set.class_names))
@@ -305,5 +318,60 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------- the command
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, torchrun, docker stop), handled as Ctrl-C is."""
+
+
+def _on_sigterm(signum, frame, owner=os.getpid()):
+    if os.getpid() != owner:                # a forked DataLoader worker (kill -TERM to the group): leave quietly,
+        os._exit(0)                         # exit 0 so torch's SIGCHLD check does not report it as a failure
+    raise Terminated()
+
+
+def cli(argv=None):
+    """main() as a command: Ctrl-C / SIGTERM, a torchrun peer's death and an allocation failure end in one line
+    (exit 130 / 143 / 1) with the lock removed and the DataLoader workers stopped, never a stack trace."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    progress, code = {}, 0
+    try:
+        main(argv, progress)
+    except KeyboardInterrupt as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)            # a second Ctrl-C must not break the clean-up
+        code = 143 if isinstance(e, Terminated) else 130
+        _release(e)
+        _say(interrupted_line(progress))
+    except (MemoryError, RuntimeError) as e:
+        text = " ".join(str(e).split())
+        if isinstance(e, MemoryError) or NO_MEMORY.search(text):
+            code = 1
+            _release(e)
+            _say("error: " + out_of_memory_line(progress, text))
+        elif PEER_LOST.search(text) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            code = 1
+            _release(e)
+            if first_to_report():
+                _say("error: " + peer_lost_line(progress, text))
+        else:
+            raise
+    sys.exit(code)
+
+
+def _release(e):
+    """Drop the frames the exception holds (the data stream and its DataLoader workers), so they shut down now,
+    quietly: a worker killed by the same signal is no failure (torch's SIGCHLD check), nor is a worker's socket
+    closing under multiprocessing's fd-sharing thread."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    threading.excepthook = lambda args: None
+    traceback.clear_frames(e.__traceback__)
+    gc.collect()
+
+
+def _say(line):
+    if int(os.environ.get("RANK", "0")) == 0 or line.startswith("error: rank"):
+        print(line, file=sys.stderr, flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    cli()
