@@ -320,7 +320,8 @@ def main(argv=None):
         report["compare"] = {"other": str(args.compare), "iou": {n: {"this": ours[n], "other": other.get(n)}
                                                                  for n in names}}
         save(compare_picture(ours, other, names, Path(args.compare).parent.name or "other"), "compare.png")
-    (out / "atlas.json").write_text(json.dumps(_clean(report), indent=1))
+    report = _clean(report)                                       # strict JSON: NaN -> null
+    (out / "atlas.json").write_text(json.dumps(report, indent=1))
     write_index(out, files, classes)
     for n, s in classes.items():
         print(f"{n[:20]:>20s}: prototypes in use {s['prototypes_in_use']} | collapse "
