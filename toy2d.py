@@ -222,6 +222,15 @@ def path_view(path, emb, labels, dim, size=260):
 
 
 def main(argv=None):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                                   # tiny tensors: threads only wait
+    try:
+        return run(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dim", type=int, default=2, choices=(2, 3), help="2: the circle, 3: the sphere")
@@ -229,7 +238,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)                                                   # tiny tensors: threads only wait
     report = {}
     img, report["a_counts"] = panel_a(args.dim)
     img.save(out / "a_assign.png")
