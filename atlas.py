@@ -29,11 +29,10 @@ from PIL import Image, ImageDraw
 
 import data
 import draw
-from evaluate import (CheckpointError, _clean, confusion_matrix, load_model, metrics_from_confusion, prototype_counts,
-                      prototype_summary)
+from evaluate import _clean, confusion_matrix, metrics_from_confusion, prototype_counts, prototype_summary
 from labels import IGNORE_INDEX
 from layers import upsample
-from predict import class_similarity, class_table, dark_note, prototype_map
+from predict import class_similarity, class_table, dark_note, open_model, prototype_map
 
 IN_USE = 0.05       # a prototype is "in use" when it takes >= 5 % of its class's pixels (evaluate.prototype_summary)
 NUM_MODES = 16      # mode ids kept apart by prototype_counts (the synthetic set has 3 per class)
@@ -287,10 +286,7 @@ def write_index(out, files, classes):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    try:
-        model, cfg = load_model(args.checkpoint, device)
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+    model, cfg = open_model(args.checkpoint, device)
     if cfg["head"] != "protoseg":
         sys.exit(f"error: {args.checkpoint} has a {cfg['head']!r} head; the atlas needs a ProtoSeg head (prototypes)")
     other = read_metrics(args.compare) if args.compare else None

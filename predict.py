@@ -156,13 +156,18 @@ def parse_args(argv):
     return args
 
 
+def open_model(path, device):
+    """(model, config) of any checkpoint evaluate.load_model reads; a bad file is one `error:` line."""
+    try:
+        return load_model(path, device)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    try:
-        model, cfg = load_model(args.checkpoint, device)
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+    model, cfg = open_model(args.checkpoint, device)
     names, palette = class_table(cfg)
     if args.labelids and cfg.get("dataset") != "cityscapes":
         sys.exit(f"error: --labelids needs a Cityscapes checkpoint; {args.checkpoint} is {cfg.get('dataset')!r}")
