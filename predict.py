@@ -1,18 +1,22 @@
 """Pictures and submissions from a checkpoint: coloured prediction, overlay, the paper's Fig. 3 prototype map.
 
     python predict.py --checkpoint runs/synthetic/last.pt img1.png img2.jpg --out pictures
+    python predict.py --checkpoint runs/synthetic/last.pt --val-index 0 3 --out pictures
     python predict.py --checkpoint runs/cityscapes/last.pt /data/cityscapes/leftImg8bit/test --labelids --out results
 
 Inputs are image files and folders (walked recursively; names keep their sub-folders). For each image IMG it writes
 IMG_pred.png (palette colours), IMG_overlay.png (prediction blended on the image) and, for a ProtoSeg checkpoint,
 IMG_protos.png: the pixels predicted as --class, each coloured by its nearest prototype of that class (one hue per
-prototype), brightness = cosine similarity to it (Fig. 3).
+prototype), brightness = cosine similarity to it (Fig. 3), and IMG_strip.png: image | prediction | prototype map
+with a legend (class colours, the class the map shows, one swatch per prototype hue, the brightness scale).
+The three single files are the raw maps at the image's size, without legend. --val-index I ... takes the synthetic
+dataset's val images by index instead of files (a synthetic checkpoint) and also writes val_I_image.png.
 --labelids writes only IMG.png holding Cityscapes labelIds, one file per frame: the folder cityscapesScripts'
 evaluator takes as CITYSCAPES_RESULTS and the format of the test server. The checkpoint may be train.py's or the
 official ProtoSeg release. Exit code 1 when an input could not be read or nothing was written.
 """
 import argparse
-import colorsys
+import math
 import sys
 from pathlib import Path
 
@@ -22,9 +26,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import draw
+from draw import prototype_colours  # noqa: F401 (predict.prototype_colours)
 from evaluate import CheckpointError, load_model, predict_scores
 from labels import CLASS_TABLES, IMAGE_EXTS
-from settings import number  # the ranges train.py checks: scales > 0, crops >= 0, finite
+from settings import Parser, number  # flag errors as train.py's: one line; its ranges
 
 
 
@@ -54,28 +60,80 @@ def output_names(inputs):
             for p, stem in found]
 
 
-def prototype_colours(k):
-    """k well-separated hues (HSV wheel), full saturation and value. (k, 3) float in [0, 1]."""
-    return np.array([colorsys.hsv_to_rgb(i / k, 1.0, 1.0) for i in range(k)], np.float32)
+@torch.no_grad()
+def class_similarity(model, image, size, class_index, embed=None):
+    """(k, best), each (H, W): every pixel's nearest prototype k of class c and its cosine i^T p_ck, at `size`.
+    embed: model.embed(image), (1, h, w, D), when it is already computed."""
+    embed = (model.embed(image) if embed is None else embed)[0]                  # (h, w, D)
+    protos = F.normalize(model.head.prototypes[class_index].float(), dim=-1)     # (K, D)
+    sim = embed.float() @ protos.T                                               # (h, w, K)
+    sim = F.interpolate(sim.permute(2, 0, 1)[None], size=tuple(size), mode="nearest")[0]   # (K, H, W)
+    best, k = sim.max(0)
+    return k, best
 
 
 @torch.no_grad()
-def prototype_map(model, image, pred, class_index):
+def prototype_map(model, image, pred, class_index, embed=None):
     """Fig. 3: pixels predicted as class c coloured by argmax_k i^T p_ck, brightness = that similarity."""
-    embed = model.embed(image)[0]                                                # (h, w, D)
-    protos = F.normalize(model.head.prototypes[class_index].float(), dim=-1)     # (K, D)
-    sim = embed.float() @ protos.T                                               # (h, w, K)
-    sim = F.interpolate(sim.permute(2, 0, 1)[None], size=pred.shape, mode="nearest")[0]   # (K, H, W)
-    best, k = sim.max(0)
-    colours = prototype_colours(protos.shape[0])[k.cpu().numpy()]               # (H, W, 3)
+    k, best = class_similarity(model, image, pred.shape, class_index, embed)
+    colours = prototype_colours(model.head.prototypes.shape[1])[k.cpu().numpy()]   # (H, W, 3)
     brightness = best.clamp(0, 1).cpu().numpy()[..., None]
     out = colours * brightness * (pred.cpu().numpy() == class_index)[..., None]
     return Image.fromarray((out * 255).astype(np.uint8))
 
 
+DARK = 0.2   # mean cosine below which a prototype map is too dark to read
+
+
+def dark_note(best, mask, name):
+    """A line saying why the map is dark when the class's pixels barely resemble its prototypes, else None.
+    Prototypes start random (cosine ~0 to every embedding) and Eq. 14 moves them by (1 - mu) a step."""
+    if not mask.any():
+        return None
+    mean = float(best[mask].mean())
+    if mean >= DARK:
+        return None
+    return (f"note: the map of {name} is dark: mean cosine {mean:.2f} to its nearest prototype; the prototypes "
+            "have barely moved from their random start (an early checkpoint? Eq. 14 moves them by 1 - mu a step)")
+
+
+def panel_size(h, w, low=200, high=512):
+    """Display size of one strip panel: small images enlarged by an integer factor, large ones shrunk."""
+    f = math.ceil(low / h) if h < low else (high / h if h > high else 1)
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def strip(rgb, pred, names, palette, proto=None, note=None):
+    """image | prediction | prototype map, with the legend underneath (the README's pictures).
+    proto: (picture, k (H, W) nearest prototype of class c, K, c) or None (no prototype head)."""
+    pred = pred.cpu().numpy()
+    h, w = panel_size(*pred.shape)
+    show = lambda img, near: img.resize((w, h), Image.NEAREST if near else Image.BILINEAR)
+    panels = [draw.titled(show(Image.fromarray(rgb), False), "image"),
+              draw.titled(show(data.colorize(pred, palette), True), "prediction")]
+    if proto is not None:
+        proto_img, k, K, c = proto
+        panels.append(draw.titled(show(proto_img, True), f"prototypes of {names[c]}"))
+    top = draw.row(panels)
+    present = [i for i in range(len(names)) if (pred == i).any()]
+    parts = [top, draw.legend([(palette[i], names[i]) for i in present], top.width, "classes:")]
+    if proto is not None:
+        mask = pred == c
+        hues = prototype_colours(K)
+        shares = np.bincount(k[mask], minlength=K) / max(mask.sum(), 1)
+        parts.append(draw.legend([(hues[j], f"p{j} {100 * s:.0f}%") for j, s in enumerate(shares)], top.width,
+                                 f"{names[c]}'s prototypes (share of its pixels):"))
+        parts.append(draw.scale_bar(min(top.width, 300)))
+    if note:
+        parts.append(draw.text_panel([note], top.width, fill=(180, 0, 0)))
+    return draw.column(parts, gap=2)
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", help="image files and/or folders of images")
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="*", help="image files and/or folders of images")
+    p.add_argument("--val-index", nargs="+", type=int, default=[], metavar="I",
+                   help="synthetic val images by index (a synthetic checkpoint; the scenes of its --seed)")
     p.add_argument("--checkpoint", required=True, help="train.py's last.pt or an official ProtoSeg checkpoint")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--class", dest="cls", default=None,
@@ -94,6 +152,8 @@ def parse_args(argv):
     p.add_argument("--labelids", action="store_true", help="only Cityscapes labelId PNGs (a submission folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if not args.images and not args.val_index:
+        p.error("give image files / folders or --val-index I ...")
     for name in ("eval_crop", "eval_stride", "eval_resize"):
         v = getattr(args, name)
         if v is not None and (len(v) > 2 or min(v) < 0):
@@ -112,13 +172,18 @@ def test_protocol(args, cfg):
     args.eval_divisor = cfg.get("eval_divisor", 0) if args.eval_resize == tuple(cfg.get("eval_resize", (0, 0))) else 0
 
 
+def open_model(path, device):
+    """(model, config) of any checkpoint evaluate.load_model reads; a bad file is one `error:` line."""
+    try:
+        return load_model(path, device)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    try:
-        model, cfg = load_model(args.checkpoint, device)
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+    model, cfg = open_model(args.checkpoint, device)
     names, palette = class_table(cfg)
     test_protocol(args, cfg)
     if args.labelids and cfg.get("dataset") != "cityscapes":
@@ -129,15 +194,17 @@ def main(argv=None):
         if cls is None or not 0 <= cls < len(names):
             sys.exit(f"error: --class {args.cls!r} is not one of {names}")
     written, failed = 0, 0
-    for path, stem in output_names(args.images):
+    for path, stem, read in inputs(args, cfg):
         try:
-            rgb = data.read_image(path)                         # 16-bit images scaled by their range
+            rgb = read()                                        # 16-bit images scaled by their range
         except data.DatasetError as e:                          # report, go on with the rest
             print(f"skipping {path}: cannot read it as an image ({' '.join(str(e).split())[:200]})", file=sys.stderr)
             failed += 1
             continue
         out = Path(args.out) / stem
         out.parent.mkdir(parents=True, exist_ok=True)
+        if not isinstance(path, Path):                          # a synthetic val scene: put the image on disk too
+            Image.fromarray(rgb).save(f"{out}_image.png")
         write_outputs(model, cfg, rgb, out, names, palette, cls, args, device)
         written += 1
         print(f"{path} -> {out}{'.png' if args.labelids else '_*.png'}", flush=True)
@@ -145,6 +212,21 @@ def main(argv=None):
     if failed or not written:
         raise SystemExit(1)
     return written, failed
+
+
+def inputs(args, cfg):
+    """[(path or 'val I', output stem, read() -> HxWx3 uint8)]: the files, then the synthetic val scenes."""
+    found = [(p, stem, lambda p=p: data.read_image(p)) for p, stem in output_names(args.images)]
+    if args.val_index:
+        if not str(cfg.get("dataset", "")).startswith("synthetic"):
+            sys.exit(f"error: --val-index takes the synthetic dataset's val images; {args.checkpoint} was trained "
+                     f"on {cfg.get('dataset')!r}: give its image files instead")
+        val = data.SyntheticDataset("val", seed=cfg.get("seed", 0))
+        bad = [i for i in args.val_index if not 0 <= i < len(val)]
+        if bad:
+            sys.exit(f"error: --val-index {bad[0]} is outside the synthetic val set (0..{len(val) - 1})")
+        found += [(f"val {i}", Path(f"val_{i:06d}"), lambda i=i: val.load(i)[0]) for i in args.val_index]
+    return found
 
 
 def write_outputs(model, cfg, rgb, out, names, palette, cls, args, device):
@@ -159,10 +241,19 @@ def write_outputs(model, cfg, rgb, out, names, palette, cls, args, device):
     coloured = data.colorize(pred, palette)
     coloured.save(f"{out}_pred.png")
     Image.blend(Image.fromarray(rgb), coloured, 0.5).save(f"{out}_overlay.png")
+    proto, note = None, None
     if cfg["head"] == "protoseg":
         counts = torch.bincount(pred.flatten(), minlength=len(names))
         c = cls if cls is not None else int(counts[1:].argmax()) + 1
-        prototype_map(model, image, pred, c).save(f"{out}_protos.png")
+        embed = model.embed(image)                              # (1, h, w, D), once for both
+        k, best = class_similarity(model, image, pred.shape, c, embed)
+        picture = prototype_map(model, image, pred, c, embed)
+        picture.save(f"{out}_protos.png")
+        note = dark_note(best, pred == c, names[c])
+        if note:
+            print(note, file=sys.stderr)
+        proto = (picture, k.cpu().numpy(), model.head.prototypes.shape[1], c)
+    strip(rgb, pred, names, palette, proto, note).save(f"{out}_strip.png")
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ FOLDER_KEYS = ("num_classes", "ignore_value", "binary_masks")          # the fol
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):                                   # a flag error is a user error like any other
-        fail(f"{message} (python train.py --help lists every setting)")
+        fail(f"{message} (python {self.prog} --help lists every setting)")
 
 
 def number(kind, name):

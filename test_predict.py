@@ -42,5 +42,28 @@ def test_predict_writes_pictures_and_skips_broken_images(tmp_path, capsys):
 
 
 def test_prototype_colours_are_distinct():
-    colours = predict.prototype_colours(10)
+    colours = predict.prototype_colours(10)                         # re-exported from draw.py
     assert len({tuple(c) for c in colours.round(3)}) == 10
+
+
+def test_val_index_puts_the_synthetic_scene_on_disk_and_a_strip_with_its_legend(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = {**dataclasses.asdict(train.Config(num_prototypes=3, backbone="hrnet_tiny")), "num_classes": 5}
+    model = build_model(cfg["backbone"], "protoseg", 5, num_prototypes=3, class_layernorm=cfg["class_layernorm"])
+    ckpt = tmp_path / "tiny.pt"
+    torch.save({"model": model.state_dict(), "config": cfg}, ckpt)
+    predict.main(["--checkpoint", str(ckpt), "--val-index", "3", "--out", str(tmp_path / "out")])
+    scene = data.SyntheticDataset("val", seed=cfg["seed"]).load(3)[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out/val_000003_image.png")), scene)
+    strip = Image.open(tmp_path / "out/val_000003_strip.png")
+    assert strip.width >= 3 * scene.shape[1] and strip.height > 2 * scene.shape[0]      # three panels + legend
+    assert "note: the map of" in capsys.readouterr().err                               # random prototypes: dark
+    with pytest.raises(SystemExit, match="outside the synthetic val set"):
+        predict.main(["--checkpoint", str(ckpt), "--val-index", "100", "--out", str(tmp_path / "out")])
+
+
+def test_dark_note_only_when_the_class_barely_resembles_its_prototypes():
+    mask = torch.tensor([True, True, False])
+    assert predict.dark_note(torch.tensor([0.05, 0.1, 0.9]), mask, "alpha").startswith("note: the map of alpha")
+    assert predict.dark_note(torch.tensor([0.8, 0.7, 0.0]), mask, "alpha") is None
+    assert predict.dark_note(torch.tensor([0.0, 0.0, 0.0]), ~mask & False, "alpha") is None   # class absent
