@@ -13,7 +13,7 @@ Writes DIR/atlas.json, DIR/index.html (a plain page linking the pictures) and PN
   gallery_<c>_<name>.png for each prototype, the N val patches whose pixel is most similar to it
   maps_<i>.png           Fig. 3 maps of every predicted class on the first --images val images, with a legend
   compare.png            --compare: per-class IoU of this model (on the images the atlas saw) and of another run
-The checkpoint is train.py's or the official release (evaluate.load_model); the dataset is the checkpoint's
+The checkpoint is train.py's or the official release (checkpoints.load_model); the dataset is the checkpoint's
 unless --dataset says otherwise (an official file with C != 19 classes needs --dataset).
 """
 import argparse

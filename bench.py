@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from protoseg import (HEADS, momentum_update, ppc_loss, ppd_loss, prototype_losses, seg_loss,
+from protoseg import (HEADS, ppc_loss, ppd_loss, prototype_losses, seg_loss,
                       similarity_map, sinkhorn_targets, update_prototypes)
-from sinkhorn import sinkhorn, sinkhorn_batched
+from sinkhorn import sinkhorn
 
 
 def timeit(fn, device, warmup=3, repeats=10):

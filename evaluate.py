@@ -1,15 +1,14 @@
-"""Evaluation and checkpoints: inference (whole image, sliding window, scales + flip), the confusion matrix and its
-metrics (IoU and accuracy; Cityscapes categories and instance-weighted iIoU as cityscapesScripts computes them),
-prototype purity and use, and reading checkpoints: this project's and the official ProtoSeg release.
+"""Inference and metrics: whole image, sliding window, scales + flip; the confusion matrix and its metrics (IoU and
+accuracy; Cityscapes categories and instance-weighted iIoU as cityscapesScripts computes them), prototype purity
+and use. Checkpoints are read by checkpoints.py.
 
     python train.py --eval-only --resume runs/cityscapes/last.pt              # settings come from the checkpoint
     python train.py --eval-only --resume hrnet_w48_proto_lr1x_hrnet_proto_80k_latest.pth --data-root /data/cityscapes
 
-train.py evaluates with `evaluate`; predict.py reads checkpoints with `load_model` and infers with `predict_scores`.
+train.py evaluates with `evaluate`; predict.py infers with `predict_scores`.
 Metrics are fractions in [0, 1]; a class absent from both ground truth and prediction has no IoU (null in JSON).
 """
 import math
-import pickle
 import time
 from pathlib import Path
 
@@ -22,11 +21,6 @@ from collectives import all_reduce
 import data
 from labels import CITYSCAPES_CATEGORIES, CITYSCAPES_MEAN_INSTANCE_SIZE, IGNORE_INDEX, INSTANCE_CATEGORIES
 from layers import upsample
-from models import model_from_config
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file, what was found and what was expected."""
 
 
 def autocast(amp, device):
@@ -93,8 +87,6 @@ def metrics_from_confusion(conf):
     acc = torch.where(gt > 0, tp / gt.clamp(min=1), nan)
     return {"miou": iou.nanmean().item(), "macc": acc.nanmean().item(),
             "aacc": (tp.sum() / conf.sum().clamp(min=1)).item(), "iou": iou.tolist(), "acc": acc.tolist()}
-
-
 
 
 def instance_counts(pred, instances):
@@ -320,105 +312,3 @@ def format_metrics(m, class_names):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-def read_checkpoint(path):
-    """torch.load with weights_only (never unpickles code); every failure is one CheckpointError naming the file."""
-    path = str(path)
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint {path} not found; expected a file written by train.py (runs/*/last.pt) "
-                              "or the official ProtoSeg release")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain containers "
-                              f"({str(e).splitlines()[0][:160]}); it was not loaded, since unpickling could run "
-                              "code. Re-save only its state_dict with torch.save where you trust the file") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:160]}; the file is "
-                              "truncated or not a PyTorch checkpoint") from None
-
-
-def is_official(sd):
-    """The official ProtoSeg (openseg) layout: prototypes, backbone.*, cls_head.*, proj_head.* at top level."""
-    return isinstance(sd, dict) and "prototypes" in sd and "cls_head.0.weight" in sd and \
-        any(k.startswith("backbone.") for k in sd)
-
-
-def official_to_project(sd):
-    """Official state dict -> (this project's state dict, config). Renames the head's keys into ProtoSegHead's,
-    drops proj_head.mlp2.* (aliases of proj_head.proj.*), and sets the switches the official model computes
-    with: class and embedding LayerNorms, l2 over the width axis, BGR input (official items 1, 2, 7, 9; 4 and 6
-    for training)."""
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("proj_head.mlp2."):
-            continue
-        if k == "prototypes" or k.startswith(("feat_norm.", "mask_norm.")):
-            out["head." + k] = v
-        elif k.startswith(("cls_head.", "proj_head.")):
-            out["head.trunk." + k] = v
-        else:
-            out[k] = v
-    width = sd["backbone.stage2.0.branches.0.0.conv1.weight"].shape[0]
-    deep = "backbone.layer1.3.conv1.weight" in sd
-    backbone = {48: "hrnet48", 32: "hrnet32", 18: "hrnet18" if deep else "hrnet18_small_v2"}.get(width)
-    if backbone is None:
-        raise CheckpointError(f"official checkpoint with HRNet width {width}: expected 18, 32 or 48")
-    C, K, _ = sd["prototypes"].shape
-    cfg = dict(backbone=backbone, head="protoseg", num_classes=C, num_prototypes=K, class_layernorm="mask_norm.weight" in sd,
-               embed_layernorm="feat_norm.weight" in sd, normalize_width=True, update_correct_only=True,
-               channel_order="bgr", local_stats=True, kappa=0.05, sinkhorn_iters=3, proto_momentum=0.999, dropout=0.1, tau=1.0,
-               dataset="cityscapes" if C == 19 else "folder")
-    return out, cfg
-
-
-def load_checkpoint(path):
-    """{"model": state dict, "config": dict, ...} from a train.py checkpoint or an official ProtoSeg file
-    (a dict whose `state_dict` holds the model, keys prefixed `module.` under DDP); adds "official": bool."""
-    ckpt = read_checkpoint(path)
-    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if isinstance(sd, dict):
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    if is_official(sd):
-        model, cfg = official_to_project(sd)
-        return {"model": model, "config": cfg, "official": True}
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("config"), dict)):
-        keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"checkpoint {path} has {keys}; expected train.py's {{'model', 'config', ...}} or the "
-                              "official ProtoSeg {'state_dict': {'prototypes', 'backbone.*', ...}}. For ImageNet "
-                              "backbone weights use train.py --pretrained")
-    _check_content(ckpt, path)
-    if not ckpt["config"].get("num_classes"):                  # older checkpoints: read it off the head
-        head = {k: v for k, v in ckpt["model"].items() if k in HEAD_KEYS}
-        ckpt["config"]["num_classes"] = next(iter(head.values())).shape[0]
-    return {**ckpt, "official": False}
-
-
-HEAD_KEYS = ("head.prototypes", "head.classifier.weight", "head.queries")
-
-
-def _check_content(ckpt, path):
-    """The right keys with nothing (or the wrong things) in them: one CheckpointError naming what is missing."""
-    model, cfg = ckpt["model"], ckpt["config"]
-    problem = ("its model holds no weights" if not model else
-               "its model holds non-tensor values" if not all(torch.is_tensor(v) for v in model.values()) else
-               f"its config lacks {[k for k in ('backbone', 'head') if not isinstance(cfg.get(k), str)]}"
-               if not all(isinstance(cfg.get(k), str) for k in ("backbone", "head")) else
-               "its model has no head (prototypes or classifier)" if not any(k in model for k in HEAD_KEYS) else None)
-    if problem:
-        raise CheckpointError(f"checkpoint {path}: {problem}, expected a model state dict and its settings as "
-                              "train.py writes them (runs/*/last.pt); the file was written incompletely or by "
-                              "another program")
-
-
-def load_model(path, device="cpu", defaults=None):
-    """(model in eval mode on device, config dict) from any checkpoint load_checkpoint reads."""
-    ckpt = load_checkpoint(path)
-    cfg = {**(defaults or {}), **ckpt["config"]}
-    model = model_from_config(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path} does not fit a {cfg['backbone']} + {cfg['head']} model: "
-                              f"{' '.join(str(e).split())[:300]}") from None
-    return model.to(device).eval(), cfg

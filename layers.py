@@ -6,7 +6,6 @@ the aux loss) reads its family's entry.
 """
 import math
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

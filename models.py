@@ -6,11 +6,9 @@ Parameter names follow the checkpoints people load: HRNet-Semantic-Segmentation'
 microsoft/Swin-Transformer's releases. `load_pretrained` matches them strictly. A model is backbone -> neck ->
 head (protoseg.py); `SegModel` returns scores at input size.
 """
-import fnmatch
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from layers import ALIGN_CORNERS, upsample
 from protoseg import HEADS
@@ -323,56 +321,3 @@ def model_from_config(cfg):
 
 
 # ---------------------------------------------------------------------------------------------- weights
-
-def _short(keys, n=5):
-    return f"{len(keys)} ({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})"
-
-
-def load_pretrained(backbone, path):
-    """Load backbone weights strictly; returns a one-line summary of what was loaded, skipped and kept.
-
-    Accepts a bare state dict or one wrapped in {"state_dict": ...} / {"model": ...}, keys prefixed by `module.`
-    (DDP) and/or `backbone.` (ProtoSeg / SegModel checkpoints, whose non-backbone keys are then ignored).
-    Skips only the checkpoint keys matching `backbone.skipped_keys` (pattern -> why: ImageNet classifiers, Swin's
-    recomputed buffers); only keys matching `backbone.own_keys` (Swin's norm0-3) or `num_batches_tracked` may be
-    missing, and keep their current values. Any other missing or unexpected key, any shape mismatch, or what
-    `backbone.check_checkpoint` objects to (Swin: another window size), raises ValueError.
-    """
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):
-        if isinstance(sd.get(wrapper), dict):
-            sd = sd[wrapper]
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    skipped = {}  # reason -> keys
-    if any(k.startswith("backbone.") for k in sd):
-        skipped["not the backbone's"] = [k for k in sd if not k.startswith("backbone.")]
-        sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
-    for pattern, why in getattr(backbone, "skipped_keys", {}).items():
-        keys = [k for k in sd if fnmatch.fnmatchcase(k, pattern)]
-        if keys:
-            skipped[f"{pattern} ({why})"] = keys
-            sd = {k: v for k, v in sd.items() if not fnmatch.fnmatchcase(k, pattern)}
-    problem = backbone.check_checkpoint(sd) if hasattr(backbone, "check_checkpoint") else None
-    if problem:
-        raise ValueError(f"{path}: {problem}")
-    own = backbone.state_dict()
-    own_only = getattr(backbone, "own_keys", {})
-    kept = [k for k in own if k not in sd and any(fnmatch.fnmatchcase(k, p) for p in own_only)]
-    for k, v in own.items():
-        if k not in sd and (k in kept or k.endswith("num_batches_tracked")):
-            sd[k] = v
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{path} does not match {type(backbone).__name__}: missing {_short(missing)}; "
-                         f"unexpected {_short(unexpected)}; shape mismatches {_short(shapes, 3)}")
-    backbone.load_state_dict(sd, strict=True)
-    ignored = [k for keys in skipped.values() for k in keys]
-    groups = sorted({k.split(".")[0] for k in ignored})
-    why = "".join(f"; {len(keys)} {reason}" for reason, keys in skipped.items())
-    kept_msg = "".join(f"; kept the init of {n} keys {p} ({r})" for p, r in own_only.items()
-                       if (n := sum(fnmatch.fnmatchcase(k, p) for k in kept)))
-    return (f"loaded {len(own) - len(kept)} tensors from {path}; ignored {len(ignored)} unused keys {groups}"
-            f"{why}{kept_msg}")

@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from checkpoints import CheckpointError, load_model
 import data
 import draw
 from draw import prototype_colours  # noqa: F401 (predict.prototype_colours)
-from evaluate import CheckpointError, load_model, predict_scores
+from evaluate import predict_scores
 from labels import CLASS_TABLES, IMAGE_EXTS
 from settings import Parser, number  # flag errors as train.py's: one line; its ranges
 

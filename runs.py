@@ -1,5 +1,5 @@
-"""The run directory (out_dir) of train.py: one run at a time, checkpoints written atomically and only when the model
-is healthy, log.jsonl that a resumed run continues, and one-line user errors.
+"""The run directory (out_dir) of train.py: one run at a time, log.jsonl that a resumed run continues, one-line user
+errors and the one-line ends of a stopped run (checkpoints.py writes last.pt).
 
     out_dir/last.pt       the latest checkpoint: {"model", "optimizer", "scaler", "iter", "config"}
     out_dir/log.jsonl     one JSON row per logged iteration, evaluation and the final metrics
@@ -7,7 +7,6 @@ is healthy, log.jsonl that a resumed run continues, and one-line user errors.
     out_dir/config.json   the resolved settings
     out_dir/run.lock      the pid of the run using the folder (removed when it ends)
 """
-import dataclasses
 import json
 import os
 import re
@@ -16,9 +15,6 @@ import sys
 import torch
 
 from collectives import is_master
-
-DIVERGED = 1e8   # a weight or buffer above this magnitude: the run diverged; such a model is never checkpointed
-
 
 def fail(message):
     """A user error: one line on stderr (printed by rank 0 only), exit code 1."""
@@ -95,46 +91,6 @@ def _alive(pid):
         return False
     except PermissionError:
         return True
-
-
-def atomic_save(obj, path):
-    """Write, fsync, rename: a crash leaves either the old or the new checkpoint, never half of one."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):                                 # a failed write leaves nothing behind
-            os.remove(tmp)
-
-
-def unhealthy(net):
-    """The first parameter or buffer that is non-finite or above DIVERGED, as text; None when all are fine."""
-    for name, t in net.state_dict().items():
-        if t.is_floating_point():
-            if not torch.isfinite(t).all():
-                return f"{name} is not finite"
-            if t.abs().max() > DIVERGED:
-                return f"{name} reached |w| = {t.abs().max().item():.3g} (> {DIVERGED:g})"
-    return None
-
-
-def save_checkpoint(cfg, net, opt, scaler, it, saved_it):
-    """Checkpoint after `it` steps unless the model is unhealthy (then stop: exit 1). Returns `it`."""
-    problem = unhealthy(net)
-    if problem:
-        fail(f"the model diverged by iteration {it}: {problem}; not saved. " + last_good(cfg, saved_it))
-    state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-             "iter": it, "config": dataclasses.asdict(cfg)}
-    try:
-        atomic_save(state, os.path.join(cfg.out_dir, "last.pt"))
-    except (OSError, RuntimeError) as e:
-        fail(f"cannot write checkpoint {os.path.join(cfg.out_dir, 'last.pt')}: {' '.join(str(e).split())[:200]} "
-             f"(disk full?); {last_good(cfg, saved_it)}")
-    return it
 
 
 def last_good(cfg, saved_it):

@@ -17,7 +17,6 @@ Facts read from mix_transformer.py and segformer_head.py (NVlabs/SegFormer):
   - every resize of this family (decoder, output to the image, test-time rescale) has align_corners=False
     (layers.ALIGN_CORNERS["segformer"]), as mmseg's SegFormerHead.
 """
-import math
 
 import torch
 import torch.nn as nn

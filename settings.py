@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import models
 import segformer
 import swin
-from evaluate import CheckpointError, load_checkpoint
+from checkpoints import CheckpointError, load_checkpoint
 from collectives import is_master
 from datafiles import path_problem
 from runs import fail

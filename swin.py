@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labels import IGNORE_INDEX
 from layers import ALIGN_CORNERS, ConvModule, DropPath, drop_path_rates, upsample, vit_init
 
 AC = ALIGN_CORNERS["upernet"]   # False: every resize of UperNet and its aux head, as mmseg

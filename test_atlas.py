@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import atlas
 import data
 import train
-from evaluate import load_model
+from checkpoints import load_model
 from models import model_from_config
 
 

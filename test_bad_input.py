@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import data
 
 ONE_LINE = re.compile(r"^[^\n]+ in [^\n]+: [^\n]+, expected [^\n]+; [^\n]+$")
@@ -321,8 +322,8 @@ def test_checkpoint_with_the_right_keys_but_no_content_is_one_error(tmp_path, ca
              "no_head": {"model": {"backbone.w": torch.zeros(1)}, "config": {"backbone": "hrnet_tiny", "head": "protoseg"}}}
     for name, content in cases.items():
         torch.save(content, tmp_path / f"{name}.pt")
-        with pytest.raises(evaluate.CheckpointError, match=f"checkpoint .*{name}.pt: its"):
-            evaluate.load_checkpoint(tmp_path / f"{name}.pt")
+        with pytest.raises(checkpoints.CheckpointError, match=f"checkpoint .*{name}.pt: its"):
+            checkpoints.load_checkpoint(tmp_path / f"{name}.pt")
     assert "its model holds no weights" in user_error(capsys, train.main, ["--eval-only", "--resume", str(tmp_path / "empty.pt")])
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import checkpoints
 import data
 import evaluate
 import predict
@@ -126,7 +127,7 @@ def test_official_keys_map_onto_the_model_exactly():
     shapes = json.loads((REF / "protoseg_official_hrnet48_keys.json").read_text())["state_dict"]
     with torch.device("meta"):
         sd = {k: torch.empty(s) for k, s in shapes}
-        converted, cfg = evaluate.official_to_project(sd)
+        converted, cfg = checkpoints.official_to_project(sd)
         model = model_from_config(cfg)
     assert cfg["backbone"] == "hrnet48" and (cfg["num_classes"], cfg["num_prototypes"]) == (19, 10)
     ours = model.state_dict()
@@ -154,7 +155,7 @@ def official_head_forward(sd, feats):
 
 def test_official_checkpoint_computes_what_the_official_model_computes(official_file):
     path, sd = official_file
-    model, cfg = evaluate.load_model(path)
+    model, cfg = checkpoints.load_model(path)
     assert cfg["normalize_width"] and cfg["class_layernorm"] and cfg["embed_layernorm"]
     feats = torch.randn(1, 720, 12, 20, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -217,11 +218,11 @@ def test_a_checkpoint_for_other_classes_or_a_plain_state_dict_is_one_clear_error
     assert "predicts 19 classes (cityscapes); --dataset synthetic has 5" in capsys.readouterr().err
     plain = tmp_path / "plain.pt"
     torch.save(torch.load(path, weights_only=True)["model"], plain)
-    with pytest.raises(evaluate.CheckpointError, match="plain.pt has .*expected train.py's"):
-        evaluate.load_model(plain)
+    with pytest.raises(checkpoints.CheckpointError, match="plain.pt has .*expected train.py's"):
+        checkpoints.load_model(plain)
     (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(evaluate.CheckpointError, match="cannot read checkpoint .*cut.pt"):
-        evaluate.load_model(tmp_path / "cut.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="cannot read checkpoint .*cut.pt"):
+        checkpoints.load_model(tmp_path / "cut.pt")
 
 
 def test_predict_names_every_output_uniquely(tmp_path):
@@ -316,7 +317,7 @@ def test_predict_labelids_of_the_release_equal_the_official_single_scale_test(tm
     out = tmp_path / "results"
     predict.main(["--checkpoint", str(path), str(SAMPLE / "leftImg8bit/val"), "--labelids", "--out", str(out)])
     ours = np.array(Image.open(out / f"frankfurt/frankfurt_000000_000294_leftImg8bit.png"))
-    net, _ = evaluate.load_model(path)                    # its forward equals the official one (test above)
+    net, _ = checkpoints.load_model(path)                    # its forward equals the official one (test above)
     x = official_input(SAMPLE / f"leftImg8bit/{FRAME}_leftImg8bit.png")
     h, w = x.shape[-2:]
     x = F.interpolate(x, size=(int(h * 1), int(w * 1)), mode="bilinear", align_corners=True)   # ss_test, scale 1

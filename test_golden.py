@@ -14,10 +14,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
-import evaluate
+import checkpoints
 from models import build_model
 
 GOLDEN = Path(__file__).parent / "testdata" / "golden"
@@ -53,7 +52,7 @@ def fill(module, name=lambda key: key):
 
 
 def official_protoseg_name(key):
-    """Project key -> official HRNet_W48_Proto key (inverse of evaluate.official_to_project)."""
+    """Project key -> official HRNet_W48_Proto key (inverse of checkpoints.official_to_project)."""
     return key.removeprefix("head.").removeprefix("trunk.")
 
 
@@ -180,13 +179,13 @@ def test_protoseg_hrnet48_scores_and_embed_equal_official():
 
 def test_official_release_file_read_by_load_model_gives_official_scores(tmp_path):
     """The same weights written as the official release (state_dict wrapper, module. prefix, mlp2 alias) and read
-    through evaluate.load_model give the official scores."""
+    through checkpoints.load_model give the official scores."""
     release = official_release(protoseg_hrnet48()[0])
     layout = json.loads((GOLDEN.parent / "protoseg_official_hrnet48_keys.json").read_text())["state_dict"]
     assert {k: list(v.shape) for k, v in release["state_dict"].items()} == {"module." + k: s for k, s in layout}
     path = tmp_path / "hrnet_w48_proto_latest.pth"
     torch.save(release, path)
-    model, cfg = evaluate.load_model(path)
+    model, cfg = checkpoints.load_model(path)
     assert cfg["backbone"] == "hrnet48" and cfg["normalize_width"]
     x = x_of("protoseg_hrnet48")
     with torch.no_grad():

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import HRNetNeck, build_backbone, build_model, load_pretrained
+from checkpoints import load_pretrained
+from models import HRNetNeck, build_backbone, build_model
 
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")  # see testdata/README.md
 PRESETS = {"hrnet18_small_v2": "w18_small_v2", "hrnet18": "w18", "hrnet32": "w32", "hrnet48": "w48"}

@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from models import SegModel, build_backbone, build_model, load_pretrained
+from checkpoints import load_pretrained
+from models import SegModel, build_backbone, build_model
 from protoseg import HEADS, seg_loss, update_prototypes
 import train
 from segformer import MIT_PRESETS, RECIPES, no_weight_decay

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import SegModel, build_backbone, build_model, load_pretrained
+from checkpoints import load_pretrained
+from models import SegModel, build_backbone, build_model
 from protoseg import HEADS, seg_loss, update_prototypes
 from swin import (RECIPES, SWIN_PRESETS, SwinBlock, SwinTransformer, no_weight_decay,
                   relative_position_index, shift_mask, window_merge, window_partition)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import checkpoints
 import evaluate
 import protoseg
 import settings
@@ -336,17 +337,16 @@ def test_cnn_optimizer_decays_norms_and_biases_only_where_the_preset_says(datase
 
 
 def test_health_check_looks_at_buffers_too():
-    """runs.unhealthy: prototypes and BatchNorm running statistics are buffers, not parameters."""
-    import runs
+    """checkpoints.unhealthy: prototypes and BatchNorm running statistics are buffers, not parameters."""
     net = train.model_from_config(dataclasses.replace(train.Config(), backbone="hrnet_tiny", num_classes=3,
                                                       num_prototypes=2))
-    assert runs.unhealthy(net) is None
+    assert checkpoints.unhealthy(net) is None
     for name, bad in (("head.prototypes", float("nan")), ("backbone.bn1.running_var", float("inf")),
                       ("backbone.bn1.running_mean", 1e30)):
         t = dict(net.named_buffers())[name]
         keep = t.clone()
         t.view(-1)[0] = bad
-        assert runs.unhealthy(net).startswith(name)
+        assert checkpoints.unhealthy(net).startswith(name)
         t.copy_(keep)
 
 

@@ -17,7 +17,6 @@ import dataclasses
 import gc
 import json
 import os
-import pickle
 import resource
 import signal
 import sys
@@ -29,14 +28,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoints import CheckpointError, load_pretrained, load_state, save_checkpoint
 from collectives import all_reduce, is_master, setup_distributed
 from data import DatasetError, EvalTransform, build_dataset, check_dataset, train_transform
 from evaluate import autocast, evaluate, format_metrics, metrics_report
 from labels import CITYSCAPES_CLASS_WEIGHTS
-from models import load_pretrained, model_from_config
+from models import model_from_config
 from protoseg import data_prototypes, momentum_at, seg_loss, update_prototypes
 from runs import (NO_MEMORY, PEER_LOST, claim_out_dir, fail, first_to_report, interrupted_line, last_good, log_row,
-                  one_line, open_log, out_of_memory_line, peer_lost_line, run_complete, save_checkpoint)
+                  one_line, open_log, out_of_memory_line, peer_lost_line, run_complete)
 from settings import Config, family, parse_args, resolve  # noqa: F401  (Config: for users and tests)
 
 # ----------------------------------------------------------------------------- set-up
@@ -70,14 +70,14 @@ def build(cfg, ckpt, device, world, log):
     if cfg.pretrained and ckpt is None:
         try:
             log(load_pretrained(net.backbone, cfg.pretrained))
-        except (ValueError, RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:
-            fail(f"--pretrained {cfg.pretrained}: {type(e).__name__}: {' '.join(str(e).split())[:400]}; expected "
-                 "ImageNet backbone weights (.pth) for --backbone " + cfg.backbone)
+        except (CheckpointError, ValueError, RuntimeError, KeyError, AttributeError) as e:
+            fail(f"--pretrained {cfg.pretrained}: {' '.join(str(e).split())[:400]}; expected ImageNet backbone weights "
+                 "(.pth) for --backbone " + cfg.backbone)
     if ckpt is not None:
         try:
-            net.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            fail(f"checkpoint {cfg.resume} does not fit the model: {' '.join(str(e).split())[:300]}")
+            load_state(net, ckpt["model"], cfg.resume)
+        except CheckpointError as e:
+            fail(str(e))
     net.to(device)
     if world > 1 and device.type == "cuda":
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
