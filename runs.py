@@ -7,9 +7,11 @@ errors and the one-line ends of a stopped run (checkpoints.py writes last.pt).
     out_dir/config.json   the resolved settings
     out_dir/run.lock      the pid of the run using the folder (removed when it ends)
 """
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
 
 import torch
@@ -169,3 +171,15 @@ def peer_lost_line(progress, text):
     reason = PEER_LOST.search(text)[0]
     return (f"rank {os.environ.get('RANK', '?')}: another rank stopped {where} ({reason}); its own message, if any, "
             f"is above; {kept}; --resume auto continues")
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C and SIGTERM wait until the block is done (then arrive as usual): a checkpoint and the iteration the
+    stop message names are never half-updated."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)

@@ -248,6 +248,7 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import evaluate  # noqa: E402
 import runs  # noqa: E402
@@ -363,11 +364,15 @@ def test_evaluation_prints_n_a_and_says_when_val_has_no_labelled_pixel():
     assert "val has no labelled pixel in its 2 images" in text
 
 
-def _session_gone(pid):
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return True
+def _session_gone(pid, wait=10.0):
+    """No process of the session is left within `wait` seconds (a worker may take a moment to exit)."""
+    end = time.time() + wait
+    while time.time() < end:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
     return False
 
 

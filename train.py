@@ -36,7 +36,7 @@ from labels import CITYSCAPES_CLASS_WEIGHTS
 from models import model_from_config
 from protoseg import data_prototypes, momentum_at, seg_loss, update_prototypes
 from runs import (NO_MEMORY, PEER_LOST, claim_out_dir, fail, first_to_report, interrupted_line, last_good, log_row,
-                  one_line, open_log, out_of_memory_line, peer_lost_line, run_complete)
+                  one_line, open_log, out_of_memory_line, peer_lost_line, run_complete, signals_deferred)
 from settings import Config, family, parse_args, resolve  # noqa: F401  (Config: for users and tests)
 
 # ----------------------------------------------------------------------------- set-up
@@ -203,8 +203,9 @@ def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, l
             t_last = time.time()
             log_progress(cfg, done, loss, terms, lr, speed, device, log, log_file)
         if done % cfg.ckpt_every == 0 or done == cfg.iters:
-            saved_it = save_checkpoint(cfg, net, opt, scaler, done, saved_it) if rank == 0 else done
-            progress["saved"] = saved_it
+            with signals_deferred():                            # the file and the record of it, whole
+                saved_it = save_checkpoint(cfg, net, opt, scaler, done, saved_it) if rank == 0 else done
+                progress["saved"] = saved_it
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iters:
             m = run_evaluation(cfg, model, val_set, device, rank, world, log)
             log(f"it {done}: val mIoU {100 * m['miou']:.2f}")
