@@ -58,6 +58,8 @@ def setting(default, text, role=None, **facts):
     rule:    the range of a number (each number of a tuple), a key of RULES;  choices: the values allowed;
     only:    "protoseg" (only that head reads it) or "folder" (a setting of --dataset folder);
     hw:      "N" means N x N;  added: a checkpoint without it predates it and ran with the default."""
+    assert role in (None, "model", "trajectory", "command") and facts.get("only") in (None, "protoseg", "folder")
+    assert facts.keys() <= {"rule", "choices", "only", "hw", "added"} and facts.get("rule") in (None, *RULES)
     return dataclasses.field(default=default, metadata=dict(help=text, role=role, **facts))
 
 
