@@ -35,27 +35,28 @@ MIT_PRESETS = {
     "mit_b5": dict(dims=(64, 128, 320, 512), depths=(3, 6, 40, 3), decoder_dim=768),
 }
 
-# Training recipes of NVlabs/SegFormer's local_configs (testdata/transformer_recipes.json). Poly schedule:
-# lr = base * (1 - it / iters) ** power, times 1 - (1 - it / warmup_iters) * (1 - warmup_ratio) during warm-up.
-# Weight decay everywhere except the names no_weight_decay() picks (biases keep it); lr x10 on the decoder and head (train.make_optimizer).
-_COMMON = dict(optimizer="adamw", lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01, head_lr_mult=10.0,
-               lr_power=1.0, min_lr=0.0, warmup_iters=1500, warmup_ratio=1e-6, iters=160000, drop_path=0.1,
-               decoder_dropout=0.1)
+# Training recipes of NVlabs/SegFormer's local_configs (testdata/transformer_recipes.json), as settings.Config values
+# (settings.preset lays them over the dataset's preset). Poly schedule: lr = base * (1 - it / iters) ** power (to 0,
+# the recipe's min_lr), times 1 - (1 - it / warmup_iters) * (1 - 1e-6) during warm-up (train.learning_rate).
+# AdamW's betas (0.9, 0.999) are torch's default; drop path 0.1 is MiT's (MixTransformer); the decoder's dropout
+# 0.1 is Config.dropout. Weight decay everywhere except the names no_weight_decay() picks (biases keep it); lr x10
+# on the decoder and head (train.make_optimizer).
+_COMMON = dict(optimizer="adamw", lr=6e-5, weight_decay=0.01, head_lr_mult=10.0, lr_power=1.0, warmup_iters=1500,
+               iters=160000)
 # The pipelines (mmseg 0.x, transforms.py): train Resize(img_scale, ratio 0.5-2) -> RandomCrop(cat_max_ratio 0.75)
 # -> flip -> PhotoMetricDistortion; test ADE20K: AlignedResize(2048 x 512, keep ratio, size divisor 32), whole
 # image; Cityscapes: Resize(2048 x 1024, keep ratio), 1024 x 1024 windows, stride 768.
 RECIPES = {
     # 8 GPUs x 2; B5 uses 640 x 640 crops and img_scale 2048 x 640 (MIT_B5)
-    "ade20k": dict(_COMMON, batch_size=16, crop=(512, 512), scale=(0.5, 2.0), eval="whole", pipeline="mmseg",
+    "ade20k": dict(_COMMON, batch_size=16, crop=(512, 512), scale=(0.5, 2.0), pipeline="mmseg",
                    img_scale=(2048, 512), cat_max_ratio=0.75, eval_resize=(2048, 512), eval_divisor=32,
                    eval_crop=(0, 0), eval_stride=(0, 0)),
     # 8 GPUs x 1
-    "cityscapes": dict(_COMMON, batch_size=8, crop=(1024, 1024), scale=(0.5, 2.0), eval="slide 1024 stride 768",
-                       pipeline="mmseg", img_scale=(2048, 1024), cat_max_ratio=0.75, eval_resize=(2048, 1024),
-                       eval_divisor=0, eval_crop=(1024, 1024), eval_stride=(768, 768)),
+    "cityscapes": dict(_COMMON, batch_size=8, crop=(1024, 1024), scale=(0.5, 2.0), pipeline="mmseg",
+                       img_scale=(2048, 1024), cat_max_ratio=0.75, eval_resize=(2048, 1024), eval_divisor=0,
+                       eval_crop=(1024, 1024), eval_stride=(768, 768)),
 }
 MIT_B5 = {"ade20k": dict(crop=(640, 640), img_scale=(2048, 640), eval_resize=(2048, 640))}
-MIT_CROP_B5 = {k: v["crop"] for k, v in MIT_B5.items()}
 
 
 def no_weight_decay(name):

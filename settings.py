@@ -1,15 +1,13 @@
-"""Settings of train.py: the Config dataclass (every field a --flag, its comment the --help text), the presets per
-dataset, the published transformer recipes, the command line, and the settings of a checkpoint being resumed.
+"""Settings of train.py: the Config dataclass (every field a --flag, declared once with all its facts), the presets
+per dataset, the published transformer recipes, the command line, and the settings of a checkpoint being resumed.
 
 Settings = Config defaults, then the dataset's preset (and, for a MiT / Swin backbone on ADE20K or Cityscapes, the
 published recipe), then (when resuming or evaluating) the checkpoint's, then the command line.
 """
 import argparse
 import dataclasses
-import inspect
 import math
 import os
-import re
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -21,73 +19,6 @@ from checkpoints import CheckpointError, load_checkpoint
 from collectives import is_master
 from datafiles import path_problem
 from runs import fail
-
-
-@dataclass
-class Config:
-    dataset: str = "synthetic"        # synthetic | synthetic_modes | cityscapes | ade20k | ade20k_full | coco_stuff | folder
-    data_root: str = ""               # dataset folder (not needed for synthetic)
-    num_classes: int = 0              # folder dataset only
-    ignore_value: int = 255           # folder dataset: the mask value meaning 'unlabelled'
-    binary_masks: bool = None         # folder dataset: 0/255 masks, 255 read as class 1 (None: ask when seen)
-    backbone: str = "hrnet18_small_v2"  # see models.BACKBONES
-    head: str = "protoseg"            # protoseg | softmax (Eq. 1) | query (Eq. 2)
-    pretrained: str = ""              # ImageNet backbone weights (.pth), loaded strictly
-    out_dir: str = "runs/synthetic"   # last.pt, log.jsonl, metrics.json, config.json
-    crop: tuple = (128, 128)          # training crop: H W, or one N for N x N
-    scale: tuple = (0.5, 2.0)         # random scale range
-    flip: bool = True                 # random horizontal flip
-    pipeline: str = "project"         # train augmentation: project (scale, crop, flip, +-10 percent colour) | openseg (official ProtoSeg) | mmseg (SegFormer, Swin, mmseg baselines)
-    aspect: tuple = (0.9, 1.1)        # openseg: aspect range of the random resize
-    img_scale: tuple = (2048, 512)    # mmseg: the (long, short) box the image is rescaled to fit before x scale
-    cat_max_ratio: float = 0.75       # mmseg: a crop is re-drawn (10x at most) while one class covers this share
-    channel_order: str = "rgb"        # rgb | bgr: model input channel order (official departure 9; on for the ProtoSeg release)
-    batch_size: int = 8               # global, split over ranks
-    iters: int = 1000                 # optimizer steps
-    optimizer: str = "sgd"            # sgd | adamw
-    lr: float = 0.01                  # poly decay to 0 with power lr_power
-    lr_power: float = 0.9             # poly exponent
-    warmup_iters: int = 0             # linear lr warm-up from 1e-6 x lr (transformer recipes: 1500)
-    head_lr_mult: float = 1.0         # lr multiplier of the decoder and head (SegFormer recipe: 10)
-    aux_loss_weight: float = 0.0      # UperNet's auxiliary FCN head on stage 3 (Swin recipe: 0.4; 0 = none)
-    momentum: float = 0.9             # SGD momentum
-    weight_decay: float = 5e-4        # see no_decay_norms (MiT / Swin: their recipe's groups)
-    no_decay_norms: bool = True       # CNNs: no weight decay on 1-D tensors (BN, biases); official ProtoSeg / mmseg HRNet: decay on all
-    class_weights: str = "none"       # none | cityscapes (official CE weights)
-    num_prototypes: int = 10          # K prototypes per class
-    kappa: float = 0.05               # Sinkhorn entropy weight (Eq. 9)
-    sinkhorn_iters: int = 3           # Sinkhorn-Knopp iterations (Eq. 10)
-    proto_momentum: float = 0.999     # mu of Eq. 14
-    proto_momentum_warmup: int = 0    # mu rises linearly from 0.9 to proto_momentum over this many iterations
-    proto_init: str = "random"        # random (paper) | data: first batch's within-class clustering (not in paper)
-    lambda_ppc: float = 0.01          # lambda_1 of Eq. 13
-    lambda_ppd: float = 0.001         # lambda_2 of Eq. 13
-    tau: float = 0.1                  # PPC temperature (Eq. 11); official code: 1
-    class_layernorm: bool = True      # official departure 1 (LayerNorm class scores); default by measurement
-    embed_layernorm: bool = False     # official departure 2 (LayerNorm on the embedding)
-    update_correct_only: bool = False  # official departure 4 (only correct pixels move prototypes)
-    local_stats: bool = False         # official departure 6 (per-rank Sinkhorn, averaged prototypes)
-    normalize_width: bool = False     # official departure 7 (l2 over the width axis; released checkpoint)
-    dropout: float = 0.1              # Dropout2d in the head
-    freeze_bn: bool = False           # BatchNorm uses running statistics (tiny per-device batches)
-    amp: str = "bf16"                 # bf16 | fp16 | none (GPU only; the CPU runs fp32)
-    workers: int = 2                  # DataLoader workers (training and evaluation)
-    seed: int = 0                     # weights, data order, augmentation, dropout
-    log_every: int = 20               # iterations between progress lines
-    eval_every: int = 0               # iterations between evaluations; 0: only at the end
-    ckpt_every: int = 500             # iterations between checkpoints (and at the end)
-    eval_crop: tuple = (0, 0)         # sliding-window size H W (or N); 0: whole image
-    eval_stride: tuple = (0, 0)       # sliding-window stride H W (or N); 0: 2/3 of the window
-    eval_resize: tuple = (0, 0)       # test: rescale to fit (long, short) keeping the ratio, scores resized back to the label; 0: none
-    eval_divisor: int = 0             # test: after eval_resize, size rounded up to a multiple of this (SegFormer ADE20K: 32)
-    eval_scales: tuple = (1.0,)       # test-time scales, scores summed
-    eval_flip: bool = False           # add the horizontally flipped image
-    val_size: int = 0                 # evaluate on the first N val images only (0 = all)
-    resume: str = ""                  # checkpoint to continue or evaluate ('auto' = out_dir/last.pt if present)
-    eval_only: bool = False           # evaluate the --resume checkpoint (its model settings) and stop
-    overwrite: bool = False           # start afresh in an out_dir that holds an earlier run's last.pt
-    allow_changes: bool = False       # resume with settings that change the training trajectory
-
 
 MMSEG_512 = dict(pipeline="mmseg", img_scale=(2048, 512), cat_max_ratio=0.75, eval_resize=(2048, 512),
                  no_decay_norms=False)
@@ -115,37 +46,123 @@ PRESETS = {
     "folder": dict(out_dir="runs/folder"),
 }
 FAMILIES = {"mit_": segformer, "swin_": swin}  # backbone prefix -> the file holding its RECIPES
-RECIPE_KEYS = ("optimizer", "lr", "weight_decay", "head_lr_mult", "lr_power", "warmup_iters", "iters", "batch_size",
-               "crop", "scale", "aux_loss_weight", "pipeline", "img_scale", "cat_max_ratio", "eval_resize",
-               "eval_divisor", "eval_crop", "eval_stride")
-MODEL_KEYS = ("backbone", "head", "num_classes", "num_prototypes", "class_layernorm", "embed_layernorm",
-              "normalize_width")
-# settings that change the training trajectory: a resumed run refuses other values unless --allow-changes
-TRAJECTORY_KEYS = ("dataset", "ignore_value", "binary_masks", "crop", "scale", "flip", "batch_size", "iters",
-                   "optimizer", "lr", "lr_power",
-                   "momentum", "weight_decay", "class_weights", "kappa", "sinkhorn_iters", "proto_momentum",
-                   "proto_momentum_warmup", "proto_init",
-                   "lambda_ppc", "lambda_ppd", "tau", "update_correct_only", "local_stats", "dropout", "freeze_bn",
-                   "amp", "seed", "warmup_iters", "head_lr_mult", "aux_loss_weight", "pipeline", "aspect", "img_scale",
-                   "cat_max_ratio", "channel_order", "no_decay_norms")
-# a checkpoint without these settings was made before they existed, with these values
-BEFORE_RECIPES = dict(pipeline="project", no_decay_norms=True, channel_order="rgb", eval_stride=(0, 0),
-                      eval_resize=(0, 0), eval_divisor=0)
-CHOICES = {"dataset": list(PRESETS), "backbone": models.backbone_names(), "head": ["protoseg", "softmax", "query"],
-           "optimizer": ["sgd", "adamw"], "proto_init": ["random", "data"], "class_weights": ["none", "cityscapes"],
-           "pipeline": ["project", "openseg", "mmseg"], "channel_order": ["rgb", "bgr"], "amp": ["bf16", "fp16", "none"]}
-POSITIVE = {"batch_size", "iters", "lr", "log_every", "ckpt_every", "num_prototypes", "kappa", "sinkhorn_iters",
-            "tau", "crop", "img_scale", "aspect", "scale", "eval_scales", "head_lr_mult"}
-NON_NEGATIVE = {"workers", "eval_every", "val_size", "lambda_ppc", "lambda_ppd", "weight_decay", "num_classes",
-                "eval_crop", "lr_power", "seed", "proto_momentum_warmup", "warmup_iters", "aux_loss_weight",
-                "ignore_value", "eval_stride", "eval_resize", "eval_divisor"}
-FRACTION = {"momentum", "proto_momentum", "cat_max_ratio"}    # in [0, 1]
-BELOW_ONE = {"dropout"}                      # in [0, 1): p = 1 drops every channel
-# flags that only the ProtoSeg head reads: given with --head softmax / query they would do nothing
-PROTO_KEYS = ("num_prototypes", "kappa", "sinkhorn_iters", "proto_momentum", "proto_momentum_warmup", "proto_init",
-              "lambda_ppc", "lambda_ppd", "tau", "class_layernorm", "embed_layernorm", "update_correct_only",
-              "local_stats", "normalize_width")
-FOLDER_KEYS = ("num_classes", "ignore_value", "binary_masks")          # the folder dataset's own settings
+RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1,
+         "in [0, 1)": lambda v: 0 <= v < 1}    # dropout p = 1 would drop every channel
+
+
+def setting(default, text, role=None, **facts):
+    """A Config field with its facts, read by the parser, the checks and --help:
+    role:    "model" (a resumed run must agree), "trajectory" (a resumed run refuses another value unless
+             --allow-changes), "command" (this command's, never taken from a checkpoint) or None (files, logging,
+             evaluation);
+    rule:    the range of a number (each number of a tuple), a key of RULES;  choices: the values allowed;
+    only:    "protoseg" (only that head reads it) or "folder" (a setting of --dataset folder);
+    hw:      "N" means N x N;  added: a checkpoint without it predates it and ran with the default."""
+    assert role in (None, "model", "trajectory", "command") and facts.get("only") in (None, "protoseg", "folder")
+    assert facts.keys() <= {"rule", "choices", "only", "hw", "added"} and facts.get("rule") in (None, *RULES)
+    return dataclasses.field(default=default, metadata=dict(help=text, role=role, **facts))
+
+
+@dataclass
+class Config:
+    dataset: str = setting("synthetic", "synthetic | synthetic_modes | cityscapes | ade20k | ade20k_full | "
+                           "coco_stuff | folder", "trajectory", choices=list(PRESETS))
+    data_root: str = setting("", "dataset folder (not needed for synthetic)")
+    num_classes: int = setting(0, "folder dataset only", "model", rule=">= 0", only="folder")
+    ignore_value: int = setting(255, "folder dataset: the mask value meaning 'unlabelled'", "trajectory",
+                                rule=">= 0", only="folder")
+    binary_masks: bool = setting(None, "folder dataset: 0/255 masks, 255 read as class 1 (None: ask when seen)",
+                                 "trajectory", only="folder")
+    backbone: str = setting("hrnet18_small_v2", "see models.BACKBONES", "model", choices=models.backbone_names())
+    head: str = setting("protoseg", "protoseg | softmax (Eq. 1) | query (Eq. 2)", "model",
+                        choices=["protoseg", "softmax", "query"])
+    pretrained: str = setting("", "ImageNet backbone weights (.pth), loaded strictly")
+    out_dir: str = setting("runs/synthetic", "last.pt, log.jsonl, metrics.json, config.json")
+    crop: tuple = setting((128, 128), "training crop: H W, or one N for N x N", "trajectory", rule="> 0", hw=True)
+    scale: tuple = setting((0.5, 2.0), "random scale range", "trajectory", rule="> 0")
+    flip: bool = setting(True, "random horizontal flip", "trajectory")
+    pipeline: str = setting("project", "train augmentation: project (scale, crop, flip, +-10 percent colour) | "
+                            "openseg (official ProtoSeg) | mmseg (SegFormer, Swin, mmseg baselines)", "trajectory",
+                            choices=["project", "openseg", "mmseg"], added=True)
+    aspect: tuple = setting((0.9, 1.1), "openseg: aspect range of the random resize", "trajectory", rule="> 0")
+    img_scale: tuple = setting((2048, 512), "mmseg: the (long, short) box the image is rescaled to fit before x "
+                               "scale", "trajectory", rule="> 0")
+    cat_max_ratio: float = setting(0.75, "mmseg: a crop is re-drawn (10x at most) while one class covers this "
+                                   "share", "trajectory", rule="in [0, 1]")
+    channel_order: str = setting("rgb", "rgb | bgr: model input channel order (official departure 9; on for the "
+                                 "ProtoSeg release)", "trajectory", choices=["rgb", "bgr"], added=True)
+    batch_size: int = setting(8, "global, split over ranks", "trajectory", rule="> 0")
+    iters: int = setting(1000, "optimizer steps", "trajectory", rule="> 0")
+    optimizer: str = setting("sgd", "sgd | adamw", "trajectory", choices=["sgd", "adamw"])
+    lr: float = setting(0.01, "poly decay to 0 with power lr_power", "trajectory", rule="> 0")
+    lr_power: float = setting(0.9, "poly exponent", "trajectory", rule=">= 0")
+    warmup_iters: int = setting(0, "linear lr warm-up from 1e-6 x lr (transformer recipes: 1500)", "trajectory",
+                                rule=">= 0")
+    head_lr_mult: float = setting(1.0, "lr multiplier of the decoder and head (SegFormer recipe: 10)", "trajectory",
+                                  rule="> 0")
+    aux_loss_weight: float = setting(0.0, "UperNet's auxiliary FCN head on stage 3 (Swin recipe: 0.4; 0 = none)",
+                                     "trajectory", rule=">= 0")
+    momentum: float = setting(0.9, "SGD momentum", "trajectory", rule="in [0, 1]")
+    weight_decay: float = setting(5e-4, "see no_decay_norms (MiT / Swin: their recipe's groups)", "trajectory",
+                                  rule=">= 0")
+    no_decay_norms: bool = setting(True, "CNNs: no weight decay on 1-D tensors (BN, biases); official ProtoSeg / "
+                                   "mmseg HRNet: decay on all", "trajectory", added=True)
+    class_weights: str = setting("none", "none | cityscapes (official CE weights)", "trajectory",
+                                 choices=["none", "cityscapes"])
+    num_prototypes: int = setting(10, "K prototypes per class", "model", rule="> 0", only="protoseg")
+    kappa: float = setting(0.05, "Sinkhorn entropy weight (Eq. 9)", "trajectory", rule="> 0", only="protoseg")
+    sinkhorn_iters: int = setting(3, "Sinkhorn-Knopp iterations (Eq. 10)", "trajectory", rule="> 0", only="protoseg")
+    proto_momentum: float = setting(0.999, "mu of Eq. 14", "trajectory", rule="in [0, 1]", only="protoseg")
+    proto_momentum_warmup: int = setting(0, "mu rises linearly from 0.9 to proto_momentum over this many "
+                                         "iterations", "trajectory", rule=">= 0", only="protoseg")
+    proto_init: str = setting("random", "random (paper) | data: first batch's within-class clustering (not in "
+                              "paper)", "trajectory", choices=["random", "data"], only="protoseg")
+    lambda_ppc: float = setting(0.01, "lambda_1 of Eq. 13", "trajectory", rule=">= 0", only="protoseg")
+    lambda_ppd: float = setting(0.001, "lambda_2 of Eq. 13", "trajectory", rule=">= 0", only="protoseg")
+    tau: float = setting(0.1, "PPC temperature (Eq. 11); official code: 1", "trajectory", rule="> 0", only="protoseg")
+    class_layernorm: bool = setting(True, "official departure 1 (LayerNorm class scores); default by measurement",
+                                    "model", only="protoseg")
+    embed_layernorm: bool = setting(False, "official departure 2 (LayerNorm on the embedding)", "model",
+                                    only="protoseg")
+    update_correct_only: bool = setting(False, "official departure 4 (only correct pixels move prototypes)",
+                                        "trajectory", only="protoseg")
+    local_stats: bool = setting(False, "official departure 6 (per-rank Sinkhorn, averaged prototypes)",
+                                "trajectory", only="protoseg")
+    normalize_width: bool = setting(False, "official departure 7 (l2 over the width axis; released checkpoint)",
+                                    "model", only="protoseg")
+    dropout: float = setting(0.1, "Dropout2d in the head", "trajectory", rule="in [0, 1)")
+    freeze_bn: bool = setting(False, "BatchNorm uses running statistics (tiny per-device batches)", "trajectory")
+    amp: str = setting("bf16", "bf16 | fp16 | none (GPU only; the CPU runs fp32)", "trajectory",
+                       choices=["bf16", "fp16", "none"])
+    workers: int = setting(2, "DataLoader workers (training and evaluation)", rule=">= 0")
+    seed: int = setting(0, "weights, data order, augmentation, dropout", "trajectory", rule=">= 0")
+    log_every: int = setting(20, "iterations between progress lines", rule="> 0")
+    eval_every: int = setting(0, "iterations between evaluations; 0: only at the end", rule=">= 0")
+    ckpt_every: int = setting(500, "iterations between checkpoints (and at the end)", rule="> 0")
+    eval_crop: tuple = setting((0, 0), "sliding-window size H W (or N); 0: whole image", rule=">= 0", hw=True)
+    eval_stride: tuple = setting((0, 0), "sliding-window stride H W (or N); 0: 2/3 of the window", rule=">= 0",
+                                 hw=True, added=True)
+    eval_resize: tuple = setting((0, 0), "test: rescale to fit (long, short) keeping the ratio, scores resized back "
+                                 "to the label; 0: none", rule=">= 0", added=True)
+    eval_divisor: int = setting(0, "test: after eval_resize, size rounded up to a multiple of this (SegFormer "
+                                "ADE20K: 32)", rule=">= 0", added=True)
+    eval_scales: tuple = setting((1.0,), "test-time scales, scores summed", rule="> 0")
+    eval_flip: bool = setting(False, "add the horizontally flipped image")
+    val_size: int = setting(0, "evaluate on the first N val images only (0 = all)", rule=">= 0")
+    resume: str = setting("", "checkpoint to continue or evaluate ('auto' = out_dir/last.pt if present)", "command")
+    eval_only: bool = setting(False, "evaluate the --resume checkpoint (its model settings) and stop", "command")
+    overwrite: bool = setting(False, "start afresh in an out_dir that holds an earlier run's last.pt", "command")
+    allow_changes: bool = setting(False, "resume with settings that change the training trajectory", "command")
+
+
+def fact(name, key):
+    """One fact of a setting (see setting()), None where it has none."""
+    return Config.__dataclass_fields__[name].metadata.get(key)
+
+
+def names(**facts):
+    """The settings with these facts, in Config order: names(role="model"), names(only="protoseg")."""
+    return tuple(f.name for f in dataclasses.fields(Config) if all(fact(f.name, k) == v for k, v in facts.items()))
 
 
 # ----------------------------------------------------------------------------- settings
@@ -163,18 +180,11 @@ def number(kind, name):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a{'n' if kind is int else ''} "
                                              f"{'integer' if kind is int else 'number'}") from None
-        rule = ("> 0" if name in POSITIVE else ">= 0" if name in NON_NEGATIVE else "in [0, 1]" if name in FRACTION
-                else "in [0, 1)" if name in BELOW_ONE else None)
-        ok = {"> 0": v > 0, ">= 0": v >= 0, "in [0, 1]": 0 <= v <= 1, "in [0, 1)": 0 <= v < 1, None: True}[rule]
-        if not math.isfinite(v) or not ok:
+        rule = fact(name, "rule")
+        if not math.isfinite(v) or rule and not RULES[rule](v):
             raise argparse.ArgumentTypeError(f"{text} must be a finite number{' ' + rule if rule else ''}")
         return v
     return parse
-
-
-def field_comments():
-    """Config field -> its comment above, so --help shows the same words as the source."""
-    return dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(Config), re.M))
 
 
 def make_parser(dataset, backbone=None):
@@ -182,20 +192,17 @@ def make_parser(dataset, backbone=None):
     shown = {**dataclasses.asdict(Config()), **chosen}
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog=protocol(shown, f"--dataset {dataset}" + (f" --backbone {backbone}" if backbone else "")))
-    comments = field_comments()
     for f in dataclasses.fields(Config):
-        flag, default = "--" + f.name.replace("_", "-"), shown[f.name]
-        helptext = f"{comments.get(f.name, '')} (default{' for ' + dataset if f.name in chosen else ''}: {default})"
+        helptext = f"{f.metadata['help']} (default{' for ' + dataset if f.name in chosen else ''}: {shown[f.name]})"
         if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
-        elif f.name in CHOICES:
-            p.add_argument(flag, type=str.lower, choices=CHOICES[f.name], default=None, help=helptext)
+            kw = dict(action=argparse.BooleanOptionalAction)
+        elif f.metadata.get("choices"):
+            kw = dict(type=str.lower, choices=f.metadata["choices"])
         elif f.type is tuple:
-            kind = type(Config.__dataclass_fields__[f.name].default[0])
-            p.add_argument(flag, nargs="+", type=number(kind, f.name), default=None, help=helptext)
+            kw = dict(nargs="+", type=number(type(f.default[0]), f.name))
         else:
-            p.add_argument(flag, type=number(f.type, f.name) if f.type in (int, float) else f.type, default=None,
-                           help=helptext)
+            kw = dict(type=number(f.type, f.name) if f.type in (int, float) else f.type)
+        p.add_argument(flag(f.name), default=None, help=helptext, **kw)
     return p
 
 
@@ -232,7 +239,7 @@ def preset(dataset, backbone=None):
     fam = family(backbone or out.get("backbone", Config.backbone))
     recipe = fam.RECIPES.get("ade20k" if dataset == "ade20k_full" else dataset) if fam is not None else None
     if recipe is not None:
-        out.update({k: v for k, v in recipe.items() if k in RECIPE_KEYS})
+        out.update(recipe)
         if backbone == "mit_b5" and dataset in getattr(fam, "MIT_B5", {}):
             out.update(fam.MIT_B5[dataset])
     return out
@@ -249,7 +256,7 @@ def parse_args(argv=None):
     dataset, backbone = known.dataset, known.backbone
     p = make_parser(dataset, backbone)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    for name in ("crop", "eval_crop", "eval_stride"):
+    for name in names(hw=True):
         if name in given:
             if len(given[name]) > 2:
                 p.error(f"--{name.replace('_', '-')} takes N or H W, got {len(given[name])} numbers")
@@ -276,10 +283,10 @@ def check_combinations(cfg, given):
     if cfg.aux_loss_weight > 0 and not cfg.backbone.startswith("swin_"):
         problems.append(f"--aux-loss-weight {cfg.aux_loss_weight}: --backbone {cfg.backbone} has no auxiliary head "
                         "(UperNet's, swin_* backbones only); expected 0")
-    proto = [k for k in PROTO_KEYS if k in given]
+    proto = [k for k in names(only="protoseg") if k in given]
     if cfg.head != "protoseg" and proto:
         problems.append(f"{flag(proto[0])}: only --head protoseg has prototypes, --head {cfg.head} would ignore it")
-    folder = [k for k in FOLDER_KEYS if k in given]
+    folder = [k for k in names(only="folder") if k in given]
     if cfg.dataset != "folder" and folder:
         problems.append(f"{flag(folder[0])}: a setting of --dataset folder; --dataset {cfg.dataset} has its own "
                         "classes")
@@ -348,16 +355,16 @@ def resolve(cfg, given):
     if not cfg.eval_only and not isinstance(ckpt.get("iter"), int) and not ckpt.get("official"):
         fail(f"checkpoint {path} has no iteration count ('iter'), expected a train.py checkpoint to continue; "
              "evaluate it with --eval-only")
-    run_control = ("resume", "eval_only", "overwrite", "allow_changes")              # this command's, not the run's
-    saved = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__ and k not in run_control}
+    saved = {k: v for k, v in ckpt["config"].items() if k in names() and fact(k, "role") != "command"}  # not its command
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
     if not ckpt.get("official"):                 # checkpoints from before these settings: what they trained with
-        saved = {**{k: v for k, v in BEFORE_RECIPES.items() if k not in saved}, **saved}
-    keys = MODEL_KEYS + (() if cfg.eval_only or cfg.allow_changes else TRAJECTORY_KEYS)
+        saved = {**{k: getattr(Config, k) for k in names(added=True) if k not in saved}, **saved}
+    model = names(role="model")
+    keys = model + (() if cfg.eval_only or cfg.allow_changes else names(role="trajectory"))
     diff = [f"{k}: checkpoint {saved[k]!r} vs now {getattr(cfg, k)!r}" for k in keys
             if k in given and k in saved and saved[k] != getattr(cfg, k)]
     if diff:
-        hint = "" if any(k in MODEL_KEYS for k in given if k in saved and saved[k] != getattr(cfg, k)) else \
+        hint = "" if any(k in model for k in given if k in saved and saved[k] != getattr(cfg, k)) else \
             "; pass --allow-changes to continue with the new values"
         fail(f"checkpoint {path} was made with other settings: " + "; ".join(diff) + hint)
     base = {**dataclasses.asdict(Config()), **preset(saved.get("dataset", cfg.dataset), saved.get("backbone")), **saved}

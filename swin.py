@@ -39,20 +39,20 @@ SWIN_PRESETS = {
     "swin_large_w12": dict(embed_dim=192, depths=(2, 2, 18, 2), heads=(6, 12, 24, 48), window=12),
 }
 
-# Swin-Transformer-Semantic-Segmentation's UperNet recipe (testdata/transformer_recipes.json); the lr schedule is
-# SegFormer's (poly power 1 after a linear warm-up). No lr multiplier; weight decay except no_weight_decay().
+# Swin-Transformer-Semantic-Segmentation's UperNet recipe (testdata/transformer_recipes.json) as settings.Config
+# values; the lr schedule is SegFormer's (poly power 1 to 0 after a linear warm-up from 1e-6 x lr). AdamW's betas are
+# torch's default; drop path 0.3 is SwinTransformer's default; the decode head's dropout 0.1 is Config.dropout, the
+# auxiliary head's FCNHead's. No lr multiplier; weight decay except no_weight_decay().
 RECIPES = {
-    "ade20k": dict(optimizer="adamw", lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01, head_lr_mult=1.0,
-                   lr_power=1.0, min_lr=0.0, warmup_iters=1500, warmup_ratio=1e-6, iters=160000, batch_size=16,
-                   crop=(512, 512), scale=(0.5, 2.0), drop_path=0.3, decoder_dropout=0.1, aux_loss_weight=0.4,
-                   eval="whole", pipeline="mmseg", img_scale=(2048, 512), cat_max_ratio=0.75,
-                   eval_resize=(2048, 512), eval_divisor=0, eval_crop=(0, 0), eval_stride=(0, 0)),
+    "ade20k": dict(optimizer="adamw", lr=6e-5, weight_decay=0.01, head_lr_mult=1.0, lr_power=1.0, warmup_iters=1500,
+                   iters=160000, batch_size=16, crop=(512, 512), scale=(0.5, 2.0), aux_loss_weight=0.4,
+                   pipeline="mmseg", img_scale=(2048, 512), cat_max_ratio=0.75, eval_resize=(2048, 512),
+                   eval_divisor=0, eval_crop=(0, 0), eval_stride=(0, 0)),
 }
 # Not in the official Swin seg repo (ADE20K only): the ADE20K recipe with SegFormer's Cityscapes crop, batch,
 # pipeline and test (mmseg's cityscapes_1024x1024: img_scale 2048 x 1024, windows 1024, stride 768).
-RECIPES["cityscapes"] = dict(RECIPES["ade20k"], batch_size=8, crop=(1024, 1024), eval="slide 1024 stride 768",
-                             img_scale=(2048, 1024), eval_resize=(2048, 1024), eval_crop=(1024, 1024),
-                             eval_stride=(768, 768))
+RECIPES["cityscapes"] = dict(RECIPES["ade20k"], batch_size=8, crop=(1024, 1024), img_scale=(2048, 1024),
+                             eval_resize=(2048, 1024), eval_crop=(1024, 1024), eval_stride=(768, 768))
 
 
 def no_weight_decay(name):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from checkpoints import load_pretrained
+from layers import DropPath
 from models import SegModel, build_backbone, build_model
 from protoseg import HEADS, seg_loss, update_prototypes
 import train
@@ -132,16 +133,23 @@ def test_one_cpu_training_step_moves_encoder_decoder_and_head(b0, head):
 
 def test_recipe_equals_reference_and_no_decay_on_encoder_norms_only():
     ref = json.load(open(os.path.join(REF, "transformer_recipes.json")))["segformer"]
+    opt, sched = ref["optimizer"], ref["lr_schedule"]
     for dataset, key in (("ade20k", "ADE20K"), ("cityscapes", "Cityscapes")):
         r = RECIPES[dataset]
-        assert (r["lr"], r["weight_decay"], list(r["betas"])) == (ref["optimizer"]["lr"],
-                                                                  ref["optimizer"]["weight_decay"],
-                                                                  ref["optimizer"]["betas"])
-        assert r["head_lr_mult"] == ref["optimizer"]["paramwise_cfg.custom_keys"]["head"]["lr_mult"]
-        assert (r["warmup_iters"], r["warmup_ratio"], r["lr_power"]) == (
-            ref["lr_schedule"]["warmup_iters"], ref["lr_schedule"]["warmup_ratio"], ref["lr_schedule"]["power"])
+        assert (r["lr"], r["weight_decay"]) == (opt["lr"], opt["weight_decay"])
+        assert r["head_lr_mult"] == opt["paramwise_cfg.custom_keys"]["head"]["lr_mult"]
+        assert (r["warmup_iters"], r["lr_power"]) == (sched["warmup_iters"], sched["power"])
         assert r["iters"] == ref["runner"]["max_iters"] and r["batch_size"] == ref["batch"]["total"][key]
-        assert r["drop_path"] == ref["backbone"]["drop_path_rate"]
+        cfg, _ = train.parse_args(["--dataset", dataset, "--backbone", "mit_b0"])     # where the other facts live
+        assert train.learning_rate(cfg, 0) == pytest.approx(cfg.lr * sched["warmup_ratio"], rel=1e-6)
+        assert train.learning_rate(cfg, cfg.iters) == sched["min_lr"]
+        cfg.num_classes = 5
+        with torch.device("meta"):
+            net = train.model_from_config(cfg)
+        assert max(m.p for m in net.backbone.modules() if isinstance(m, DropPath)) == ref["backbone"]["drop_path_rate"]
+        drops = [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout2d)]
+        assert drops == [ref["decode_head"]["dropout_ratio"]]                # the one before the classifier
+        assert train.make_optimizer(cfg, net).defaults["betas"] == tuple(opt["betas"])   # torch's AdamW default
     assert list(RECIPES["ade20k"]["crop"]) == ref["data"]["ADE20K"]["crop_size"]["b0-b4"]
     assert list(RECIPES["cityscapes"]["crop"]) == ref["data"]["Cityscapes_1024x1024"]["crop_size"]
     with torch.device("meta"):

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -51,9 +52,18 @@ def test_command_line_runs_end_to_end(tmp_path):
     assert ckpt["model"]["head.prototypes"].shape == (5, 3, 120)   # D = 8+16+32+64
 
 
-def test_help_lists_every_setting():
-    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0 and "--lambda-ppc" in out.stdout and "--resume" in out.stdout
+def test_help_lists_every_setting_with_its_help_text_and_the_presets_default():
+    out = subprocess.run([sys.executable, "train.py", "--dataset", "cityscapes", "--backbone", "mit_b0", "--help"],
+                         cwd=ROOT, capture_output=True, text=True)
+    text = " ".join(out.stdout.split())
+    chosen = settings.preset("cityscapes", "mit_b0")
+    assert out.returncode == 0 and chosen["pipeline"] == "mmseg" and chosen["lr"] == 6e-5   # a recipe over a preset
+    for f in dataclasses.fields(train.Config):
+        flag = "--" + f.name.replace("_", "-")
+        value = chosen.get(f.name, f.default)
+        where = " for cityscapes" if f.name in chosen else ""
+        about = " ".join(f.metadata["help"].split())
+        assert re.search(rf"^  {flag}[ ,\n]", out.stdout, re.M) and f"{about} (default{where}: {value})" in text, f.name
 
 
 def test_presets_and_overrides():
@@ -385,14 +395,14 @@ NOT_TRAJECTORY = {"data_root", "pretrained", "out_dir", "workers", "log_every", 
 
 def test_every_setting_is_classified_as_trajectory_model_or_neither():
     fields = {f.name for f in dataclasses.fields(train.Config)}
-    traj, model = set(settings.TRAJECTORY_KEYS), set(settings.MODEL_KEYS)
+    traj, model = set(settings.names(role="trajectory")), set(settings.names(role="model"))
     assert not traj & model and not (traj | model) & NOT_TRAJECTORY
     assert fields == traj | model | NOT_TRAJECTORY, sorted(fields ^ (traj | model | NOT_TRAJECTORY))
 
 
 def another(name, value):
     """A different valid-looking value of a setting."""
-    choices = settings.CHOICES.get(name)
+    choices = settings.fact(name, "choices")
     if choices:
         return next(c for c in choices if c != value)
     if value is None or isinstance(value, bool):
@@ -406,7 +416,7 @@ def test_resume_refuses_a_change_of_every_trajectory_and_model_setting(tmp_path,
     saved = {**dataclasses.asdict(train.Config()), "num_classes": 5}
     path = tmp_path / "last.pt"
     torch.save({"model": train.model_from_config(saved).state_dict(), "config": saved, "iter": 1}, path)
-    for name in settings.TRAJECTORY_KEYS + settings.MODEL_KEYS:
+    for name in settings.names(role="trajectory") + settings.names(role="model"):
         cfg = dataclasses.replace(train.Config(**{k: v for k, v in saved.items()}), resume=str(path))
         cfg = dataclasses.replace(cfg, **{name: another(name, saved[name])})
         with pytest.raises(SystemExit):
