@@ -1,6 +1,8 @@
 """Bad data on disk (issue 12) and ADE20K-Full (issue 14): every user error is one DatasetError line
 `<what> in <file>: <found>, expected <rule>; <how to fix>`, found by check_dataset before training where it can be,
-and nothing is read silently wrong. Tiny files only."""
+and nothing is read silently wrong. Round two (issue 23): flags, paths, a finished run, stops (Ctrl-C, SIGTERM, a
+lost peer, out of memory) and decoding, each one `error:` line (a broken checkpoint: test_checkpoints.py; a stale
+lock: test_runs.py). Tiny files only."""
 import pickle
 import re
 
@@ -9,24 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
 import data
+from conftest import TINY, free_port, save_image, state, user_error
 
 ONE_LINE = re.compile(r"^[^\n]+ in [^\n]+: [^\n]+, expected [^\n]+; [^\n]+$")
-
-
-def save(path, array, mode=None, **kw):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    a = np.asarray(array)
-    Image.fromarray(a if a.dtype in (bool, np.uint16, np.float32) else a.astype(np.uint8), mode).save(path, **kw)
-    return path
 
 
 def folder_set(root, n=1, h=4, w=6, mask=None, ext="png"):
     """n pairs root/images/iK.png + root/masks/iK.<ext>; mask defaults to zeros."""
     for k in range(n):
-        save(root / f"images/i{k}.png", np.full((h, w, 3), 90))
-        save(root / f"masks/i{k}.{ext}", np.zeros((h, w)) if mask is None else mask)
+        save_image(root / f"images/i{k}.png", np.full((h, w, 3), 90))
+        save_image(root / f"masks/i{k}.{ext}", np.zeros((h, w)) if mask is None else mask)
     return root
 
 
@@ -53,10 +48,10 @@ def test_error_format_one_line_for_layout_errors(tmp_path):
     (tmp_path / "coco/images/val2017").mkdir(parents=True)
     (tmp_path / "coco/annotations/val2017").mkdir(parents=True)
     assert error(data.build_dataset, "coco_stuff", tmp_path / "coco", "val").startswith("no images in")
-    save(tmp_path / "f/images/a.png", np.zeros((4, 4, 3)))
-    save(tmp_path / "f/masks/b.png", np.zeros((4, 4)))
+    save_image(tmp_path / "f/images/a.png", np.zeros((4, 4, 3)))
+    save_image(tmp_path / "f/masks/b.png", np.zeros((4, 4)))
     assert "unpaired image in" in error(data.build_dataset, "folder", tmp_path / "f", num_classes=2)
-    save(tmp_path / "f/masks/a.png", np.zeros((4, 4)))
+    save_image(tmp_path / "f/masks/a.png", np.zeros((4, 4)))
     assert "unpaired label in" in error(data.build_dataset, "folder", tmp_path / "f", num_classes=2)
     assert "unknown dataset" in error(data.build_dataset, "voc", "x")
     assert "--data-root" in error(data.build_dataset, "cityscapes")
@@ -95,15 +90,15 @@ def test_check_dataset_finds_truncated_and_corrupt_images_without_decoding(tmp_p
     noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3))
     for ext in ("png", "jpg"):
         root = tmp_path / ext
-        save(root / f"images/a.{ext}", noise[..., 0] if ext == "jpg" else noise)  # grey: converted when read
-        save(root / "masks/a.png", np.zeros((64, 64)))
+        save_image(root / f"images/a.{ext}", noise[..., 0] if ext == "jpg" else noise)  # grey: converted when read
+        save_image(root / "masks/a.png", np.zeros((64, 64)))
         assert data.check_dataset(data.build_dataset("folder", root, num_classes=2), log=None) == 1
         blob = (root / f"images/a.{ext}").read_bytes()
         (root / f"images/a.{ext}").write_bytes(blob[:len(blob) // 2])
         ds = data.build_dataset("folder", root, num_classes=2)
         assert error(data.check_dataset, ds, log=None).startswith(f"truncated image in {root / 'images'}")
         assert error(ds.__getitem__, 0).startswith(("unreadable image in", "truncated image in"))  # and when loaded
-    save(tmp_path / "png/images/a.png", noise)
+    save_image(tmp_path / "png/images/a.png", noise)
     blob = bytearray((tmp_path / "png/images/a.png").read_bytes())
     blob[len(blob) // 2] ^= 0xFF  # corrupt inside, end marker intact: the PNG checksums find it (decoded pairs)
     (tmp_path / "png/images/a.png").write_bytes(blob)
@@ -113,12 +108,12 @@ def test_check_dataset_finds_truncated_and_corrupt_images_without_decoding(tmp_p
 
 def test_check_dataset_val_values_in_full_train_sampled(tmp_path):
     root = folder_set(tmp_path, n=40)
-    save(root / "masks/i1.png", [[0, 1, 7, 0, 0, 0]] * 4)  # not among the 16 sampled labels (every 2nd)
+    save_image(root / "masks/i1.png", [[0, 1, 7, 0, 0, 0]] * 4)  # not among the 16 sampled labels (every 2nd)
     assert check(root, values=False) == 40
     msg = error(check, root, values=True)
     assert msg.startswith(f"label values [7] in {root / 'masks/i1.png'}: neither a class nor ignore, expected "
                           f"classes 0..1 and ignore 255")
-    save(root / "masks/i3.png", np.zeros((4, 5)))
+    save_image(root / "masks/i3.png", np.zeros((4, 5)))
     assert msg.split(";")[0] in error(check, root)  # i1 first ...
     assert error(check, root).endswith("[1 more pairs fail the check]")  # ... and one more counted
     sub = torch.utils.data.Subset(data.build_dataset("folder", root, num_classes=2), [0, 2, 4])
@@ -134,13 +129,13 @@ def test_check_dataset_prints_summary(tmp_path, capsys):
 # ---- silent wrong results, now errors or read right -------------------------------------------------------
 
 def test_coco_stuff_and_cityscapes_values_outside_their_ids_raise(tmp_path):
-    save(tmp_path / "images/val2017/1.jpg", np.zeros((2, 4, 3)))
-    save(tmp_path / "annotations/val2017/1.png", [[0, 10, 182, 254], [181, 255, 11, 0]])
+    save_image(tmp_path / "images/val2017/1.jpg", np.zeros((2, 4, 3)))
+    save_image(tmp_path / "annotations/val2017/1.png", [[0, 10, 182, 254], [181, 255, 11, 0]])
     msg = error(data.build_dataset("coco_stuff", tmp_path, "val").__getitem__, 0)
     assert msg.startswith("label values [182, 254] in") and "0..181 and 255" in msg
     city = tmp_path / "city"
-    save(city / "leftImg8bit/val/x/x_1_leftImg8bit.png", np.zeros((2, 3, 3)))
-    save(city / "gtFine/val/x/x_1_gtFine_labelIds.png", [[7, 33, 34], [255, 0, 1]])
+    save_image(city / "leftImg8bit/val/x/x_1_leftImg8bit.png", np.zeros((2, 3, 3)))
+    save_image(city / "gtFine/val/x/x_1_gtFine_labelIds.png", [[7, 33, 34], [255, 0, 1]])
     assert error(data.build_dataset("cityscapes", city, "val").__getitem__, 0).startswith("label values [34, 255]")
 
 
@@ -148,18 +143,18 @@ def test_read_image_16bit_png_and_tiff_scaled_by_range(tmp_path):
     ramp = np.array([[1000, 2000], [3000, 5000]], np.uint16)  # a 12-bit sensor's values
     expect = [[0, 64], [128, 255]]  # (v - 1000) / 4000 * 255
     for name in ("a.png", "a.tif", "a.TIFF"):
-        rgb = data.read_image(save(tmp_path / name, ramp))
+        rgb = data.read_image(save_image(tmp_path / name, ramp))
         assert Image.open(tmp_path / name).mode == "I;16" and rgb.dtype == np.uint8 and rgb.shape == (2, 2, 3)
         assert rgb[..., 0].tolist() == expect and (rgb == rgb[..., :1]).all()
-    assert data.read_image(save(tmp_path / "f.tif", ramp.astype(np.float32)))[..., 1].tolist() == expect
-    assert data.read_image(save(tmp_path / "c.png", np.full((2, 2), 7, np.uint16))).max() == 0  # constant
-    assert data.read_image(save(tmp_path / "g.png", np.full((2, 2), 7)))[0, 0].tolist() == [7, 7, 7]  # 8-bit as is
+    assert data.read_image(save_image(tmp_path / "f.tif", ramp.astype(np.float32)))[..., 1].tolist() == expect
+    assert data.read_image(save_image(tmp_path / "c.png", np.full((2, 2), 7, np.uint16))).max() == 0  # constant
+    assert data.read_image(save_image(tmp_path / "g.png", np.full((2, 2), 7)))[0, 0].tolist() == [7, 7, 7]  # 8-bit as is
 
 
 def test_folder_extensions_any_case_and_tiff(tmp_path):
     for stem, iext, mext in (("a", "JPG", "PNG"), ("b", "Png", "tif"), ("c", "TIFF", "Tiff"), ("d", "jpeg", "bmp")):
-        save(tmp_path / f"images/{stem}.{iext}", np.full((3, 4, 3), 50))
-        save(tmp_path / f"masks/{stem}.{mext}", np.ones((3, 4)))
+        save_image(tmp_path / f"images/{stem}.{iext}", np.full((3, 4, 3), 50))
+        save_image(tmp_path / f"masks/{stem}.{mext}", np.ones((3, 4)))
     (tmp_path / "images/notes.txt").write_text("not an image")
     ds = data.build_dataset("folder", tmp_path, num_classes=2)
     assert [ds[i]["name"] for i in range(len(ds))] == ["a", "b", "c", "d"]
@@ -168,14 +163,14 @@ def test_folder_extensions_any_case_and_tiff(tmp_path):
 
 def test_folder_duplicate_names_and_jpeg_masks_refused(tmp_path):
     folder_set(tmp_path)
-    save(tmp_path / "images/i0.jpg", np.zeros((4, 6, 3)))
+    save_image(tmp_path / "images/i0.jpg", np.zeros((4, 6, 3)))
     msg = error(data.build_dataset, "folder", tmp_path, num_classes=2)
     assert msg.startswith(f"two images named i0 in {tmp_path / 'images'}: i0.jpg and i0.png")
     (tmp_path / "images/i0.jpg").unlink()
-    save(tmp_path / "masks/i0.JPG", np.zeros((4, 6)))
+    save_image(tmp_path / "masks/i0.JPG", np.zeros((4, 6)))
     assert "lossy" in error(data.build_dataset, "folder", tmp_path, num_classes=2)
     (tmp_path / "masks/i0.JPG").unlink()
-    save(tmp_path / "masks/i0.png", np.zeros((4, 6)), format="JPEG")  # a JPEG behind a .png name
+    save_image(tmp_path / "masks/i0.png", np.zeros((4, 6)), format="JPEG")  # a JPEG behind a .png name
     assert error(check, tmp_path).startswith("JPEG label map in")
 
 
@@ -186,7 +181,7 @@ def test_folder_binary_masks_hint_and_opt_in(tmp_path):
     ds = data.build_dataset("folder", root, num_classes=2, binary_masks=True)
     assert data.check_dataset(ds, True, log=None) == 3 and ds[0]["label"][0].tolist() == [0, 0, 1, 1, 0, 0]
     assert check(root, binary_masks=False) == 3  # 255 really is ignore: accepted as such
-    save(root / "masks/i1.png", [[0, 1, 255, 255, 0, 0]] * 4)
+    save_image(root / "masks/i1.png", [[0, 1, 255, 255, 0, 0]] * 4)
     assert check(root) == 3  # class 1 present: 255 is ignore, no hint
     assert "binary_masks" in error(data.build_dataset, "folder", root, num_classes=3, binary_masks=True)
 
@@ -205,28 +200,28 @@ def test_ade20k_full_release_layout(tmp_path):
     raw = [[wall, last, 0, 1], [wall, wall, 3, last]]  # 0 and 1, 3 (not among the 847) -> ignore
     for split, scene in (("training", "cultural/apse__indoor"), ("validation", "urban/street")):
         d = root / f"images/ADE/{split}/{scene}"
-        save(d / f"ADE_{split[:5]}_1.jpg", np.full((2, 4, 3), 80))
-        save(d / f"ADE_{split[:5]}_1_seg.png", seg_png(raw))
-        save(d / f"ADE_{split[:5]}_1_parts_1.png", np.zeros((2, 4, 3)))  # part masks beside it are not labels
+        save_image(d / f"ADE_{split[:5]}_1.jpg", np.full((2, 4, 3), 80))
+        save_image(d / f"ADE_{split[:5]}_1_seg.png", seg_png(raw))
+        save_image(d / f"ADE_{split[:5]}_1_parts_1.png", np.zeros((2, 4, 3)))  # part masks beside it are not labels
     ds = data.build_dataset("ade20k_full", tmp_path, "val")
     assert ds.num_classes == 847 and len(ds.class_names) == 847 and ds.palette.shape == (847, 3)
     s = ds[0]
     assert s["name"] == "urban/street/ADE_valid_1" and s["label"].dtype == torch.int64
     assert s["label"].tolist() == [[0, 846, -1, -1], [0, 0, -1, 846]]
     assert data.check_dataset(ds, values=True, log=None) == 1
-    save(root / "images/ADE/training/cultural/apse__indoor/ADE_train_1_seg.png", np.zeros((2, 4)))
+    save_image(root / "images/ADE/training/cultural/apse__indoor/ADE_train_1_seg.png", np.zeros((2, 4)))
     assert "expected an RGB _seg.png" in error(data.check_dataset, data.build_dataset("ade20k_full", root), log=None)
 
 
 def test_ade20k_full_maskformer_layout_preferred(tmp_path):
     root = tmp_path / "ADE20K_2021_17_01"
-    save(root / "images/ADE/validation/x/ADE_val_1.jpg", np.zeros((2, 3, 3)))  # the release beside it: not used
-    save(root / "images/ADE/validation/x/ADE_val_1_seg.png", seg_png([[1, 1, 1]] * 2))
-    save(root / "images_detectron2/validation/ADE_val_1.jpg", np.zeros((2, 3, 3)))
-    save(root / "annotations_detectron2/validation/ADE_val_1.tif", np.array([[0, 846, 65535], [5, 5, 5]], np.uint16))
+    save_image(root / "images/ADE/validation/x/ADE_val_1.jpg", np.zeros((2, 3, 3)))  # the release beside it: not used
+    save_image(root / "images/ADE/validation/x/ADE_val_1_seg.png", seg_png([[1, 1, 1]] * 2))
+    save_image(root / "images_detectron2/validation/ADE_val_1.jpg", np.zeros((2, 3, 3)))
+    save_image(root / "annotations_detectron2/validation/ADE_val_1.tif", np.array([[0, 846, 65535], [5, 5, 5]], np.uint16))
     ds = data.build_dataset("ade20k_full", root, "val")
     assert ds[0]["label"].tolist() == [[0, 846, -1], [5, 5, 5]] and ds[0]["name"] == "ADE_val_1"
-    save(root / "annotations_detectron2/validation/ADE_val_1.tif", np.array([[0, 847, 65534]] * 2, np.uint16))
+    save_image(root / "annotations_detectron2/validation/ADE_val_1.tif", np.array([[0, 847, 65534]] * 2, np.uint16))
     assert error(ds.__getitem__, 0).startswith("label values [847, 65534] in")
 
 
@@ -245,30 +240,14 @@ def test_wide_labels_through_transforms():
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-import evaluate  # noqa: E402
-import runs  # noqa: E402
 import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--backbone", "hrnet_tiny", "--crop", "64", "--batch-size", "4", "--val-size", "2", "--workers", "0",
-        "--num-prototypes", "3", "--log-every", "1"]
-
-
-QUICK = TINY[:2] + ["--crop", "32", "--batch-size", "2"] + TINY[6:]   # for the runs that are stopped midway
-
-
-def user_error(capsys, fn, *args):
-    """The one stderr line of a user error (exit code 1) that fn raises."""
-    with pytest.raises(SystemExit) as e:
-        fn(*args)
-    err = capsys.readouterr().err
-    assert e.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
-    return err
+QUICK = TINY + ["--crop", "32", "--batch-size", "2"]   # for the runs that are stopped midway (later flags win)
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -317,17 +296,6 @@ def test_path_flags_are_checked_for_their_kind(tmp_path, capsys):
     assert "--eval-only --resume auto: no last.pt in" in msg and not (tmp_path / "run").exists()  # nothing evaluated
 
 
-def test_checkpoint_with_the_right_keys_but_no_content_is_one_error(tmp_path, capsys):
-    cases = {"empty": {"model": {}, "config": {}, "iter": 1},
-             "no_backbone": {"model": {"head.prototypes": torch.zeros(2, 1, 3)}, "config": {"head": "protoseg"}},
-             "no_head": {"model": {"backbone.w": torch.zeros(1)}, "config": {"backbone": "hrnet_tiny", "head": "protoseg"}}}
-    for name, content in cases.items():
-        torch.save(content, tmp_path / f"{name}.pt")
-        with pytest.raises(checkpoints.CheckpointError, match=f"checkpoint .*{name}.pt: its"):
-            checkpoints.load_checkpoint(tmp_path / f"{name}.pt")
-    assert "its model holds no weights" in user_error(capsys, train.main, ["--eval-only", "--resume", str(tmp_path / "empty.pt")])
-
-
 def test_eval_only_never_touches_the_training_record_and_a_finished_run_stays_finished(tmp_path, capsys):
     run = tmp_path / "run"
     train.main(TINY + ["--iters", "1", "--out-dir", str(run)])
@@ -339,29 +307,6 @@ def test_eval_only_never_touches_the_training_record_and_a_finished_run_stays_fi
     assert train.main(TINY + ["--iters", "1", "--out-dir", str(run), "--resume", "auto"]) is None
     assert "is complete (1 of 1 iterations" in capsys.readouterr().out
     assert {f: (run / f).read_bytes() for f in record} == record           # neither command changed the record
-
-
-def test_stale_lock_of_a_live_unrelated_process_says_it_may_be_stale(tmp_path, capsys):
-    other = subprocess.Popen(["sleep", "30"])
-    try:
-        while not open(f"/proc/{other.pid}/cmdline", "rb").read().startswith(b"sleep"):
-            pass                                                        # until the fork has become `sleep`
-        (tmp_path / "run.lock").write_text(str(other.pid))
-        msg = user_error(capsys, runs.claim_out_dir, train.Config(out_dir=str(tmp_path)), False)
-        assert "it runs `sleep 30`, not train.py, so the lock is probably stale" in msg
-        assert f"delete {tmp_path / 'run.lock'}" in msg
-    finally:
-        other.kill()
-        other.wait()
-
-
-def test_evaluation_prints_n_a_and_says_when_val_has_no_labelled_pixel():
-    nan = float("nan")
-    m = {"miou": nan, "macc": nan, "aacc": nan, "images": 2, "iou": [nan, nan], "acc": [nan, nan],
-         "prototypes_in_use": [None, 2]}
-    text = evaluate.format_metrics(m, ["a", "b"])
-    assert "prototypes in use n/a" in text and "None" not in text
-    assert "val has no labelled pixel in its 2 images" in text
 
 
 def _session_gone(pid, wait=10.0):
@@ -393,17 +338,14 @@ def test_ctrl_c_and_sigterm_end_in_one_line_with_lock_and_workers_gone(tmp_path,
     p = _run_until(args, "it 3/")
     (os.killpg if group else os.kill)(p.pid, sig)                  # Ctrl-C reaches the whole group, as a terminal's
     _, err = p.communicate(timeout=120)
-    held = torch.load(tmp_path / "last.pt", weights_only=True)["iter"]
+    held = state(tmp_path / "last.pt")["iter"]
     assert p.returncode == code and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("interrupted after iteration ") and f"; last.pt holds iteration {held}; --resume auto" in err
     assert not (tmp_path / "run.lock").exists() and _session_gone(p.pid)
 
 
 def test_a_dead_torchrun_peer_is_reported_once_in_one_line(tmp_path):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(s.getsockname()[1])}
-    s.close()
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     args = [sys.executable, "train.py", *QUICK, "--batch-size", "4", "--ckpt-every", "2", "--iters", "300", "--out-dir", str(tmp_path)]
     peer = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**env, "RANK": "1"})
@@ -452,12 +394,12 @@ def test_exif_orientation_applied_to_images_and_a_mask_that_then_misfits_names_t
     exif[0x0112] = 6                                                     # shown rotated 90 degrees
     a = np.zeros((4, 6, 3), np.uint8)
     a[0, 0] = 255                                                        # top-left as stored
-    save(tmp_path / "images/p.jpg", a, exif=exif, quality=100)
+    save_image(tmp_path / "images/p.jpg", a, exif=exif, quality=100)
     upright = data.read_image(tmp_path / "images/p.jpg")
     assert upright.shape == (6, 4, 3) and upright[0, -1, 0] > 128      # stored top-left ends top-right
-    save(tmp_path / "masks/p.png", np.zeros((6, 4)))                   # drawn on the rotated view: fits
+    save_image(tmp_path / "masks/p.png", np.zeros((6, 4)))                   # drawn on the rotated view: fits
     assert check(tmp_path) == 1
-    save(tmp_path / "masks/p.png", np.zeros((4, 6)))                   # drawn on the stored pixels
+    save_image(tmp_path / "masks/p.png", np.zeros((4, 6)))                   # drawn on the stored pixels
     msg = error(check, tmp_path, values=False)
     assert "EXIF orientation 6" in msg and "rotated 90 degrees" in msg
     assert "EXIF orientation 6" in error(data.build_dataset("folder", tmp_path, num_classes=2).__getitem__, 0)

@@ -9,17 +9,13 @@ import torch
 from PIL import Image
 
 import data
+from conftest import save_image
 
 REF = Path(__file__).parent / "testdata"  # small facts and samples, see testdata/README.md
 
 
 def ref(name):
     return json.loads((REF / name).read_text())
-
-
-def save(path, array, mode=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(array, np.uint8), mode).save(path)
 
 
 # ---- label tables ----------------------------------------------------------------------------------------
@@ -100,22 +96,22 @@ def test_ade20k_sample_reduces_zero_label(split, raw_value):
 
 def test_coco_stuff_layout_maps_raw_ids(tmp_path):
     raw = np.array([[0, 10, 11, 12], [181, 255, 25, 90]], np.uint8)  # 11, 25 and 90 are unused thing ids
-    save(tmp_path / "images/val2017/000001.jpg", np.zeros((2, 4, 3)))
-    save(tmp_path / "annotations/val2017/000001.png", raw)
+    save_image(tmp_path / "images/val2017/000001.jpg", np.zeros((2, 4, 3)))
+    save_image(tmp_path / "annotations/val2017/000001.png", raw)
     s = data.build_dataset("coco_stuff", tmp_path, "val")[0]
     assert s["label"].tolist() == [[0, 10, -1, 11], [170, -1, -1, -1]]
 
 
 def test_folder_layout_maps_ignore_value_and_uses_split_folders(tmp_path):
     for split in ("train", "val"):
-        save(tmp_path / f"images/{split}/a.png", np.full((3, 5, 3), 100))
-        save(tmp_path / f"masks/{split}/a.png", [[0, 1, 2, 7, 7], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+        save_image(tmp_path / f"images/{split}/a.png", np.full((3, 5, 3), 100))
+        save_image(tmp_path / f"masks/{split}/a.png", [[0, 1, 2, 7, 7], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
     ds = data.build_dataset("folder", tmp_path, "val", num_classes=3, ignore_value=7)
     assert ds.num_classes == 3 and ds.palette.shape == (3, 3) and len(set(map(tuple, ds.palette.tolist()))) == 3
     assert ds[0]["label"][0].tolist() == [0, 1, 2, -1, -1] and ds[0]["name"] == "a"
     flat = tmp_path / "flat"
-    save(flat / "images/x.jpg", np.zeros((3, 5, 3)))
-    save(flat / "masks/x.png", np.ones((3, 5)))
+    save_image(flat / "images/x.jpg", np.zeros((3, 5, 3)))
+    save_image(flat / "masks/x.png", np.ones((3, 5)))
     assert data.build_dataset("folder", flat, "train", num_classes=2)[0]["label"].eq(1).all()
 
 

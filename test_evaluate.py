@@ -1,5 +1,6 @@
-"""evaluate.py: Cityscapes metrics against a transcription of cityscapesScripts, the official ProtoSeg checkpoint
-(key mapping, its forward transcribed, both scripts), evaluation from a checkpoint alone, submissions."""
+"""evaluate.py: the confusion matrix and mIoU / mAcc by hand, Cityscapes metrics against a transcription of
+cityscapesScripts, sliding windows, flips and scales, the printed report, the official ProtoSeg checkpoint through
+both scripts (its key mapping and forward: test_checkpoints.py), evaluation from a checkpoint alone, submissions."""
 import json
 import math
 from pathlib import Path
@@ -15,6 +16,7 @@ import data
 import evaluate
 import predict
 import train
+from conftest import tiny_checkpoint
 from models import model_from_config
 
 REF = Path(__file__).parent / "testdata"
@@ -96,74 +98,7 @@ def test_cityscapes_iiou_and_categories_equal_a_transcription_of_cityscapesscrip
         assert ours["category_iiou"][name] == pytest.approx(cat_iiou[name], rel=1e-9)
 
 
-# ----------------------------------------------------------------------------- the official checkpoint
-
-def official_state(generator, shapes):
-    """Random tensors in the official layout (running variances positive); mlp2 aliases proj, as there."""
-    sd = {}
-    for key, shape in shapes:
-        if key.startswith("proj_head.mlp2."):
-            sd[key] = sd[key.replace("mlp2", "proj")]
-        elif key.endswith("num_batches_tracked"):
-            sd[key] = torch.tensor(0)
-        elif key.endswith("running_var"):
-            sd[key] = torch.rand(shape, generator=generator) + 0.5
-        else:
-            sd[key] = torch.randn(shape, generator=generator) * (0.05 if len(shape) > 1 else 0.5)
-    return sd
-
-
-@pytest.fixture(scope="module")
-def official_file(tmp_path_factory):
-    shapes = json.loads((REF / "protoseg_official_hrnet48_keys.json").read_text())["state_dict"]
-    sd = official_state(torch.Generator().manual_seed(0), shapes)
-    path = tmp_path_factory.mktemp("official") / "hrnet_w48_proto_latest.pth"
-    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}, "config_dict": {"network": "hrnet_w48_proto"},
-                "iters": 80000}, path)
-    return path, sd
-
-
-def test_official_keys_map_onto_the_model_exactly():
-    shapes = json.loads((REF / "protoseg_official_hrnet48_keys.json").read_text())["state_dict"]
-    with torch.device("meta"):
-        sd = {k: torch.empty(s) for k, s in shapes}
-        converted, cfg = checkpoints.official_to_project(sd)
-        model = model_from_config(cfg)
-    assert cfg["backbone"] == "hrnet48" and (cfg["num_classes"], cfg["num_prototypes"]) == (19, 10)
-    ours = model.state_dict()
-    assert set(converted) == set(ours) and len(converted) == 1850 - 4            # the 4 mlp2 aliases dropped
-    assert all(converted[k].shape == ours[k].shape for k in ours)
-
-
-def official_head_forward(sd, feats):
-    """The official HRNet_W48_Proto head, transcribed: cls_head, proj_head ending in l2 over dim -1 of (B, D, H, W)
-    (the width), (b h w) d, feat_norm, l2, max cosine over prototypes, mask_norm."""
-    x = F.conv2d(feats, sd["cls_head.0.weight"], sd["cls_head.0.bias"], padding=1)
-    x = F.relu(F.batch_norm(x, sd["cls_head.1.0.running_mean"], sd["cls_head.1.0.running_var"],
-                            sd["cls_head.1.0.weight"], sd["cls_head.1.0.bias"], training=False, eps=1e-5))
-    x = F.relu(F.conv2d(x, sd["proj_head.proj.0.weight"], sd["proj_head.proj.0.bias"]))
-    x = F.conv2d(x, sd["proj_head.proj.2.weight"], sd["proj_head.proj.2.bias"])
-    x = F.normalize(x, p=2, dim=-1)
-    B, D, H, W = x.shape
-    c = x.permute(0, 2, 3, 1).reshape(-1, D)
-    c = F.normalize(F.layer_norm(c, (D,), sd["feat_norm.weight"], sd["feat_norm.bias"]), dim=-1)
-    masks = torch.einsum("nd,kmd->nmk", c, F.normalize(sd["prototypes"], dim=-1))
-    seg = masks.amax(1)
-    seg = F.layer_norm(seg, (seg.shape[1],), sd["mask_norm.weight"], sd["mask_norm.bias"])
-    return seg.reshape(B, H, W, -1).permute(0, 3, 1, 2)
-
-
-def test_official_checkpoint_computes_what_the_official_model_computes(official_file):
-    path, sd = official_file
-    model, cfg = checkpoints.load_model(path)
-    assert cfg["normalize_width"] and cfg["class_layernorm"] and cfg["embed_layernorm"]
-    feats = torch.randn(1, 720, 12, 20, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ours, official = model.head(feats), official_head_forward(sd, feats)
-        torch.testing.assert_close(ours, official, rtol=1e-4, atol=1e-4)
-        model.head.normalize_width = False                       # without official item 7 the answer changes
-        assert (model.head(feats).argmax(1) != official.argmax(1)).float().mean() > 0.05
-
+# ----------------------------------------------------------------------------- the official checkpoint, both scripts
 
 def small_official_file(tmp_path):
     """An official-format file around HRNet-W18-small-v2 (D = 270): the same layout as the W48 release, smaller."""
@@ -194,43 +129,13 @@ def test_official_checkpoint_evaluates_and_predicts_through_both_scripts(tmp_pat
 
 # ----------------------------------------------------------------------------- this project's checkpoints
 
-def cityscapes_checkpoint(tmp_path):
-    cfg = {**vars(train.Config()), "dataset": "cityscapes", "backbone": "hrnet_tiny", "num_classes": 19,
-           "num_prototypes": 3, "out_dir": str(tmp_path / "run")}
-    torch.manual_seed(0)
-    path = tmp_path / "last.pt"
-    torch.save({"model": model_from_config(cfg).state_dict(), "config": cfg, "iter": 5}, path)
-    return path
-
-
 def test_eval_only_takes_the_model_from_the_checkpoint_and_needs_only_val(tmp_path):
-    path = cityscapes_checkpoint(tmp_path)                           # the sample has a val split only
+    path = tiny_checkpoint(tmp_path / "last.pt", it=5, dataset="cityscapes", backbone="hrnet_tiny", num_classes=19,
+                           num_prototypes=3, out_dir=str(tmp_path / "run"))   # the sample has a val split only
     m = train.main(["--eval-only", "--resume", str(path), "--data-root", str(SAMPLE), "--workers", "0"])
     assert m["images"] == 1 and len(m["iou"]) == 19 and len(m["prototypes_in_use"]) == 19
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())      # beside the checkpoint, in eval/
     assert report["classes"]["car"]["prototypes_in_use"] >= 1 and report["iiou"].keys() >= {"person", "car"}
-
-
-def test_a_checkpoint_for_other_classes_or_a_plain_state_dict_is_one_clear_error(tmp_path, capsys):
-    path = cityscapes_checkpoint(tmp_path)
-    with pytest.raises(SystemExit):
-        train.main(["--eval-only", "--resume", str(path), "--dataset", "synthetic", "--val-size", "1"])
-    assert "predicts 19 classes (cityscapes); --dataset synthetic has 5" in capsys.readouterr().err
-    plain = tmp_path / "plain.pt"
-    torch.save(torch.load(path, weights_only=True)["model"], plain)
-    with pytest.raises(checkpoints.CheckpointError, match="plain.pt has .*expected train.py's"):
-        checkpoints.load_model(plain)
-    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(checkpoints.CheckpointError, match="cannot read checkpoint .*cut.pt"):
-        checkpoints.load_model(tmp_path / "cut.pt")
-
-
-def test_predict_names_every_output_uniquely(tmp_path):
-    for name in ("a.jpg", "a.png", "sub/b.png"):
-        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "in" / name)
-    names = predict.output_names([str(tmp_path / "in")])
-    assert sorted(str(s) for _, s in names) == ["a_jpg", "a_png", "sub/b"]
 
 
 # ----------------------------------------------------------------------------- scales and metrics
@@ -268,6 +173,30 @@ def test_predict_scores_over_scales_equals_a_transcription(align_corners):
         assert (evaluate.predict_scores(model, image, 4, scales=scales) - expected).abs().max() > 1e-2
 
 
+def test_metrics_equal_hand_computed_confusion_matrix():
+    label = torch.tensor([[0, 0, 1, 1], [2, 2, -1, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 0]])
+    conf = evaluate.confusion_matrix(pred.flatten(), label.flatten(), 3)
+    expected = torch.tensor([[1, 1, 0],            # gt 0: one right, one called 1
+                             [1, 2, 0],            # gt 1: two right, one called 0 (ignore pixel skipped)
+                             [1, 0, 1]])           # gt 2: one right, one called 0
+    assert torch.equal(conf, expected)
+    m = evaluate.metrics_from_confusion(conf)
+    iou = [1 / (2 + 3 - 1), 2 / (3 + 3 - 2), 1 / (2 + 1 - 1)]
+    assert m["iou"] == pytest.approx(iou) and m["miou"] == pytest.approx(sum(iou) / 3)
+    assert m["aacc"] == pytest.approx(4 / 7)
+    assert m["acc"] == pytest.approx([1 / 2, 2 / 3, 1 / 2]) and m["macc"] == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 3)
+
+
+def test_sliding_window_and_flip_equal_whole_image_for_a_pointwise_model():
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 1).eval()
+    image = torch.randn(1, 3, 37, 53)
+    whole = evaluate.predict_scores(model, image, 4, align_corners=False)
+    torch.testing.assert_close(evaluate.predict_scores(model, image, 4, crop=(16, 24), align_corners=False), whole)
+    torch.testing.assert_close(evaluate.predict_scores(model, image, 4, flip=True, align_corners=False), 2 * whole)
+
+
 def test_miou_and_macc_with_a_class_absent_from_the_ground_truth_or_never_predicted():
     """Rows = ground truth, columns = prediction. Class 2: never in the ground truth, predicted twice (IoU 0,
     no accuracy); class 3: in the ground truth, never predicted (IoU 0, accuracy 0); class 4: absent from both
@@ -284,6 +213,15 @@ def test_miou_and_macc_with_a_class_absent_from_the_ground_truth_or_never_predic
     assert [m["acc"][c] for c in (0, 1, 3)] == pytest.approx(acc) and math.isnan(m["acc"][2]) and math.isnan(m["acc"][4])
     assert m["miou"] == pytest.approx(sum(iou) / 4) and m["macc"] == pytest.approx(sum(acc) / 3)
     assert m["aacc"] == pytest.approx(8 / 15)
+
+
+def test_evaluation_prints_n_a_and_says_when_val_has_no_labelled_pixel():
+    nan = float("nan")
+    m = {"miou": nan, "macc": nan, "aacc": nan, "images": 2, "iou": [nan, nan], "acc": [nan, nan],
+         "prototypes_in_use": [None, 2]}
+    text = evaluate.format_metrics(m, ["a", "b"])
+    assert "prototypes in use n/a" in text and "None" not in text
+    assert "val has no labelled pixel in its 2 images" in text
 
 
 # ----------------------------------------------------------------------------- the release's input (official item 9)

@@ -1,4 +1,5 @@
-"""models.py: key/shape parity with HRNet-seg and torchvision, output sizes, strict loading, a 1-batch overfit."""
+"""models.py: key/shape parity with HRNet-seg and torchvision, output sizes, a 1-batch overfit (strict loading of
+these backbones: test_checkpoints.py)."""
 import json
 import os
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoints import load_pretrained
+from conftest import small_hrnet
 from models import HRNetNeck, build_backbone, build_model
 
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")  # see testdata/README.md
@@ -21,17 +22,6 @@ def reference(preset):
 
 def num_params(module):
     return sum(p.numel() for p in module.parameters())
-
-
-def save(tmp_path, obj, name="w.pth"):
-    path = str(tmp_path / name)
-    torch.save(obj, path)
-    return path
-
-
-def small_hrnet(seed=0):
-    torch.manual_seed(seed)
-    return build_backbone("hrnet18_small_v2").eval()
 
 
 # ----------------------------------------------------------------------------- parity with the references
@@ -137,77 +127,3 @@ def test_overfits_one_batch():
         acc = (model(images).argmax(1) == labels).float().mean().item()
     assert losses[-1] < 0.2 * losses[0], losses[::5]
     assert acc > 0.9, acc
-
-
-# ----------------------------------------------------------------------------- strict loading
-
-def test_saved_backbone_reloads_to_identical_outputs(tmp_path):
-    src, dst = small_hrnet(0), small_hrnet(1)
-    for m in src.modules():                                           # non-trivial BN statistics
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-    path = save(tmp_path, src.state_dict())
-    summary = load_pretrained(dst, path)
-    assert "loaded 864" in summary
-    x = torch.randn(1, 3, 64, 80)
-    with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(src(x), dst(x)))
-
-
-def test_load_accepts_state_dict_wrapper_and_module_prefix(tmp_path):
-    src, dst = small_hrnet(0), small_hrnet(1)
-    path = save(tmp_path, {"state_dict": {"module." + k: v for k, v in src.state_dict().items()}, "epoch": 3})
-    load_pretrained(dst, path)
-    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
-
-
-def test_load_accepts_backbone_prefix_and_ignores_head_of_full_model(tmp_path):
-    torch.manual_seed(0)
-    model = build_model("hrnet18_small_v2", head="softmax", num_classes=3)
-    dst = small_hrnet(1)
-    summary = load_pretrained(dst, save(tmp_path, {"model": model.state_dict()}))
-    assert "head" in summary
-    assert all(torch.equal(a, b) for a, b in zip(model.backbone.state_dict().values(), dst.state_dict().values()))
-
-
-def test_load_works_without_num_batches_tracked(tmp_path):
-    src, dst = small_hrnet(0), small_hrnet(1)
-    sd = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
-    assert len(sd) == 864 - 144
-    load_pretrained(dst, save(tmp_path, sd))
-    assert torch.equal(dst.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
-
-
-def test_load_ignores_only_the_imagenet_keys_listed_in_reference(tmp_path):
-    extra = reference("hrnet18_small_v2")["consumed_from_imagenet_checkpoint"]["checkpoint_only_keys_ignored"]
-    src, dst = small_hrnet(0), small_hrnet(1)
-    sd = dict(src.state_dict(), **{k: torch.zeros(s) for k, s in extra})
-    summary = load_pretrained(dst, save(tmp_path, sd))
-    assert f"ignored {len(extra)}" in summary
-    assert all(p in summary for p in ("incre_modules", "downsamp_modules", "final_layer", "classifier"))
-
-
-def test_load_resnet_drops_torchvision_fc(tmp_path):
-    torch.manual_seed(0)
-    src, dst = build_backbone("resnet18"), build_backbone("resnet18")
-    sd = dict(src.state_dict(), **{"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)})
-    assert "ignored 2" in load_pretrained(dst, save(tmp_path, sd))
-    assert torch.equal(dst.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
-
-
-def test_load_misnamed_key_fails_naming_file_and_key(tmp_path):
-    sd = small_hrnet(0).state_dict()
-    sd["stage3.0.branches.0.0.conv1.weigth"] = sd.pop("stage3.0.branches.0.0.conv1.weight")
-    path = save(tmp_path, sd)
-    with pytest.raises(ValueError) as err:
-        load_pretrained(small_hrnet(1), path)
-    msg = str(err.value)
-    assert path in msg and "stage3.0.branches.0.0.conv1.weigth" in msg and "stage3.0.branches.0.0.conv1.weight" in msg
-
-
-def test_load_shape_mismatch_fails(tmp_path):
-    sd = small_hrnet(0).state_dict()                                  # W32 weights into W18-small-v2: same names
-    wide = {k: v for k, v in build_backbone("hrnet32").state_dict().items() if k in sd}
-    with pytest.raises(ValueError, match=r"transition1\.0\.0\.weight \(32, 256, 3, 3\) vs ours \(18, 256, 3, 3\)"):
-        load_pretrained(small_hrnet(1), save(tmp_path, wide))

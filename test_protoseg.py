@@ -24,7 +24,6 @@ ProtoSegHead and seg_loss connect them; each line there was checked by planting 
 import itertools
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -32,6 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import free_port
 import protoseg
 from protoseg import (IGNORE_INDEX, ProtoSegHead, QueryHead, SoftmaxHead, class_distance, cluster_prototypes,
                       cross_entropy, momentum_update, nearest_prototype, pixel_prototype_similarity, ppc_loss,
@@ -380,12 +380,6 @@ def test_official_switches_update_correct_only_and_layernorms():
 
 # ----------------------------------------------------------------------------- distributed (gloo, 2 ranks)
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank, world, port, scores, labels, embed, protos, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -403,7 +397,7 @@ def test_ddp_sinkhorn_and_update_match_single_process():
     scores = torch.rand(64, 5, generator=g) * 2 - 1
     embed, protos = unit(64, 6, seed=17), unit(4, 5, 6, seed=18)
     results = mp.Manager().dict()
-    mp.spawn(_rank_worker, args=(2, _free_port(), scores, labels, embed, protos, results), nprocs=2)
+    mp.spawn(_rank_worker, args=(2, free_port(), scores, labels, embed, protos, results), nprocs=2)
     L = sinkhorn_batched(scores, labels, 4, kappa=0.05, iters=3)
     one = sinkhorn(scores[labels == 1], kappa=0.05, iters=3)
     new = momentum_update(protos, embed, labels, L.argmax(1), momentum=0.5)

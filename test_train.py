@@ -1,30 +1,23 @@
-"""Tests of train.py: command line end to end, exact resume, 2-rank gloo == 1 rank, metrics, NaN stop."""
+"""Tests of train.py: command line end to end, exact resume, 2-rank gloo == 1 rank, NaN stop, presets and flags,
+the optimiser's groups, dropout masks, the settings a resume may not change."""
 import dataclasses
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-import checkpoints
-import evaluate
 import protoseg
 import settings
 import train
+from conftest import TINY, free_port, save_image, state
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# tiny: small images, 2-4 iterations, few val images, no loader workers
-TINY = ["--backbone", "hrnet_tiny", "--crop", "64", "64", "--batch-size", "4", "--val-size", "2",
-        "--workers", "0", "--log-every", "1", "--num-prototypes", "3"]
-
-
-def state(path):
-    return torch.load(path, weights_only=True)
 
 
 def assert_same_state(a, b, atol=0.0):
@@ -149,36 +142,6 @@ def test_incompatible_checkpoint_says_what_differs(tmp_path, capsys):
     assert "head: checkpoint 'protoseg' vs now 'softmax'" in capsys.readouterr().err
 
 
-def test_metrics_equal_hand_computed_confusion_matrix():
-    label = torch.tensor([[0, 0, 1, 1], [2, 2, -1, 1]])
-    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 0]])
-    conf = evaluate.confusion_matrix(pred.flatten(), label.flatten(), 3)
-    expected = torch.tensor([[1, 1, 0],            # gt 0: one right, one called 1
-                             [1, 2, 0],            # gt 1: two right, one called 0 (ignore pixel skipped)
-                             [1, 0, 1]])           # gt 2: one right, one called 0
-    assert torch.equal(conf, expected)
-    m = evaluate.metrics_from_confusion(conf)
-    iou = [1 / (2 + 3 - 1), 2 / (3 + 3 - 2), 1 / (2 + 1 - 1)]
-    assert m["iou"] == pytest.approx(iou) and m["miou"] == pytest.approx(sum(iou) / 3)
-    assert m["aacc"] == pytest.approx(4 / 7)
-    assert m["acc"] == pytest.approx([1 / 2, 2 / 3, 1 / 2]) and m["macc"] == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 3)
-
-
-def test_sliding_window_and_flip_equal_whole_image_for_a_pointwise_model():
-    torch.manual_seed(0)
-    model = torch.nn.Conv2d(3, 4, 1).eval()
-    image = torch.randn(1, 3, 37, 53)
-    whole = evaluate.predict_scores(model, image, 4, align_corners=False)
-    torch.testing.assert_close(evaluate.predict_scores(model, image, 4, crop=(16, 24), align_corners=False), whole)
-    torch.testing.assert_close(evaluate.predict_scores(model, image, 4, flip=True, align_corners=False), 2 * whole)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank(rank, world, port, args):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -193,7 +156,7 @@ def test_ddp_two_ranks_equal_one_rank(tmp_path):
     args = TINY + ["--num-prototypes", "1", "--iters", "2", "--freeze-bn", "--dropout", "0", "--scale", "1", "1", "--crop", "160", "160",
                    "--proto-momentum", "0.5", "--optimizer", "sgd"]
     train.main(args + ["--out-dir", str(tmp_path / "one")])
-    mp.spawn(_rank, args=(2, _free_port(), args + ["--out-dir", str(tmp_path / "two")]), nprocs=2)
+    mp.spawn(_rank, args=(2, free_port(), args + ["--out-dir", str(tmp_path / "two")]), nprocs=2)
     a, b = state(tmp_path / "one" / "last.pt"), state(tmp_path / "two" / "last.pt")
     assert_same_state(a["model"], b["model"], atol=1e-4)            # summation order only (--local-stats: 0.045)
 
@@ -220,20 +183,6 @@ def test_help_shows_the_chosen_presets_values():
     assert "(default for cityscapes: hrnet48)" in " ".join(out.split()) and "lambda_1 of Eq. 13" in out
 
 
-def test_out_dir_belongs_to_one_run(tmp_path, capsys):
-    args = TINY + ["--iters", "1", "--out-dir", str(tmp_path)]
-    train.main(args)
-    with pytest.raises(SystemExit):
-        train.main(args)                                           # would overwrite the first run's last.pt
-    assert "holds an earlier run; continue it with --resume auto" in capsys.readouterr().err
-    (tmp_path / "run.lock").write_text(str(os.getppid()))         # a live process holds the directory
-    with pytest.raises(SystemExit):
-        train.main(args + ["--overwrite"])
-    assert "is in use by another run" in capsys.readouterr().err
-    (tmp_path / "run.lock").write_text("999999999")                # a dead one: the stale lock is taken over
-    train.main(args + ["--overwrite"])
-
-
 def test_resume_refuses_settings_that_change_the_trajectory(tmp_path, capsys):
     args = TINY + ["--iters", "2", "--ckpt-every", "1", "--out-dir", str(tmp_path)]
     train.main(TINY + ["--iters", "1", "--ckpt-every", "1", "--out-dir", str(tmp_path)])
@@ -244,23 +193,6 @@ def test_resume_refuses_settings_that_change_the_trajectory(tmp_path, capsys):
     assert "optimizer: checkpoint 'adamw' vs now 'sgd'" in err and "--allow-changes" in err
     train.main(args + ["--resume", "auto", "--allow-changes"])    # a longer schedule, knowingly
     assert state(tmp_path / "last.pt")["iter"] == 2
-
-
-def test_a_diverged_model_is_never_checkpointed(tmp_path, capsys):
-    cfg = train.Config(out_dir=str(tmp_path))
-    net = torch.nn.Linear(2, 2)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler(enabled=False)
-    assert train.save_checkpoint(cfg, net, opt, scaler, 5, 0) == 5
-    before = (tmp_path / "last.pt").read_bytes()
-    for bad in (float("nan"), 1.9e22):
-        with torch.no_grad():
-            net.weight[0, 0] = bad
-        with pytest.raises(SystemExit):
-            train.save_checkpoint(cfg, net, opt, scaler, 6, 5)
-        err = capsys.readouterr().err
-        assert "diverged by iteration 6: weight" in err and "last good checkpoint, after iteration 5" in err
-        assert (tmp_path / "last.pt").read_bytes() == before
 
 
 def test_transformer_backbones_take_the_published_recipe():
@@ -286,15 +218,11 @@ def test_transformer_backbones_take_the_published_recipe():
 
 
 def test_bad_data_is_one_line_before_training(tmp_path):
-    from PIL import Image
-    import numpy as np
     for split in ("train", "val"):
         for i in range(3):
-            (tmp_path / "images" / split).mkdir(parents=True, exist_ok=True)
-            (tmp_path / "masks" / split).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "images" / split / f"{i}.png")
+            save_image(tmp_path / "images" / split / f"{i}.png", np.zeros((32, 32, 3)))
             size = (32, 30) if (split, i) == ("val", 2) else (32, 32)             # one val mask of the wrong size
-            Image.fromarray(np.zeros(size, np.uint8)).save(tmp_path / "masks" / split / f"{i}.png")
+            save_image(tmp_path / "masks" / split / f"{i}.png", np.zeros(size))
     out = subprocess.run([sys.executable, "train.py", "--dataset", "folder", "--data-root", str(tmp_path),
                           "--num-classes", "2", "--out-dir", str(tmp_path / "run"), "--workers", "0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -303,13 +231,7 @@ def test_bad_data_is_one_line_before_training(tmp_path):
     assert "2.png" in lines[0] and "it 1/" not in out.stdout                   # found before the first step
 
 
-def test_worker_wrapped_data_error_becomes_its_own_line():
-    wrapped = ("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-               '  File "x.py", line 1, in f\ndata.DatasetError: label values [7] in a.png: neither a class nor ignore')
-    assert train.one_line(ValueError(wrapped)) == "label values [7] in a.png: neither a class nor ignore"
-
-
-# ----------------------------------------------------------------------------- optimiser groups, health, dropout
+# ----------------------------------------------------------------------------- optimiser groups, dropout
 
 def no_decay_by_module(net):
     """The CNN recipe's rule stated by module: every parameter of a norm layer and every bias has no weight decay."""
@@ -344,20 +266,6 @@ def test_cnn_optimizer_decays_norms_and_biases_only_where_the_preset_says(datase
     assert not cfg.no_decay_norms or 0 < len(free) < len(params)
     for name, p in params.items():
         assert decay_of[id(p)] == (0.0 if name in free else cfg.weight_decay), name
-
-
-def test_health_check_looks_at_buffers_too():
-    """checkpoints.unhealthy: prototypes and BatchNorm running statistics are buffers, not parameters."""
-    net = train.model_from_config(dataclasses.replace(train.Config(), backbone="hrnet_tiny", num_classes=3,
-                                                      num_prototypes=2))
-    assert checkpoints.unhealthy(net) is None
-    for name, bad in (("head.prototypes", float("nan")), ("backbone.bn1.running_var", float("inf")),
-                      ("backbone.bn1.running_mean", 1e30)):
-        t = dict(net.named_buffers())[name]
-        keep = t.clone()
-        t.view(-1)[0] = bad
-        assert checkpoints.unhealthy(net).startswith(name)
-        t.copy_(keep)
 
 
 def test_dropout_masks_change_from_iteration_to_iteration(tmp_path, monkeypatch):

@@ -10,7 +10,6 @@ import copy
 import itertools
 import math
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -18,6 +17,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import free_port
 from layers import upsample
 from models import SegModel
 from protoseg import IGNORE_INDEX, ProtoSegHead, seg_loss, update_prototypes
@@ -212,12 +212,6 @@ def test_seg_loss_passes_tau_class_weight_lambdas_and_ignore_index_on():
 
 # ----------------------------------------------------------------------------- the head under 2 ranks (gloo)
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _head_rank_worker(rank, world, port, state, feats, labels, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -243,7 +237,7 @@ def test_ddp_head_global_sinkhorn_identical_prototypes_and_local_stats_average()
     sizes = [len(p[1]) for p in parts]
 
     results = mp.Manager().dict()
-    mp.spawn(_head_rank_worker, args=(2, _free_port(), head.state_dict(), feats, labels, results), nprocs=2)
+    mp.spawn(_head_rank_worker, args=(2, free_port(), head.state_dict(), feats, labels, results), nprocs=2)
 
     # global: Eq. 10 and Eq. 14 over the concatenated batch, = one process holding all of it
     target, margin = eq10_targets(embed, y, before)

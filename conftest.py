@@ -1,0 +1,61 @@
+"""Helpers several test files share (pytest loads this file first; tests import it as `from conftest import ...`).
+
+TINY: train.py flags for a run that takes seconds on a CPU. free_port: a TCP port for a 2-rank gloo group.
+state: a checkpoint's dict. user_error: the one `error:` line of a user error. save_image: a small image or label file. tiny_checkpoint: a train.py-format file around
+untrained weights (the keys save_checkpoint writes: model, config, iter). small_hrnet: a seeded HRNet-W18-small-v2
+backbone in eval mode (the strict-loading tests and the neck test).
+"""
+import dataclasses
+import socket
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+# small images, few val images, no loader workers, K = 3 (D = 8+16+32+64 = 120 for hrnet_tiny)
+TINY = ["--backbone", "hrnet_tiny", "--crop", "64", "64", "--batch-size", "4", "--val-size", "2",
+        "--workers", "0", "--log-every", "1", "--num-prototypes", "3"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def state(path):
+    return torch.load(path, weights_only=True)
+
+
+def save_image(path, array, mode=None, **kw):
+    """array (H, W) or (H, W, 3) to path; kept as bool, uint16 or float32 (16-bit, float TIFF), else as uint8."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = np.asarray(array)
+    Image.fromarray(a if a.dtype in (bool, np.uint16, np.float32) else a.astype(np.uint8), mode).save(path, **kw)
+    return path
+
+
+def tiny_checkpoint(path, it=1, seed=0, **config):
+    """A train.py checkpoint of a model with seeded random weights; config overrides train.Config's defaults."""
+    import train
+    from models import model_from_config
+    cfg = {**dataclasses.asdict(train.Config()), **config}
+    torch.manual_seed(seed)
+    torch.save({"model": model_from_config(cfg).state_dict(), "config": cfg, "iter": it}, path)
+    return path
+
+
+def user_error(capsys, fn, *args):
+    """The one stderr line of a user error (exit code 1) that fn raises."""
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def small_hrnet(seed=0):
+    from models import build_backbone
+    torch.manual_seed(seed)
+    return build_backbone("hrnet18_small_v2").eval()
