@@ -3,8 +3,14 @@
 and nothing is read silently wrong. Round two (issue 23): flags, paths, a finished run, stops (Ctrl-C, SIGTERM, a
 lost peer, out of memory) and decoding, each one `error:` line (a broken checkpoint: test_checkpoints.py; a stale
 lock: test_runs.py). Tiny files only."""
+import json
+import os
 import pickle
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +18,7 @@ import torch
 from PIL import Image
 
 import data
+import train
 from conftest import TINY, free_port, save_image, state, user_error
 
 ONE_LINE = re.compile(r"^[^\n]+ in [^\n]+: [^\n]+, expected [^\n]+; [^\n]+$")
@@ -236,15 +243,6 @@ def test_wide_labels_through_transforms():
 
 
 # ---- round two (issue 23): flags, paths, checkpoints, stops, decoding ------------------------------------
-
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 QUICK = TINY + ["--crop", "32", "--batch-size", "2"]   # for the runs that are stopped midway (later flags win)
