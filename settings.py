@@ -189,7 +189,7 @@ def number(kind, name):
 
 def make_parser(dataset, backbone=None):
     chosen = preset(dataset, backbone) if dataset in PRESETS else {}
-    shown = {**dataclasses.asdict(Config()), **chosen}
+    shown = {**dataclasses.asdict(Config()), **chosen, **({"backbone": backbone} if backbone else {})}
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog=protocol(shown, f"--dataset {dataset}" + (f" --backbone {backbone}" if backbone else "")))
     for f in dataclasses.fields(Config):

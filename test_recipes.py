@@ -55,6 +55,7 @@ def test_help_shows_the_chosen_pipeline_test_protocol_and_channel_order():
     text = " ".join(settings.make_parser("cityscapes", "mit_b0").format_help().split())
     assert "train pipeline mmseg's (Resize to fit (2048, 1024)" in text and "stride (768, 768)" in text
     assert "sliding window (1024, 1024)" in text and "input channel order rgb" in text
+    assert "the recipe's no-decay groups" in text and "weight decay on every parameter" not in text   # MiT's groups
     text = " ".join(settings.make_parser("cityscapes").format_help().split())
     assert "openseg's" in text and "weight decay on every parameter" in text and "(default for cityscapes: openseg)" in text
 
