@@ -58,7 +58,7 @@ def collect(model, dataset, device, limit=0, gallery=8, samples=1500, seed=0):
     """Everything the pictures need, from one forward per val image (the first `limit`; 0 = all):
     counts (C, K, M) as evaluate.prototype_counts, the confusion matrix, per prototype the `gallery` best
     (cosine, image, y, x) of its class's labelled pixels (one per image), and per class sampled embeddings."""
-    protos = model.head.prototypes
+    protos = model.head.unit_prototypes()
     C, K, D = protos.shape
     n = min(limit or len(dataset), len(dataset))
     rng = np.random.default_rng(seed)
@@ -101,7 +101,7 @@ def collect(model, dataset, device, limit=0, gallery=8, samples=1500, seed=0):
 
 def class_stats(model, found, names):
     """atlas.json's per-class entries: shares, in use, cosine matrix, collapse score (purity with modes), IoU."""
-    protos = F.normalize(model.head.prototypes.float().cpu(), dim=-1)
+    protos = model.head.unit_prototypes().float().cpu()
     summary = prototype_summary(found["counts"], IN_USE)
     iou = metrics_from_confusion(found["conf"])["iou"]
     out = {}
@@ -142,7 +142,7 @@ def class_picture(model, stats, found, c, name):
                           "cosine p_k . p_j (blue -1, white 0, red 1)")]
     if found["pool"][c]:
         x = torch.cat([e for e, _ in found["pool"][c]])
-        p = F.normalize(model.head.prototypes[c].float().cpu(), dim=-1)
+        p = model.head.unit_prototypes()[c].float().cpu()
         nearest = (x @ p.T).argmax(1).numpy()
         xy, pxy = pca_2d(x, p)
         marks = [(pxy[k], hues[k]) for k in range(K)]

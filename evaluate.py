@@ -20,7 +20,7 @@ from PIL import Image
 from collectives import all_reduce
 import data
 from labels import CITYSCAPES_CATEGORIES, CITYSCAPES_MEAN_INSTANCE_SIZE, IGNORE_INDEX, INSTANCE_CATEGORIES
-from layers import upsample
+from layers import labels_to, upsample
 
 
 def autocast(amp, device):
@@ -139,15 +139,15 @@ def cityscapes_scores(conf, per_class, per_category):
 
 def prototype_counts(embed, label, modes, prototypes, num_modes=1):
     """(C, K, M) counts: labelled pixels of class c whose nearest prototype OF CLASS c is k, split by the
-    pixel's mode m (synthetic data; M = 1 without modes). embed: (h, w, D) unit vectors; label, modes: (H, W)."""
+    pixel's mode m (synthetic data; M = 1 without modes). embed: (h, w, D) and prototypes (C, K, D) unit vectors
+    (ProtoSegHead.unit_prototypes); label, modes: (H, W), brought to the feature grid by nearest."""
     C, K, _ = prototypes.shape
     size = embed.shape[:2]
-    lab = F.interpolate(label[None, None].float(), size=size, mode="nearest").long().flatten()
-    mod = (F.interpolate(modes[None, None].float(), size=size, mode="nearest").long().flatten()
-           if modes is not None else torch.zeros_like(lab))
+    lab = labels_to(label[None], size).flatten()
+    mod = labels_to(modes[None], size).flatten() if modes is not None else torch.zeros_like(lab)
     keep = lab != IGNORE_INDEX
     lab, mod, emb = lab[keep], mod[keep].clamp(0, num_modes - 1), embed.flatten(0, 1)[keep].float()
-    k = torch.einsum("nd,nkd->nk", emb, F.normalize(prototypes.float(), dim=-1)[lab]).argmax(1)
+    k = torch.einsum("nd,nkd->nk", emb, prototypes.float()[lab]).argmax(1)
     return torch.bincount((lab * K + k) * num_modes + mod, minlength=C * K * num_modes).reshape(C, K, num_modes)
 
 
@@ -209,7 +209,7 @@ def evaluate(model, dataset, device, crop=(0, 0), scales=(1.0,), flip=False, amp
     C, n = dataset.num_classes, min(limit or len(dataset), len(dataset))
     items = _Items(dataset, list(range(rank, n, world)))
     loader = torch.utils.data.DataLoader(items, batch_size=None, num_workers=workers)
-    protos = getattr(net.head, "prototypes", None)
+    protos = net.head.unit_prototypes() if hasattr(net.head, "prototypes") else None
     num_modes = 16
     conf = torch.zeros(C, C, dtype=torch.long, device=device)
     counts = torch.zeros(C, protos.shape[1] if protos is not None else 1, num_modes, dtype=torch.long, device=device)

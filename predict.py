@@ -66,7 +66,7 @@ def class_similarity(model, image, size, class_index, embed=None):
     """(k, best), each (H, W): every pixel's nearest prototype k of class c and its cosine i^T p_ck, at `size`.
     embed: model.embed(image), (1, h, w, D), when it is already computed."""
     embed = (model.embed(image) if embed is None else embed)[0]                  # (h, w, D)
-    protos = F.normalize(model.head.prototypes[class_index].float(), dim=-1)     # (K, D)
+    protos = model.head.unit_prototypes()[class_index].float()                   # (K, D)
     sim = embed.float() @ protos.T                                               # (h, w, K)
     sim = F.interpolate(sim.permute(2, 0, 1)[None], size=tuple(size), mode="nearest")[0]   # (K, H, W)
     best, k = sim.max(0)

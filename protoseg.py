@@ -320,10 +320,14 @@ class ProtoSegHead(nn.Module):
         """Pixel embeddings, l2-normalised: (B, Din, h, w) -> (B, h, w, D)."""
         return self.embed_map(feats).permute(0, 2, 3, 1)
 
+    def unit_prototypes(self):
+        """(C, K, D) unit vectors: the only place they are normalised for reading (a buffer loaded from the
+        official release need not be unit; the official forward normalises it too)."""
+        return F.normalize(self.prototypes, dim=-1)
+
     def classify(self, embed):
         """Unit embeddings (B, D, h, w) -> (class scores (B, C, h, w), similarities (B, C*K, h, w))."""
-        protos = F.normalize(self.prototypes, dim=-1)                          # (C, K, D) a copy
-        sim = similarity_map(embed, protos)                                    # i^T p  (B, C*K, h, w)
+        sim = similarity_map(embed, self.unit_prototypes())                                    # i^T p  (B, C*K, h, w)
         class_sim = sim.unflatten(1, (self.num_classes, self.num_prototypes)).max(2).values  # -s, Eq. 6 (B, C, h, w)
         scores = class_sim
         if self.mask_norm is not None:                                         # LayerNorm over C (official 1)
