@@ -189,9 +189,10 @@ def number(kind, name):
 
 def make_parser(dataset, backbone=None):
     chosen = preset(dataset, backbone) if dataset in PRESETS else {}
-    shown = {**dataclasses.asdict(Config()), **chosen, **({"backbone": backbone} if backbone else {})}
+    shown = {**dataclasses.asdict(Config()), **chosen}
+    used = {**shown, "backbone": backbone or shown["backbone"]}                # what this command would train
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-               epilog=protocol(shown, f"--dataset {dataset}" + (f" --backbone {backbone}" if backbone else "")))
+               epilog=protocol(used, f"--dataset {dataset}" + (f" --backbone {backbone}" if backbone else "")))
     for f in dataclasses.fields(Config):
         helptext = f"{f.metadata['help']} (default{' for ' + dataset if f.name in chosen else ''}: {shown[f.name]})"
         if f.type is bool:
