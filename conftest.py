@@ -59,3 +59,21 @@ def small_hrnet(seed=0):
     from models import build_backbone
     torch.manual_seed(seed)
     return build_backbone("hrnet18_small_v2").eval()
+
+
+def recipe_facts_where_used(dataset, backbone, ref):
+    """The published recipe's facts that are not settings, checked where the code uses them: the warm-up start
+    (train.learning_rate at 0), poly to min_lr, the backbone's largest drop-path rate and torch's AdamW betas.
+    ref: the recipe's entry of testdata/transformer_recipes.json. Returns (config, model on the meta device)."""
+    import train
+    from layers import DropPath
+    cfg, _ = train.parse_args(["--dataset", dataset, "--backbone", backbone])
+    sched = ref["lr_schedule"]
+    assert train.learning_rate(cfg, 0) == pytest.approx(cfg.lr * sched["warmup_ratio"], rel=1e-6)
+    assert train.learning_rate(cfg, cfg.iters) == sched["min_lr"]
+    cfg.num_classes = 5
+    with torch.device("meta"):
+        net = train.model_from_config(cfg)
+    assert max(m.p for m in net.backbone.modules() if isinstance(m, DropPath)) == ref["backbone"]["drop_path_rate"]
+    assert train.make_optimizer(cfg, net).defaults["betas"] == tuple(ref["optimizer"]["betas"])   # torch's default
+    return cfg, net

@@ -9,7 +9,7 @@ ProtoSegHead and seg_loss connect them; each line there was checked by planting 
             (embedding not l2-normalised)
   Eq. 7     test_eq7_*; wiring: test_seg_loss_passes_tau_class_weight_lambdas_and_ignore_index_on
             (class_weight or ignore_index dropped)
-  Eq. 8-10  test_eq8_*, test_eq9_eq10_*, test_eq10_*; wiring: test_head_eq10_targets_from_prototypes_before_update
+  Eq. 8-10  test_sinkhorn.py; wiring: test_head_eq10_targets_from_prototypes_before_update
             (greedy argmax instead of Sinkhorn; kappa/iterations not passed on; losses with the prototypes
             after the update), test_head_labels_larger_than_features_are_brought_down_by_nearest (bilinear labels)
   Eq. 11-13 test_eq11_*, test_eq12_*, test_eq13_*; wiring: test_seg_loss_passes_* (tau not passed on, lambdas)
@@ -139,64 +139,6 @@ def test_eq7_cross_entropy_matches_transcription_and_skips_ignore():
         p = math.exp(-s[b, c, y, x]) / sum(math.exp(-s[b, j, y, x]) for j in range(3))   # Eq. 6
         total, n = total - math.log(p), n + 1
     assert abs(loss.item() - total / n) < 1e-5 and set(terms) == {"ce"}
-
-
-# ----------------------------------------------------------------------------- Eq. 8-10: Sinkhorn
-
-def test_eq8_sinkhorn_argmax_equals_brute_force_balanced_optimum():
-    for seed in range(5):
-        scores = torch.rand(6, 3, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-        best, best_value = None, -math.inf
-        for perm in set(itertools.permutations([0, 0, 1, 1, 2, 2])):     # all balanced hard L
-            value = sum(scores[n, k].item() for n, k in enumerate(perm))  # Tr(L^T P^T X)
-            if value > best_value:
-                best, best_value = perm, value
-        assign = sinkhorn(scores, kappa=0.01, iters=500).argmax(1)
-        assert tuple(assign.tolist()) == best
-
-
-def test_eq9_eq10_sinkhorn_marginals():
-    scores = unit(50, 8, seed=5) @ unit(4, 8, seed=6).T             # (N, K) cosines
-    L = sinkhorn(scores, kappa=0.05, iters=3)
-    assert (L >= 0).all()
-    torch.testing.assert_close(L.sum(1), torch.ones(50))               # pixel marginal: exact
-    assert (L.sum(0) - 50 / 4).abs().max() < 50 / 4                    # prototype marginal: approx
-    L = sinkhorn(scores, kappa=0.05, iters=200)
-    torch.testing.assert_close(L.sum(0), torch.full((4,), 50 / 4), rtol=1e-3, atol=1e-3)
-
-
-def test_eq10_equipartition_spreads_pixels_that_all_prefer_one_prototype():
-    scores = torch.full((40, 4), -0.5)
-    scores[:, 0] = 0.9                                                 # every pixel prefers prototype 0
-    scores += 0.01 * torch.rand(40, 4, generator=torch.Generator().manual_seed(0))
-    counts = torch.bincount(sinkhorn(scores, kappa=0.05, iters=3).argmax(1), minlength=4)
-    assert (counts > 0).all(), counts
-    assert scores.argmax(1).eq(0).all()                               # greedy argmax: total collapse
-    L = sinkhorn(scores, kappa=0.05, iters=100)
-    torch.testing.assert_close(L.sum(0), torch.full((4,), 10.0), rtol=1e-3, atol=1e-3)
-
-
-def test_eq10_batched_equals_per_class():
-    g = torch.Generator().manual_seed(7)
-    labels = torch.tensor([0] * 13 + [2] * 1 + [3] * 30 + [0] * 4)[torch.randperm(48, generator=g)]
-    scores = torch.rand(48, 5, generator=g) * 2 - 1
-    batched = sinkhorn_batched(scores, labels, num_classes=5, kappa=0.05, iters=3)
-    for c in labels.unique():
-        m = labels == c
-        torch.testing.assert_close(batched[m], sinkhorn(scores[m], kappa=0.05, iters=3))
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_eq10_sinkhorn_is_finite_for_small_kappa_low_precision_and_single_pixel(dtype):
-    scores = (unit(30, 8, seed=8) @ unit(10, 8, seed=9).T).to(dtype)
-    labels = torch.tensor([0] * 29 + [1])                              # class 1 has a single pixel
-    for kappa in (0.05, 0.01):
-        L = sinkhorn_batched(scores, labels, 3, kappa=kappa, iters=3)
-        assert L.dtype == torch.float32 and torch.isfinite(L).all()
-        torch.testing.assert_close(L.sum(1), torch.ones(30))
-        assert torch.isfinite(sinkhorn(scores[:1], kappa=kappa)).all()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert sinkhorn_batched(scores, labels, 3).dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- Eq. 11-13: losses
@@ -438,7 +380,7 @@ def test_cluster_prototypes_finds_planted_sub_classes_and_keeps_absent_classes()
                                momentum_update(start, embed, labels, assign, 0.0))
 
 
-# ----------------------------------------------------------------------------- ignore value, small kappa
+# ----------------------------------------------------------------------------- ignore value
 
 @pytest.mark.parametrize("update_correct_only", [False, True])
 def test_head_with_ignore_index_255_trains_as_the_default_after_mapping_labels(update_correct_only):
@@ -466,28 +408,3 @@ def test_head_with_ignore_index_255_trains_as_the_default_after_mapping_labels(u
     assert torch.equal(outs[0]["proto_target"], outs[1]["proto_target"])
     for (name, a), b in zip(heads[0].state_dict().items(), heads[1].state_dict().values()):
         assert torch.equal(a, b), name                                          # weights and prototypes
-
-
-def sinkhorn_float64(scores, kappa, iters):
-    """Eq. 10 for one class in float64, no stabiliser: L = exp(S / kappa); columns to N / K, then rows to 1."""
-    L = (scores.double() / kappa).exp()
-    N, K = L.shape
-    for _ in range(iters):
-        L = L / L.sum(0, keepdim=True) * (N / K)
-        L = L / L.sum(1, keepdim=True)
-    return L
-
-
-@pytest.mark.parametrize("kappa", [0.01, 0.02])
-def test_eq10_one_iteration_at_small_kappa_needs_a_stabiliser_per_class(kappa):
-    """Class 0's similarities lie near +0.9, class 1's near -0.9: at kappa 0.01 exp((S - max) / kappa) with one max
-    over all pixels would be exp(-180), zero in float32, for every pixel of class 1; the max per class keeps it."""
-    g = torch.Generator().manual_seed(3)
-    labels = torch.tensor([0] * 20 + [1] * 12 + [2] * 7)[torch.randperm(39, generator=g)]
-    centre = torch.tensor([0.9, -0.9, 0.0])[labels][:, None]
-    scores = centre + 0.1 * (torch.rand(39, 4, generator=g) - 0.5)
-    batched = sinkhorn_batched(scores, labels, num_classes=3, kappa=kappa, iters=1)
-    for c in range(3):
-        m = labels == c
-        torch.testing.assert_close(batched[m], sinkhorn(scores[m], kappa=kappa, iters=1))
-        torch.testing.assert_close(batched[m].double(), sinkhorn_float64(scores[m], kappa, 1), rtol=1e-5, atol=1e-6)

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from checkpoints import load_pretrained
-from layers import DropPath
+from conftest import recipe_facts_where_used
 from models import SegModel, build_backbone, build_model
 from protoseg import HEADS, seg_loss, update_prototypes
-import train
 from segformer import MIT_PRESETS, RECIPES, no_weight_decay
+import train
 
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")  # see testdata/README.md
 
@@ -140,16 +140,9 @@ def test_recipe_equals_reference_and_no_decay_on_encoder_norms_only():
         assert r["head_lr_mult"] == opt["paramwise_cfg.custom_keys"]["head"]["lr_mult"]
         assert (r["warmup_iters"], r["lr_power"]) == (sched["warmup_iters"], sched["power"])
         assert r["iters"] == ref["runner"]["max_iters"] and r["batch_size"] == ref["batch"]["total"][key]
-        cfg, _ = train.parse_args(["--dataset", dataset, "--backbone", "mit_b0"])     # where the other facts live
-        assert train.learning_rate(cfg, 0) == pytest.approx(cfg.lr * sched["warmup_ratio"], rel=1e-6)
-        assert train.learning_rate(cfg, cfg.iters) == sched["min_lr"]
-        cfg.num_classes = 5
-        with torch.device("meta"):
-            net = train.model_from_config(cfg)
-        assert max(m.p for m in net.backbone.modules() if isinstance(m, DropPath)) == ref["backbone"]["drop_path_rate"]
+        cfg, net = recipe_facts_where_used(dataset, "mit_b0", ref)               # where the other facts live
         drops = [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout2d)]
         assert drops == [ref["decode_head"]["dropout_ratio"]]                # the one before the classifier
-        assert train.make_optimizer(cfg, net).defaults["betas"] == tuple(opt["betas"])   # torch's AdamW default
     assert list(RECIPES["ade20k"]["crop"]) == ref["data"]["ADE20K"]["crop_size"]["b0-b4"]
     assert list(RECIPES["cityscapes"]["crop"]) == ref["data"]["Cityscapes_1024x1024"]["crop_size"]
     with torch.device("meta"):

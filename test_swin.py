@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import load_pretrained
-from layers import DropPath
+from conftest import recipe_facts_where_used
 from models import SegModel, build_backbone, build_model
 from protoseg import HEADS, seg_loss, update_prototypes
-import train
 from swin import (RECIPES, SWIN_PRESETS, SwinBlock, SwinTransformer, no_weight_decay,
                   relative_position_index, shift_mask, window_merge, window_partition)
 
@@ -184,16 +183,9 @@ def test_recipe_equals_reference_and_no_decay_on_norms_and_bias_tables():
                                                               ref["data"]["crop_size"])
     assert r["aux_loss_weight"] == ref["auxiliary_head"]["loss_decode"]["loss_weight"]
     assert RECIPES["cityscapes"]["crop"] == (1024, 1024)
-    cfg, _ = train.parse_args(["--dataset", "ade20k", "--backbone", "swin_tiny"])    # where the other facts live
-    assert train.learning_rate(cfg, 0) == pytest.approx(cfg.lr * sched["warmup_ratio"], rel=1e-6)
-    assert train.learning_rate(cfg, cfg.iters) == sched["min_lr"]
-    cfg.num_classes = 5
-    with torch.device("meta"):
-        net = train.model_from_config(cfg)
-    assert max(m.p for m in net.backbone.modules() if isinstance(m, DropPath)) == ref["backbone"]["drop_path_rate"]
+    cfg, net = recipe_facts_where_used("ade20k", "swin_tiny", ref)                # where the other facts live
     assert [m.p for m in net.head.modules() if isinstance(m, torch.nn.Dropout2d)] == [ref["decode_head"]["dropout_ratio"]]
     assert net.neck.aux_head.dropout.p == ref["auxiliary_head"]["dropout_ratio"]
-    assert train.make_optimizer(cfg, net).defaults["betas"] == tuple(opt["betas"])       # torch's AdamW default
     with torch.device("meta"):
         names = [k for k, _ in build_model("swin_tiny", "softmax", 5, aux_head=True).named_parameters()]
     no_decay = {k for k in names if no_weight_decay(k)}
