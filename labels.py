@@ -1,7 +1,7 @@
 """Label tables: class names, palettes and raw label value -> train id, copied from the official releases.
 
 data.map_labels is the one place that applies them; raw values that are neither a class nor ignore are INVALID
-(an error in the data, reported with the file). Sources: testdata/README.md and shared/reference/README.md.
+(an error in the data, reported with the file). Sources: tests/testdata/README.md.
 """
 import numpy as np
 
@@ -114,7 +114,7 @@ def default_palette(n):
     return sum(((c >> (3 * j + k)) & 1) << (7 - j) for j in range(8)).astype(np.uint8)
 
 
-# ADE20K-Full (ADE20K_2021_17_01, 847 classes, "A-847"): generated from testdata/ade20k_full_847_labels.json, a copy
+# ADE20K-Full (ADE20K_2021_17_01, 847 classes, "A-847"): generated from tests/testdata/ade20k_full_847_labels.json, a copy
 # of ADE20K_SEM_SEG_FULL_CATEGORIES in facebookresearch/MaskFormer datasets/prepare_ade20k_full_sem_seg.py @da3e60d.
 # Train id = position in the list; the release's <name>_seg.png holds raw id = R // 10 * 256 + G (MaskFormer's
 # loadAde20K), and every raw id not listed (0 included) is ignored. MaskFormer's converted .tif files hold the

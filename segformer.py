@@ -35,7 +35,7 @@ MIT_PRESETS = {
     "mit_b5": dict(dims=(64, 128, 320, 512), depths=(3, 6, 40, 3), decoder_dim=768),
 }
 
-# Training recipes of NVlabs/SegFormer's local_configs (testdata/transformer_recipes.json), as settings.Config values
+# Training recipes of NVlabs/SegFormer's local_configs (tests/testdata/transformer_recipes.json), as settings.Config values
 # (settings.preset lays them over the dataset's preset). Poly schedule: lr = base * (1 - it / iters) ** power (to 0,
 # the recipe's min_lr), times 1 - (1 - it / warmup_iters) * (1 - 1e-6) during warm-up (train.learning_rate).
 # AdamW's betas (0.9, 0.999) are torch's default; drop path 0.1 is MiT's (MixTransformer); the decoder's dropout

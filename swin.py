@@ -39,7 +39,7 @@ SWIN_PRESETS = {
     "swin_large_w12": dict(embed_dim=192, depths=(2, 2, 18, 2), heads=(6, 12, 24, 48), window=12),
 }
 
-# Swin-Transformer-Semantic-Segmentation's UperNet recipe (testdata/transformer_recipes.json) as settings.Config
+# Swin-Transformer-Semantic-Segmentation's UperNet recipe (tests/testdata/transformer_recipes.json) as settings.Config
 # values; the lr schedule is SegFormer's (poly power 1 to 0 after a linear warm-up from 1e-6 x lr). AdamW's betas are
 # torch's default; drop path 0.3 is SwinTransformer's default; the decode head's dropout 0.1 is Config.dropout, the
 # auxiliary head's FCNHead's. No lr multiplier; weight decay except no_weight_decay().

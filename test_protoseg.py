@@ -1,7 +1,7 @@
 """Tests of the method: every equation of the paper (Eq. 1-14) against a direct transcription, a brute-force
 optimum or a known invariant. Tiny sizes, CPU, seconds.
 
-Which test guards which equation (this file: the functions) and which wiring (test_wiring.py: how
+Which test guards which equation (this file: the functions) and which wiring (tests/test_wiring.py: how
 ProtoSegHead and seg_loss connect them; each line there was checked by planting the bug named):
   Eq. 1-4   test_eq1_*, test_eq2_*, test_eq4_*                   parametric heads = unified view
   Eq. 3, 5  test_eq3_eq5_*, test_eq5_head_*                      nearest prototype
@@ -9,7 +9,7 @@ ProtoSegHead and seg_loss connect them; each line there was checked by planting 
             (embedding not l2-normalised)
   Eq. 7     test_eq7_*; wiring: test_seg_loss_passes_tau_class_weight_lambdas_and_ignore_index_on
             (class_weight or ignore_index dropped)
-  Eq. 8-10  test_sinkhorn.py; wiring: test_head_eq10_targets_from_prototypes_before_update
+  Eq. 8-10  tests/test_sinkhorn.py; wiring: test_head_eq10_targets_from_prototypes_before_update
             (greedy argmax instead of Sinkhorn; kappa/iterations not passed on; losses with the prototypes
             after the update), test_head_labels_larger_than_features_are_brought_down_by_nearest (bilinear labels)
   Eq. 11-13 test_eq11_*, test_eq12_*, test_eq13_*; wiring: test_seg_loss_passes_* (tau not passed on, lambdas)
@@ -24,6 +24,7 @@ ProtoSegHead and seg_loss connect them; each line there was checked by planting 
 import itertools
 import math
 import os
+import socket
 
 import pytest
 import torch
@@ -31,7 +32,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import free_port
 import protoseg
 from protoseg import (IGNORE_INDEX, ProtoSegHead, QueryHead, SoftmaxHead, class_distance, cluster_prototypes,
                       cross_entropy, momentum_update, nearest_prototype, pixel_prototype_similarity, ppc_loss,
@@ -42,6 +42,13 @@ from sinkhorn import sinkhorn, sinkhorn_batched
 def unit(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def free_port():
+    """A free TCP port for a 2-rank gloo group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def trunk_embedding(head, feats):

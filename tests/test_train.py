@@ -17,7 +17,7 @@ import settings
 import train
 from conftest import TINY, free_port, save_image, state
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 def assert_same_state(a, b, atol=0.0):

@@ -244,7 +244,7 @@ def test_wide_labels_through_transforms():
 
 # ---- round two (issue 23): flags, paths, checkpoints, stops, decoding ------------------------------------
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 QUICK = TINY + ["--crop", "32", "--batch-size", "2"]   # for the runs that are stopped midway (later flags win)
 
 

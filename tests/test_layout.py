@@ -3,7 +3,7 @@ and the leaves need nothing of the project (labels.py not even torch)."""
 import ast
 import os
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 FILES = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py") and not f.startswith(("test_", "conftest")))
 
 
@@ -43,3 +43,12 @@ def test_leaves_import_nothing_of_the_project_and_labels_needs_only_numpy():
     for leaf in ("layers", "collectives", "labels"):
         assert not imports(leaf) & set(FILES), leaf
     assert imports("labels") <= {"numpy"}
+
+
+def test_root_shows_the_method_and_the_tests_live_in_tests():
+    """The root holds the scripts, the equation tests (test_protoseg.py), the README and its pages; every other
+    test file, helper and fixture is under tests/."""
+    root = os.listdir(ROOT)
+    assert [f for f in root if f.startswith(("test_", "conftest")) and f != "test_protoseg.py"] == []
+    assert "test_protoseg.py" in root and "testdata" not in root
+    assert os.path.isdir(os.path.join(ROOT, "tests", "testdata"))
