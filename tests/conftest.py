@@ -6,12 +6,18 @@ untrained weights (the keys save_checkpoint writes: model, config, iter). small_
 backbone in eval mode (the strict-loading tests and the neck test).
 """
 import dataclasses
+import os
 import socket
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:            # `pytest tests/x.py` finds the scripts at the root, as `python -m pytest` does
+    sys.path.insert(0, ROOT)
 
 # small images, few val images, no loader workers, K = 3 (D = 8+16+32+64 = 120 for hrnet_tiny)
 TINY = ["--backbone", "hrnet_tiny", "--crop", "64", "64", "--batch-size", "4", "--val-size", "2",
