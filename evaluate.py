@@ -45,7 +45,7 @@ def predict_scores(model, image, num_classes, crop=(0, 0), scales=(1.0,), flip=F
         x = F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=ac) if s != 1 else image
         for flipped in ((False, True) if flip else (False,)):
             xi = x.flip(-1) if flipped else x
-            out = sliding_window(model, xi, num_classes, crop, stride) if crop[0] else model(xi)
+            out = sliding_window(model, xi, num_classes, crop, stride) if crop[0] else model(xi)["scores"]
             total += upsample(out.flip(-1) if flipped else out, (H, W), ac).float()
     return total if size is None or tuple(size) == (H, W) else upsample(total, tuple(size), ac)
 
@@ -62,7 +62,7 @@ def sliding_window(model, image, num_classes, crop, stride=(0, 0)):
     for y in range(0, max(ph - ch, 0) + sh, sh):
         for x in range(0, max(pw - cw, 0) + sw, sw):
             y0, x0 = min(y, ph - ch), min(x, pw - cw)
-            scores[..., y0:y0 + ch, x0:x0 + cw] += model(padded[..., y0:y0 + ch, x0:x0 + cw]).float()
+            scores[..., y0:y0 + ch, x0:x0 + cw] += model(padded[..., y0:y0 + ch, x0:x0 + cw])["scores"].float()
             count[..., y0:y0 + ch, x0:x0 + cw] += 1
     return (scores / count)[..., :H, :W]
 

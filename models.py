@@ -281,17 +281,15 @@ class SegModel(nn.Module):
         return self.head.embed(self.features(images))
 
     def forward(self, images, labels=None):
-        """-> scores (B, C, H, W); in training with labels a dict: 'scores' and the head's other entries (at
-        the feature resolution), plus 'aux_scores' (B, C, H, W) when the neck has UperNet's aux head."""
+        """-> {"scores": (B, C, H, W)} and, in training with labels, the head's other entries (at the feature
+        resolution) plus 'aux_scores' (B, C, H, W) when the neck has UperNet's aux head (torchvision's output
+        dict)."""
         feats = self.backbone(images)
-        out = self.head(self.neck(feats), labels)
+        out = dict(self.head(self.neck(feats), labels))
         size = images.shape[-2:]
-        if not (self.training and labels is not None):
-            return upsample(out, size, self.align_corners)
-        out = dict(out) if isinstance(out, dict) else {"scores": out}
         out["scores"] = upsample(out["scores"], size, self.align_corners)
         aux_head = getattr(self.neck, "aux_head", None)
-        if aux_head is not None:                                    # torchvision style: aux in the output dict
+        if aux_head is not None and self.training and labels is not None:
             out["aux_scores"] = upsample(aux_head(feats[self.neck.aux_index]), size, self.align_corners)
         return out
 

@@ -8,11 +8,13 @@ One training iteration, as train.py runs it (paper Sec. 3):
 
 Shapes: B batch, C classes, K prototypes per class, D embedding size, h x w feature map, N labelled pixels.
 Embeddings i and prototypes p are l2-normalised; the paper's distance is <i, p> = -i^T p (negative cosine).
-Sinkhorn clustering (Eq. 8-10) lives in sinkhorn.py.
+Sinkhorn clustering (Eq. 8-10) lives in sinkhorn.py. The file reads top to bottom: the equations as training runs
+them, the heads, the data-driven start, and last the slow transcriptions of Eq. 3-6, 11 and 12 that the tests
+compare the fast code against (training never calls them).
 
-Switches for the official code's departures from the paper (README has the table); all off by default but
-  class_layernorm      learnable LayerNorm over the C class scores, used as logits (official item 1; on by default,
-                       chosen by measurement: README)
+Switches for the official code's departures from the paper (README has the table). All are off by default except
+class_layernorm, which is on because it measured better (README):
+  class_layernorm      learnable LayerNorm over the C class scores, used as logits (official item 1)
   embed_layernorm      learnable LayerNorm on the embedding before l2 normalisation (official item 2)
   update_correct_only  only correctly predicted pixels move the prototypes (official item 4)
   local_stats          Sinkhorn and Eq. 14 on the local batch, prototypes averaged over ranks (item 6)
@@ -30,25 +32,7 @@ from layers import labels_to
 from sinkhorn import sinkhorn_batched
 
 
-# ----------------------------------------------------------------------------- the math, as functions
-
-def pixel_prototype_similarity(embed, prototypes):
-    """i^T p for every pixel and prototype. embed: (..., D), prototypes: (C, K, D) -> (..., C, K)."""
-    return torch.einsum("...d,ckd->...ck", embed, prototypes)
-
-
-def class_distance(embed, prototypes):
-    """Eq. 6: s[n, c] = min_k <i_n, p_ck> = -max_k i_n^T p_ck, in [-1, 1].  (..., D) -> (..., C)"""
-    return -pixel_prototype_similarity(embed, prototypes).amax(-1)
-
-
-def nearest_prototype(embed, prototypes):
-    """Eq. 3/5: (c*, k*) = argmin_(c,k) <i, p_ck>; the pixel's class is c*.  (..., D) -> two (...)"""
-    sim = pixel_prototype_similarity(embed, prototypes)
-    best = sim.flatten(-2).argmax(-1)
-    num_prototypes = prototypes.shape[1]
-    return best // num_prototypes, best % num_prototypes
-
+# ----------------------------------------------------------------------------- the equations, as training runs them
 
 def l2_normalize(x, dim=-1):
     """F.normalize(x, dim=dim), i.e. x / max(|x|, 1e-12), written as x * rsqrt(max(|x|^2, 1e-24)): the same
@@ -57,24 +41,40 @@ def l2_normalize(x, dim=-1):
 
 
 def similarity_map(embed, prototypes):
-    """i^T p for every pixel and prototype, channels first: a 1x1 convolution whose C*K filters are the
+    """i^T p (Eq. 6 before its max over k) for every pixel and prototype, channels first: a 1x1 convolution whose C*K filters are the
     prototypes. embed: (B, D, h, w), prototypes: (C, K, D) -> (B, C*K, h, w), channel c*K + k."""
     return F.conv2d(embed, prototypes.reshape(-1, prototypes.shape[-1], 1, 1))
 
 
-def ppc_loss(proto_sim, target, tau=0.1, ignore_index=IGNORE_INDEX):
-    """Eq. 11: cross-entropy over the C*K cosine similarities / tau, target index c_i*K + k_i, averaged over
-    the labelled pixels (0 when there is none). proto_sim: (N, C*K) or (B, C*K, h, w); target: (N,) or (B, h, w).
-    The transcription; seg_loss uses prototype_losses, equal in value and gradient (tested)."""
-    loss = F.cross_entropy(proto_sim.float() / tau, target, ignore_index=ignore_index, reduction="sum")
-    return loss / (target != ignore_index).sum().clamp(min=1)
+def cross_entropy(scores, labels, class_weight=None, ignore_index=IGNORE_INDEX):
+    """Eq. 7, L_CE = -log p(c_i | i), averaged over the labelled pixels (weighted as F.cross_entropy does);
+    0 when there is none, without asking the device whether there is (no host sync)."""
+    loss = F.cross_entropy(scores.float(), labels, weight=class_weight, ignore_index=ignore_index, reduction="sum")
+    valid = labels != ignore_index
+    count = valid.sum() if class_weight is None else (class_weight[labels.clamp(min=0)] * valid).sum()
+    return loss / count.clamp(min=1e-12)
 
 
-def ppd_loss(proto_sim, target, ignore_index=IGNORE_INDEX):
-    """Eq. 12: mean over the labelled pixels of (1 - i^T p_{c_i, k_i})^2. Shapes as ppc_loss."""
-    valid = target != ignore_index
-    s = proto_sim.float().gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)    # i^T p_{c_i, k_i}
-    return ((1 - s).pow(2) * valid).sum() / valid.sum().clamp(min=1)
+@torch.no_grad()
+def sinkhorn_targets(proto_sim, labels, num_classes, kappa=0.05, iters=3, local_stats=False,
+                     ignore_index=IGNORE_INDEX):
+    """Eq. 8-10: each labelled pixel's prototype k_i within its class, as the PPC/PPD target c_i*K + k_i.
+
+    proto_sim: (B, C*K, h, w) similarities to the prototypes; labels: (B, h, w) at the feature resolution,
+    ignore_index where unlabelled. local_stats: Sinkhorn on the local batch (official item 6), else its
+    marginals are global. Returns (B, h, w), IGNORE_INDEX where unlabelled (whatever the labels' ignore value: a
+    target c*K + k may equal it). Every pixel is processed (no data-dependent shapes): unlabelled pixels are
+    clustered as an extra class C.
+    """
+    b, ck, h, w = proto_sim.shape
+    num_prototypes = ck // num_classes
+    valid = labels != ignore_index
+    labels = labels.where(valid, num_classes).flatten()                        # (N,), unlabelled -> C
+    sim = proto_sim.view(b, num_classes, num_prototypes, h * w)
+    index = labels.clamp(max=num_classes - 1).view(b, 1, 1, h * w).expand(-1, -1, num_prototypes, -1)
+    own = sim.gather(1, index).squeeze(1).transpose(1, 2).reshape(-1, num_prototypes)   # (N, K) own class
+    assign = sinkhorn_batched(own, labels, num_classes + 1, kappa, iters, distributed=not local_stats).argmax(1)
+    return (labels * num_prototypes + assign).view(b, h, w).where(valid, IGNORE_INDEX)
 
 
 CHANNEL_BLOCK = 512   # PPC's forward sums exp over the C*K channels in blocks this wide (temporaries stay small)
@@ -121,35 +121,24 @@ def prototype_losses(proto_sim, target, tau=0.1, ignore_index=IGNORE_INDEX):
     return PrototypeLosses.apply(proto_sim, target, tau, ignore_index)
 
 
-def cross_entropy(scores, labels, class_weight=None, ignore_index=IGNORE_INDEX):
-    """Eq. 7, L_CE = -log p(c_i | i), averaged over the labelled pixels (weighted as F.cross_entropy does);
-    0 when there is none, without asking the device whether there is (no host sync)."""
-    loss = F.cross_entropy(scores.float(), labels, weight=class_weight, ignore_index=ignore_index, reduction="sum")
-    valid = labels != ignore_index
-    count = valid.sum() if class_weight is None else (class_weight[labels.clamp(min=0)] * valid).sum()
-    return loss / count.clamp(min=1e-12)
-
-
 def seg_loss(out, labels, lambda_ppc=0.01, lambda_ppd=0.001, tau=0.1, class_weight=None,
              ignore_index=IGNORE_INDEX, aux_weight=0.4):
     """Eq. 13: L = L_CE + lambda1 L_PPC + lambda2 L_PPD (+ aux_weight L_CE(aux) for UperNet's auxiliary head,
     unweighted by class as mmseg's). Returns (total, {name: detached unweighted term}).
 
-    out: class scores (B, C, H, W) used as logits (for ProtoSeg: -s of Eq. 6), or the training dict of
-    SegModel with 'scores', for ProtoSeg 'proto_sim' (B, C*K, h, w) and 'proto_target' (B, h, w), and
-    'aux_scores' (B, C, H, W) when the model has an aux head.
+    out: the output dict of SegModel (or of a head): 'scores' (B, C, H, W) used as logits (for ProtoSeg: -s of
+    Eq. 6); in training, for ProtoSeg, 'proto_sim' (B, C*K, h, w) and 'proto_target' (B, h, w); 'aux_scores'
+    (B, C, H, W) when the model has an aux head.
     """
-    scores = out["scores"] if isinstance(out, dict) else out
     terms = {}
-    if isinstance(out, dict) and "proto_sim" in out:
+    if "proto_sim" in out:
         # before CE: backward then frees CE's full-resolution tensors before it builds the C*K-sized gradient
         ppc, ppd = prototype_losses(out["proto_sim"], out["proto_target"], tau)    # targets: IGNORE_INDEX
-    ce = cross_entropy(scores, labels, class_weight, ignore_index)
-    terms["ce"] = total = ce
-    if isinstance(out, dict) and "proto_sim" in out:
+    terms["ce"] = total = cross_entropy(out["scores"], labels, class_weight, ignore_index)
+    if "proto_sim" in out:
         terms.update(ppc=ppc, ppd=ppd)
-        total = ce + lambda_ppc * ppc + lambda_ppd * ppd
-    if isinstance(out, dict) and "aux_scores" in out:
+        total = total + lambda_ppc * ppc + lambda_ppd * ppd
+    if "aux_scores" in out:
         terms["aux"] = cross_entropy(out["aux_scores"], labels, None, ignore_index)
         total = total + aux_weight * terms["aux"]
     return total, {k: v.detach() for k, v in terms.items()}
@@ -178,28 +167,6 @@ def momentum_update(prototypes, embed, labels, assign, momentum=0.999, distribut
     new = F.normalize(momentum * old + (1 - momentum) * mean, dim=1)
     new = torch.where(stats[:, dim:] > 0, new, old)                            # empty: unchanged
     return new.reshape(num_classes, num_prototypes, dim).to(prototypes.dtype)
-
-
-@torch.no_grad()
-def sinkhorn_targets(proto_sim, labels, num_classes, kappa=0.05, iters=3, local_stats=False,
-                     ignore_index=IGNORE_INDEX):
-    """Eq. 8-10: each labelled pixel's prototype k_i within its class, as the PPC/PPD target c_i*K + k_i.
-
-    proto_sim: (B, C*K, h, w) similarities to the prototypes; labels: (B, h, w) at the feature resolution,
-    ignore_index where unlabelled. local_stats: Sinkhorn on the local batch (official item 6), else its
-    marginals are global. Returns (B, h, w), IGNORE_INDEX where unlabelled (whatever the labels' ignore value: a
-    target c*K + k may equal it). Every pixel is processed (no data-dependent shapes): unlabelled pixels are
-    clustered as an extra class C.
-    """
-    b, ck, h, w = proto_sim.shape
-    num_prototypes = ck // num_classes
-    valid = labels != ignore_index
-    labels = labels.where(valid, num_classes).flatten()                        # (N,), unlabelled -> C
-    sim = proto_sim.view(b, num_classes, num_prototypes, h * w)
-    index = labels.clamp(max=num_classes - 1).view(b, 1, 1, h * w).expand(-1, -1, num_prototypes, -1)
-    own = sim.gather(1, index).squeeze(1).transpose(1, 2).reshape(-1, num_prototypes)   # (N, K) own class
-    assign = sinkhorn_batched(own, labels, num_classes + 1, kappa, iters, distributed=not local_stats).argmax(1)
-    return (labels * num_prototypes + assign).view(b, h, w).where(valid, IGNORE_INDEX)
 
 
 @torch.no_grad()
@@ -263,7 +230,7 @@ class SoftmaxHead(nn.Module):
         self.classifier = nn.Conv2d(embed_dim, num_classes, 1, bias=False)       # the C learned w_c
 
     def forward(self, feats, labels=None):
-        return self.classifier(self.trunk(feats))                              # (B, C, h, w)
+        return {"scores": self.classifier(self.trunk(feats))}                  # (B, C, h, w)
 
 
 class QueryHead(nn.Module):
@@ -278,16 +245,16 @@ class QueryHead(nn.Module):
 
     def forward(self, feats, labels=None):
         embed = F.normalize(self.trunk(feats), dim=1)
-        return torch.einsum("bdhw,cd->bchw", embed, F.normalize(self.queries, dim=1))
+        return {"scores": torch.einsum("bdhw,cd->bchw", embed, F.normalize(self.queries, dim=1))}
 
 
 class ProtoSegHead(nn.Module):
     """Nonparametric head: C x K prototypes as a buffer (never learned by SGD, no gradient reaches them).
 
-    forward(feats) -> class scores (B, C, h, w) = -s of Eq. 6 (or LayerNorm of max cosine, official item 1).
-    In training with labels (B, H, W) it also clusters (Eq. 8-10) and returns a dict with what the losses
-    (Eq. 11-13) and the prototype update need; it never changes the prototypes: the training loop applies
-    Eq. 14 (update_prototypes) after the optimiser step. class_layernorm is on by default, as train.py's Config.
+    forward(feats) -> {"scores": class scores (B, C, h, w) = -s of Eq. 6 (or LayerNorm of max cosine, official
+    item 1)}. In training with labels (B, H, W) it also clusters (Eq. 8-10) and adds what the losses (Eq. 11-13)
+    and the prototype update need; it never changes the prototypes: the training loop applies Eq. 14
+    (update_prototypes) after the optimiser step. class_layernorm is on by default, as train.py's Config.
     """
 
     def __init__(self, in_channels, num_classes, embed_dim=None, num_prototypes=10, kappa=0.05,
@@ -335,13 +302,13 @@ class ProtoSegHead(nn.Module):
         return scores, sim
 
     def forward(self, feats, labels=None):
-        """-> scores (B, C, h, w); in training with labels the dict: scores, proto_sim (B, C*K, h, w),
-        proto_target (B, h, w) = c_i*K + k_i of Eq. 8-10, and for Eq. 14 embed (B, D, h, w, detached) and
-        update_target (proto_target where the pixel moves its prototype, IGNORE_INDEX elsewhere)."""
+        """-> {"scores": (B, C, h, w)}; in training with labels also proto_sim (B, C*K, h, w), proto_target
+        (B, h, w) = c_i*K + k_i of Eq. 8-10, and for Eq. 14 embed (B, D, h, w, detached) and update_target
+        (proto_target where the pixel moves its prototype, IGNORE_INDEX elsewhere)."""
         embed = self.embed_map(feats)                                          # (B, D, h, w)
         scores, sim = self.classify(embed)
         if not (self.training and labels is not None):
-            return scores
+            return {"scores": scores}
         labels = labels_to(labels, embed.shape[2:])                            # (B, h, w), nearest
         target = sinkhorn_targets(sim.detach(), labels, self.num_classes, self.kappa, self.sinkhorn_iters,
                                   self.local_stats, self.ignore_index)
@@ -389,3 +356,41 @@ def data_prototypes(model, images, labels, kappa=0.05, sinkhorn_iters=3, distrib
     keep = lab != model.head.ignore_index
     return cluster_prototypes(model.head.prototypes, embed.flatten(0, 2)[keep], lab[keep], kappa, sinkhorn_iters,
                               distributed)
+
+
+# ----------------------------------------------------------------------------- slow transcriptions (for the tests)
+# Each equation written as directly as the paper states it. Training never calls these: the tests compare the
+# fast code above against them (ProtoSegHead.classify against class_distance / nearest_prototype,
+# prototype_losses against ppc_loss / ppd_loss, in value and gradient).
+
+def pixel_prototype_similarity(embed, prototypes):
+    """i^T p for every pixel and prototype. embed: (..., D), prototypes: (C, K, D) -> (..., C, K)."""
+    return torch.einsum("...d,ckd->...ck", embed, prototypes)
+
+
+def class_distance(embed, prototypes):
+    """Eq. 6: s[n, c] = min_k <i_n, p_ck> = -max_k i_n^T p_ck, in [-1, 1].  (..., D) -> (..., C)"""
+    return -pixel_prototype_similarity(embed, prototypes).amax(-1)
+
+
+def nearest_prototype(embed, prototypes):
+    """Eq. 3/5: (c*, k*) = argmin_(c,k) <i, p_ck>; the pixel's class is c*.  (..., D) -> two (...)"""
+    sim = pixel_prototype_similarity(embed, prototypes)
+    best = sim.flatten(-2).argmax(-1)
+    num_prototypes = prototypes.shape[1]
+    return best // num_prototypes, best % num_prototypes
+
+
+def ppc_loss(proto_sim, target, tau=0.1, ignore_index=IGNORE_INDEX):
+    """Eq. 11: cross-entropy over the C*K cosine similarities / tau, target index c_i*K + k_i, averaged over
+    the labelled pixels (0 when there is none). proto_sim: (N, C*K) or (B, C*K, h, w); target: (N,) or (B, h, w).
+    The transcription; seg_loss uses prototype_losses, equal in value and gradient (tested)."""
+    loss = F.cross_entropy(proto_sim.float() / tau, target, ignore_index=ignore_index, reduction="sum")
+    return loss / (target != ignore_index).sum().clamp(min=1)
+
+
+def ppd_loss(proto_sim, target, ignore_index=IGNORE_INDEX):
+    """Eq. 12: mean over the labelled pixels of (1 - i^T p_{c_i, k_i})^2. Shapes as ppc_loss."""
+    valid = target != ignore_index
+    s = proto_sim.float().gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)    # i^T p_{c_i, k_i}
+    return ((1 - s).pow(2) * valid).sum() / valid.sum().clamp(min=1)

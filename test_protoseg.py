@@ -62,7 +62,7 @@ def test_eq1_eq4_softmax_head_is_unified_view_with_weights_as_prototypes():
     torch.manual_seed(0)
     head = SoftmaxHead(8, 5, embed_dim=6).eval()
     feats = torch.randn(2, 8, 3, 4)
-    prob = head(feats).softmax(1)                                   # Eq. 1
+    prob = head(feats)["scores"].softmax(1)                         # Eq. 1
     i = trunk_embedding(head, feats)
     w = head.classifier.weight[:, :, 0, 0]                          # g_c = w_c, (C, D)
     for b, y, x in itertools.product(range(2), range(3), range(4)):
@@ -75,7 +75,7 @@ def test_eq2_eq4_query_head_is_unified_view_with_queries_as_prototypes():
     torch.manual_seed(0)
     head = QueryHead(8, 5, embed_dim=6).eval()
     feats = torch.randn(2, 8, 3, 4)
-    prob = head(feats).softmax(1)                                   # Eq. 2
+    prob = head(feats)["scores"].softmax(1)                         # Eq. 2
     i = trunk_embedding(head, feats)
     for b, y, x in itertools.product(range(2), range(3), range(4)):
         v = i[b, :, y, x]
@@ -126,7 +126,7 @@ def test_eq5_head_scores_argmax_is_nearest_prototype_class():
     torch.manual_seed(0)
     head = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3, class_layernorm=False).eval()
     feats = torch.randn(2, 8, 5, 5)
-    scores = head(feats)
+    scores = head(feats)["scores"]
     c_star, _ = nearest_prototype(head.embed(feats), head.prototypes)
     assert torch.equal(scores.argmax(1), c_star)
     torch.testing.assert_close(scores, -class_distance(head.embed(feats), head.prototypes).permute(0, 3, 1, 2))
@@ -137,7 +137,7 @@ def test_eq7_cross_entropy_matches_transcription_and_skips_ignore():
     s = torch.rand(2, 3, 4, 4) * 2 - 1                               # distances s in [-1, 1]
     labels = torch.randint(0, 3, (2, 4, 4))
     labels[0, 0] = IGNORE_INDEX
-    loss, terms = seg_loss(-s, labels)
+    loss, terms = seg_loss({"scores": -s}, labels)
     total, n = 0.0, 0
     for b, y, x in itertools.product(range(2), range(4), range(4)):
         c = labels[b, y, x].item()
@@ -291,7 +291,7 @@ def test_eq14_forward_never_moves_prototypes_the_update_does_and_gets_no_gradien
     feats = torch.randn(2, 8, 6, 6)
     labels = torch.randint(0, 2, (2, 6, 6))                             # classes 2, 3 absent
     before = head.prototypes.clone()
-    assert torch.is_tensor(head.eval()(feats, labels))                  # eval: scores only, nothing for Eq. 14
+    assert head.eval()(feats, labels).keys() == {"scores"}              # eval: scores only, nothing for Eq. 14
     out = head.train()(feats, labels)
     assert torch.equal(head.prototypes, before)                         # no state changed by forward
     head.prototypes.copy_(update_prototypes(head.prototypes, out["embed"], out["update_target"], 0.5))

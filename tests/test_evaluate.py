@@ -148,7 +148,7 @@ class StridedConv(torch.nn.Module):
         self.conv, self.align_corners = torch.nn.Conv2d(3, 4, 3, 2, 1), align_corners
 
     def forward(self, x):
-        return self.conv(x)
+        return {"scores": self.conv(x)}
 
 
 def scales_transcribed(model, image, scales):
@@ -157,7 +157,7 @@ def scales_transcribed(model, image, scales):
     ac, total = model.align_corners, 0
     for s in scales:
         x = F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=ac)
-        total = total + F.interpolate(model(x), (H, W), mode="bilinear", align_corners=ac)
+        total = total + F.interpolate(model(x)["scores"], (H, W), mode="bilinear", align_corners=ac)
     return total
 
 
@@ -188,9 +188,20 @@ def test_metrics_equal_hand_computed_confusion_matrix():
     assert m["acc"] == pytest.approx([1 / 2, 2 / 3, 1 / 2]) and m["macc"] == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 3)
 
 
+class Pointwise(torch.nn.Module):
+    """A 1x1 conv: its scores at a pixel depend on that pixel only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return {"scores": self.conv(x)}
+
+
 def test_sliding_window_and_flip_equal_whole_image_for_a_pointwise_model():
     torch.manual_seed(0)
-    model = torch.nn.Conv2d(3, 4, 1).eval()
+    model = Pointwise().eval()
     image = torch.randn(1, 3, 37, 53)
     whole = evaluate.predict_scores(model, image, 4, align_corners=False)
     torch.testing.assert_close(evaluate.predict_scores(model, image, 4, crop=(16, 24), align_corners=False), whole)
@@ -259,9 +270,9 @@ def test_predict_labelids_of_the_release_equal_the_official_single_scale_test(tm
     x = official_input(SAMPLE / f"leftImg8bit/{FRAME}_leftImg8bit.png")
     h, w = x.shape[-2:]
     x = F.interpolate(x, size=(int(h * 1), int(w * 1)), mode="bilinear", align_corners=True)   # ss_test, scale 1
-    seg = F.interpolate(net.head(net.features(x)), size=(h, w), mode="bilinear", align_corners=True)
+    seg = F.interpolate(net.head(net.features(x))["scores"], size=(h, w), mode="bilinear", align_corners=True)
     label_list = json.loads((REF / "cityscapes_labels.json").read_text())["train_classes"]["labelIds"]
     ref = np.array(label_list, np.uint8)[seg.argmax(1)[0].numpy()]
     assert np.array_equal(ours, ref)
-    rgb = net(data.normalize(np.array(Image.open(SAMPLE / f"leftImg8bit/{FRAME}_leftImg8bit.png"), np.float32))[None])
+    rgb = net(data.normalize(np.array(Image.open(SAMPLE / f"leftImg8bit/{FRAME}_leftImg8bit.png"), np.float32))[None])["scores"]
     assert (np.array(label_list, np.uint8)[rgb.argmax(1)[0].numpy()] != ref).mean() > 0.05   # RGB input differs

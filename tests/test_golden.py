@@ -157,7 +157,7 @@ def protoseg_hrnet48():
                              normalize_width=True), official_protoseg_name)
     with torch.no_grad():
         feats = model.features(x_of("protoseg_hrnet48"))                 # one backbone pass for both arrays
-        return model, model.head(feats), model.head.embed(feats)
+        return model, model.head(feats)["scores"], model.head.embed(feats)
 
 
 def official_release(model):
@@ -189,4 +189,4 @@ def test_official_release_file_read_by_load_model_gives_official_scores(tmp_path
     assert cfg["backbone"] == "hrnet48" and cfg["normalize_width"]
     x = x_of("protoseg_hrnet48")
     with torch.no_grad():
-        assert_equal_official(model.head(model.features(x)), "protoseg_hrnet48", "scores", RECOMMENDED)
+        assert_equal_official(model.head(model.features(x))["scores"], "protoseg_hrnet48", "scores", RECOMMENDED)

@@ -95,7 +95,7 @@ def test_scores_at_input_resolution_for_odd_sizes(backbone):
     torch.manual_seed(0)
     model = build_model(backbone, head="softmax", num_classes=5).eval()
     with torch.no_grad():
-        scores = model(torch.randn(2, 3, 97, 131))
+        scores = model(torch.randn(2, 3, 97, 131))["scores"]
     assert scores.shape == (2, 5, 97, 131)
 
 
@@ -106,7 +106,7 @@ def test_protoseg_training_dict_has_scores_at_input_resolution():
     out = model(images, labels)
     assert out["scores"].shape == (2, 3, 65, 99)
     assert out["proto_sim"].shape[1] == 3 * 2                         # other entries untouched
-    assert model.eval()(images).shape == (2, 3, 65, 99)               # eval: a tensor
+    assert model.eval()(images).keys() == {"scores"}                  # eval: the scores only
 
 
 def test_overfits_one_batch():
@@ -118,12 +118,12 @@ def test_overfits_one_batch():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(25):
-        loss = F.cross_entropy(model(images), labels)
+        loss = F.cross_entropy(model(images)["scores"], labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     with torch.no_grad():
-        acc = (model(images).argmax(1) == labels).float().mean().item()
+        acc = (model(images)["scores"].argmax(1) == labels).float().mean().item()
     assert losses[-1] < 0.2 * losses[0], losses[::5]
     assert acc > 0.9, acc

@@ -93,14 +93,14 @@ def test_each_head_builds_and_segments_97x131_to_97x131_scores(b0, head):
         assert type(build_model("mit_b0", head, 5).head) is HEADS[head]
     model = with_head(b0, head).eval()
     with torch.no_grad():
-        assert model(torch.randn(1, 3, 97, 131)).shape == (1, 5, 97, 131)
+        assert model(torch.randn(1, 3, 97, 131))["scores"].shape == (1, 5, 97, 131)
 
 
 def test_eval_mode_is_deterministic_and_drop_path_only_trains(b0):
     model = b0.eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(model(x), model(x))
+        assert torch.equal(model(x)["scores"], model(x)["scores"])
         block = model.backbone.block4[1]
         tokens = torch.randn(2, 4, 256)
         assert torch.equal(block.drop_path(tokens), tokens)

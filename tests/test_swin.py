@@ -123,7 +123,7 @@ def test_each_head_builds_and_segments_97x131_to_97x131_scores(tiny, head):
     torch.manual_seed(0)
     model = SegModel(tiny.backbone, tiny.neck, HEADS[head](512, 5)).eval()  # same backbone + UperNet, other head
     with torch.no_grad():
-        assert model(torch.randn(1, 3, 97, 131)).shape == (1, 5, 97, 131)
+        assert model(torch.randn(1, 3, 97, 131))["scores"].shape == (1, 5, 97, 131)
 
 
 def test_backbone_pads_to_windows_and_crops_back():
@@ -138,7 +138,7 @@ def test_eval_mode_is_deterministic_and_the_auxiliary_head_is_off_by_default(tin
     model = tiny.eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(model(x), model(x))                              # eval: a tensor, no auxiliary scores
+        assert model(x).keys() == {"scores"} and torch.equal(model(x)["scores"], model(x)["scores"])   # eval: no aux
     with torch.device("meta"):
         assert build_model("swin_tiny", "softmax", 5).neck.aux_head is None
 
@@ -171,7 +171,7 @@ def test_one_cpu_training_step_with_the_auxiliary_fcn_head(tiny):
     after = model.state_dict()
     for k in watched:                                                       # prototypes: moved by Eq. 14
         assert not torch.equal(before[k], after[k]), k
-    assert model.eval()(images).shape == (2, 5, 64, 64)
+    assert model.eval()(images)["scores"].shape == (2, 5, 64, 64)
 
 
 def test_recipe_equals_reference_and_no_decay_on_norms_and_bias_tables():

@@ -142,7 +142,7 @@ def test_head_eq5_eq6_scores_are_cosines_of_unit_norm_embeddings():
             torch.testing.assert_close(head.embed(feats).norm(dim=-1), torch.ones(2, 5, 5))
         i, before = unit_embed(head, feats), head.prototypes.clone()
         out = head(feats, labels if mode == "train" else None)
-        scores = out["scores"] if mode == "train" else out
+        scores = out["scores"]
         assert scores.abs().max() <= 1 + 1e-6                          # cosines, no class LayerNorm
         torch.testing.assert_close(scores, torch.einsum("bhwd,ckd->bchwk", i, before).amax(-1))   # -s of Eq. 6
         if mode == "train":
@@ -206,7 +206,7 @@ def test_seg_loss_passes_tau_class_weight_lambdas_and_ignore_index_on():
         assert abs(terms["ppc"].item() - ppc) < 1e-5
         assert abs(terms["ppd"].item() - ppd) < 1e-5
         assert abs(total.item() - (ce + lam1 * ppc + lam2 * ppd)) < 1e-5
-        plain, _ = seg_loss(scores, lab, class_weight=weight, ignore_index=ignore)   # tensor input: CE only
+        plain, _ = seg_loss({"scores": scores}, lab, class_weight=weight, ignore_index=ignore)   # scores only: CE
         assert abs(plain.item() - ce) < 1e-5
 
 
