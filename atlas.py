@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 import data
 import draw
-from evaluate import _clean, confusion_matrix, metrics_from_confusion, prototype_counts, prototype_summary
+from evaluate import confusion_matrix, metrics_from_confusion, prototype_counts, prototype_summary, strict_json
 from labels import IGNORE_INDEX
 from layers import upsample
 from predict import class_similarity, class_table, dark_note, open_model, prototype_map
@@ -317,7 +317,7 @@ def main(argv=None):
         report["compare"] = {"other": str(args.compare), "iou": {n: {"this": ours[n], "other": other.get(n)}
                                                                  for n in names}}
         save(compare_picture(ours, other, names, Path(args.compare).parent.name or "other"), "compare.png")
-    report = _clean(report)                                       # strict JSON: NaN -> null
+    report = strict_json(report)                                       # strict JSON: NaN -> null
     (out / "atlas.json").write_text(json.dumps(report, indent=1))
     write_index(out, files, classes)
     for n, s in classes.items():

@@ -1,5 +1,5 @@
-"""torch.distributed in four small helpers that are no-ops without a process group, so the same code runs in a
-unit test, on one device and under torchrun (imports nothing of the project)."""
+"""The device and torch.distributed in small helpers that are no-ops without a process group, so the same code runs
+in a unit test, on one device and under torchrun (imports nothing of the project)."""
 import os
 
 import torch
@@ -13,6 +13,11 @@ def is_distributed():
 def is_master():
     """Rank 0 logs and writes files (read from the environment: valid before the process group exists)."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def rank_and_world():
+    """(this process's rank, number of ranks); (0, 1) without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
 def all_reduce(tensor, op="sum"):
@@ -32,3 +37,9 @@ def setup_distributed():
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def autocast(amp, device):
+    """bf16 / fp16 autocast on a GPU (amp: bf16 | fp16 | none); the CPU runs fp32."""
+    enabled = device.type == "cuda" and amp != "none"
+    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16, enabled=enabled)

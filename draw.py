@@ -2,7 +2,7 @@
 
 Panels are PIL RGB images; `titled`, `row` and `column` put them together; `legend` draws swatches with names;
 `scale_bar` the brightness scale of a prototype map; `scatter` points in [-1, 1]^2; `bars` a small bar chart;
-`heatmap` a matrix of values in [-1, 1]. A leaf: imports nothing of the project.
+`heatmap` a matrix of values in [-1, 1]; `line_chart` a curve with its axes. A leaf: imports nothing of the project.
 """
 import colorsys
 
@@ -159,6 +159,32 @@ def bars(values, colours, labels, height=90, bar=22):
         d.rectangle([x, LINE + height - h, x + bar, LINE + height], fill=rgb(c), outline=BLACK)
         d.text((x, LINE + height - h - LINE), f"{100 * v:.0f}", fill=BLACK, font=font())
         d.text((x + 2, LINE + height + 2), str(name), fill=BLACK, font=font())
+    return img
+
+
+def line_chart(points, width=250, height=120, colour=(30, 90, 200), xlabel="iteration"):
+    """A line through points [(x, y)] with its axes: y from min to max (labelled), x from first to last."""
+    left, bottom = 52, 2 * LINE + 2
+    img = Image.new("RGB", (left + width + 8, height + bottom + 6), WHITE)
+    d = ImageDraw.Draw(img)
+    xs, ys = [float(p[0]) for p in points], [float(p[1]) for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys)
+    if y1 - y0 < 1e-12 * max(1.0, abs(y0)):                  # a flat line: give it a band to sit in
+        y0, y1 = y0 - max(abs(y0) * 0.1, 1e-3), y1 + max(abs(y1) * 0.1, 1e-3)
+    at = lambda x, y: (left + (x - x0) / (x1 - x0) * width, 4 + (y1 - y) / (y1 - y0) * height)
+    d.rectangle([left, 4, left + width, 4 + height], outline=GREY)
+    for y, label in ((y1, f"{y1:.3g}"), (y0, f"{y0:.3g}")):
+        d.text((left - 4 - text_width(label), at(x0, y)[1] - 6), label, fill=BLACK, font=font())
+    for x in (x0, max(xs)):
+        label = f"{x:g}"
+        d.text((at(x, y0)[0] - text_width(label) // 2, 6 + height), label, fill=BLACK, font=font())
+    d.text((left + (width - text_width(xlabel)) // 2, 6 + height + LINE), xlabel, fill=GREY, font=font())
+    line = [at(x, y) for x, y in zip(xs, ys)]
+    if len(line) > 1:
+        d.line(line, fill=rgb(colour), width=2)
+    for x, y in line[-1:] if len(line) > 1 else line:         # the last value, or a lone point, as a dot
+        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=rgb(colour))
     return img
 
 

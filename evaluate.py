@@ -17,16 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from collectives import all_reduce
-import data
-from labels import CITYSCAPES_CATEGORIES, CITYSCAPES_MEAN_INSTANCE_SIZE, IGNORE_INDEX, INSTANCE_CATEGORIES
+from collectives import all_reduce, autocast, rank_and_world
+from labels import (CITYSCAPES_CATEGORIES, CITYSCAPES_CLASSES, CITYSCAPES_LUT, CITYSCAPES_MEAN_INSTANCE_SIZE,
+                    IGNORE_INDEX, INSTANCE_CATEGORIES)
 from layers import labels_to, upsample
-
-
-def autocast(amp, device):
-    """bf16 / fp16 autocast on a GPU; the CPU runs fp32."""
-    enabled = device.type == "cuda" and amp != "none"
-    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16, enabled=enabled)
 
 
 # ----------------------------------------------------------------------------- inference
@@ -96,7 +90,7 @@ def instance_counts(pred, instances):
     (2, 2) [tp, fn] per instance category (a pixel counts for the category if predicted as any of its classes)."""
     pred, instances = np.asarray(pred).ravel(), np.asarray(instances).ravel().astype(np.int64)
     ids, inverse, sizes = np.unique(instances, return_inverse=True, return_counts=True)
-    cls = np.where(ids > 1000, data.CITYSCAPES_LUT[np.minimum(ids // 1000, 255)], -1)
+    cls = np.where(ids > 1000, CITYSCAPES_LUT[np.minimum(ids // 1000, 255)], -1)
     weight = np.array([CITYSCAPES_MEAN_INSTANCE_SIZE.get(int(c), 0.0) for c in cls]) / sizes
     category = np.full(20, -1)                            # train id -> index in INSTANCE_CATEGORIES
     for j, name in enumerate(INSTANCE_CATEGORIES):
@@ -127,7 +121,7 @@ def cityscapes_scores(conf, per_class, per_category):
     iiou = {}
     for c in CITYSCAPES_MEAN_INSTANCE_SIZE:
         wtp, wfn, fp = per_class[0, c], per_class[1, c], col[c] - conf[c, c]
-        iiou[data.CITYSCAPES_CLASSES[c]] = wtp / (wtp + wfn + fp) if wtp + wfn + fp > 0 else float("nan")
+        iiou[CITYSCAPES_CLASSES[c]] = wtp / (wtp + wfn + fp) if wtp + wfn + fp > 0 else float("nan")
     cat_iiou = {}
     for j, name in enumerate(INSTANCE_CATEGORIES):
         (wtp, wfn), fp = per_category[:, j], category_sets(name)[2]
@@ -169,6 +163,9 @@ def prototype_summary(counts, min_share=0.05):
 
 # ----------------------------------------------------------------------------- the evaluation loop
 
+NUM_MODES = 16   # mode ids kept apart by prototype_counts (the synthetic set has 3 per class)
+
+
 class _Items(torch.utils.data.Dataset):
     """The images of one rank, plus Cityscapes instanceIds maps (for iIoU) where the label files have them."""
 
@@ -196,62 +193,63 @@ def _progress(log, done, total, t0, world):
         f"ETA {(total - done * world) / max(rate, 1e-9) / 60:.1f} min", flush=True)
 
 
+def scores_and_embed(net, image, num_classes, label_size, cfg, with_embed):
+    """Class scores (1, C, H, W) at the label's size by cfg's test protocol (eval_crop, eval_stride, eval_scales,
+    eval_flip), and for a prototype head the embeddings (1, h, w, D) of the image at scale 1 (else None)."""
+    if cfg.eval_crop[0] or tuple(cfg.eval_scales) != (1.0,) or cfg.eval_flip or not with_embed:
+        scores = predict_scores(net, image, num_classes, cfg.eval_crop, cfg.eval_scales, cfg.eval_flip,
+                                stride=cfg.eval_stride, size=label_size)
+        return scores, net.embed(image) if with_embed else None
+    embed = net.head.embed_map(net.features(image))                   # one pass gives scores and embeddings
+    scores = upsample(net.head.classify(embed)[0], image.shape[-2:], net.align_corners).float()
+    if scores.shape[-2:] != label_size:                               # back to the label (mmseg)
+        scores = upsample(scores, label_size, net.align_corners)
+    return scores, embed.permute(0, 2, 3, 1)
+
+
 @torch.no_grad()
-def evaluate(model, dataset, device, crop=(0, 0), scales=(1.0,), flip=False, amp="none", limit=0, workers=0,
-             rank=0, world=1, log=print, stride=(0, 0)):
-    """Confusion matrix over this rank's share of the (first `limit`) images, all-reduced -> metrics dict.
-    Adds prototype use (and purity, when the dataset gives modes) for a head with prototypes, and the
-    Cityscapes category / iIoU scores when instanceIds maps sit beside the labels. Scores are resized to the
-    label's size (an image the transform rescaled, e.g. ADE20K's test resize)."""
+def evaluate(model, dataset, cfg, log=print):
+    """Confusion matrix over this rank's share of the first cfg.val_size images (0: all), all-reduced -> metrics
+    dict. The test protocol and loader come from cfg (eval_crop, eval_stride, eval_scales, eval_flip, amp,
+    workers). Adds prototype use (and purity, when the dataset gives modes) for a head with prototypes, and the
+    Cityscapes category / iIoU scores when instanceIds maps sit beside the labels."""
     net = getattr(model, "module", model)
+    device, (rank, world) = next(net.parameters()).device, rank_and_world()
     was_training = net.training
     net.eval()
-    C, n = dataset.num_classes, min(limit or len(dataset), len(dataset))
+    C, n = dataset.num_classes, min(cfg.val_size or len(dataset), len(dataset))
     items = _Items(dataset, list(range(rank, n, world)))
-    loader = torch.utils.data.DataLoader(items, batch_size=None, num_workers=workers)
+    loader = torch.utils.data.DataLoader(items, batch_size=None, num_workers=cfg.workers)
     protos = net.head.unit_prototypes() if hasattr(net.head, "prototypes") else None
-    num_modes = 16
     conf = torch.zeros(C, C, dtype=torch.long, device=device)
-    counts = torch.zeros(C, protos.shape[1] if protos is not None else 1, num_modes, dtype=torch.long, device=device)
+    counts = torch.zeros(C, protos.shape[1] if protos is not None else 1, NUM_MODES, dtype=torch.long, device=device)
     inst = torch.zeros(2, 19 + 2, dtype=torch.float64)
     has_modes, has_inst, t0, last = False, False, time.time(), time.time()
     for done, item in enumerate(loader, 1):
         image, label = item["image"][None].to(device), item["label"].to(device)
-        single = not crop[0] and tuple(scales) == (1.0,) and not flip
-        with autocast(amp, device):
-            if single and protos is not None:                  # one pass gives both scores and embeddings
-                embed = net.head.embed_map(net.features(image))              # (1, D, h, w), computed once
-                scores = upsample(net.head.classify(embed)[0], image.shape[-2:], net.align_corners).float()
-                if scores.shape[-2:] != label.shape:                         # back to the label (mmseg)
-                    scores = upsample(scores, label.shape, net.align_corners)
-                embed = embed.permute(0, 2, 3, 1)
-            else:
-                scores = predict_scores(net, image, C, crop, scales, flip, stride=stride, size=label.shape)
-                embed = net.embed(image) if protos is not None else None
+        with autocast(cfg.amp, device):
+            scores, embed = scores_and_embed(net, image, C, label.shape, cfg, protos is not None)
         pred = scores.argmax(1)[0]
         conf += confusion_matrix(pred, label, C)
         if protos is not None:
             modes = item.get("modes")
             has_modes |= modes is not None
-            counts += prototype_counts(embed[0], label, None if modes is None else modes.to(device), protos, num_modes)
+            counts += prototype_counts(embed[0], label, None if modes is None else modes.to(device), protos, NUM_MODES)
         if "instances" in item:
             has_inst = True
-            per_class, per_category = instance_counts(pred.cpu().numpy(), item["instances"])
-            inst += torch.from_numpy(np.concatenate([per_class, per_category], 1))
+            inst += torch.from_numpy(np.concatenate(instance_counts(pred.cpu().numpy(), item["instances"]), 1))
         if rank == 0 and (time.time() - last > 20 or done == len(items)) and len(items) > 1:
             _progress(log, done, n, t0, world)
             last = time.time()
     flags = all_reduce(torch.tensor([float(has_modes), float(has_inst)], device=device))
-    all_reduce(conf)
-    all_reduce(counts)
-    inst = all_reduce(inst.to(device)).cpu()
+    conf, counts, inst = all_reduce(conf).cpu(), all_reduce(counts).cpu(), all_reduce(inst.to(device)).cpu()
     net.train(was_training)
-    out = metrics_from_confusion(conf.cpu())
+    out = metrics_from_confusion(conf)
     out.update(images=n, seconds=time.time() - t0)
     if protos is not None:
-        out.update(prototype_summary(counts.cpu() if flags[0] else counts.cpu().sum(2, keepdim=True)))
+        out.update(prototype_summary(counts if flags[0] else counts.sum(2, keepdim=True)))
     if flags[1] and C == 19:
-        out.update(cityscapes_scores(conf.cpu(), inst[:, :19].numpy(), inst[:, 19:].numpy()))
+        out.update(cityscapes_scores(conf, inst[:, :19].numpy(), inst[:, 19:].numpy()))
     return out
 
 
@@ -263,14 +261,14 @@ def mean_of(values):
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def _clean(x):
+def strict_json(x):
     """NaN / inf -> None (strict JSON), recursively."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: strict_json(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [strict_json(v) for v in x]
     return x
 
 
@@ -288,7 +286,7 @@ def metrics_report(m, class_names):
         summary["mean_purity"] = mean_of(m["purity"])
     if "prototypes_in_use" in m:
         summary["mean_prototypes_in_use"] = mean_of(m["prototypes_in_use"])
-    return _clean({**summary, "classes": per_class})
+    return strict_json({**summary, "classes": per_class})
 
 
 def format_metrics(m, class_names):

@@ -9,8 +9,9 @@ import math
 import torch.nn as nn
 import torch.nn.functional as F
 
-# official code of each family: HRNet-seg / openseg (ProtoSeg) True; mmseg's SegFormer head, UperNet, FCNHead False
-ALIGN_CORNERS = {"hrnet": True, "resnet": True, "segformer": False, "upernet": False}
+# per backbone family (models.family): HRNet-seg / openseg (ProtoSeg) True; mmseg's SegFormer head (mit), UperNet
+# and its FCNHead (swin) False
+ALIGN_CORNERS = {"hrnet": True, "resnet": True, "mit": False, "swin": False}
 
 
 def upsample(x, size, align_corners):

@@ -120,7 +120,7 @@ HRNET_PRESETS = {
 
 class HRNet(nn.Module):
     """HRNetV2 backbone; returns 4 maps at strides 4, 8, 16, 32 with width * [1, 2, 4, 8] channels."""
-    family = "hrnet"   # its resizing convention: layers.ALIGN_CORNERS
+    family = "hrnet"   # models.family of every HRNet preset; its resizing: layers.ALIGN_CORNERS
     # checkpoint keys not used here (pattern -> why), reported by load_pretrained
     skipped_keys = {"incre_modules.*": "ImageNet classification neck",
                     "downsamp_modules.*": "ImageNet classification neck",
@@ -193,7 +193,7 @@ RESNET_PRESETS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottlenec
 class ResNet(nn.Module):
     """torchvision ResNet without avgpool/fc; layer3/4 strides become dilations for output stride 8 or 16.
     Returns the layer4 map (B, 512 * expansion, H/os, W/os)."""
-    family = "resnet"   # its resizing convention: layers.ALIGN_CORNERS
+    family = "resnet"   # models.family of every ResNet preset; its resizing: layers.ALIGN_CORNERS
     skipped_keys = {"fc.*": "torchvision ImageNet classifier"}  # unused for segmentation
 
     def __init__(self, block, layers, output_stride=8):
@@ -230,33 +230,41 @@ class ResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
+FAMILIES = {"hrnet": HRNET_PRESETS, "resnet": RESNET_PRESETS, "mit": MIT_PRESETS, "swin": SWIN_PRESETS}
+BACKBONES = {"hrnet": HRNet, "resnet": ResNet, "mit": MixTransformer, "swin": SwinTransformer}
+
+
 def backbone_names():
-    return list(HRNET_PRESETS) + list(RESNET_PRESETS) + list(MIT_PRESETS) + list(SWIN_PRESETS)
+    return [name for presets in FAMILIES.values() for name in presets]
+
+
+def family(backbone):
+    """The family of a backbone preset: hrnet | resnet | mit | swin. It decides the neck, the resizing convention
+    (layers.ALIGN_CORNERS) and, for mit / swin, the published recipe (settings.RECIPE_FILES)."""
+    for name, presets in FAMILIES.items():
+        if backbone in presets:
+            return name
+    raise ValueError(f"unknown backbone {backbone!r}; choose from {backbone_names()}")
 
 
 def build_backbone(name, output_stride=8):
     """HRNet / ResNet presets here; MiT (segformer.py) and Swin (swin.py) presets in their files."""
-    if name in HRNET_PRESETS:
-        return HRNet(**HRNET_PRESETS[name])
-    if name in RESNET_PRESETS:
+    fam = family(name)
+    if fam == "resnet":
         return ResNet(*RESNET_PRESETS[name], output_stride=output_stride)
-    if name in MIT_PRESETS:
-        return MixTransformer(**MIT_PRESETS[name])
-    if name in SWIN_PRESETS:
-        return SwinTransformer(**SWIN_PRESETS[name])
-    raise ValueError(f"unknown backbone {name!r}; choose from {backbone_names()}")
+    return BACKBONES[fam](**FAMILIES[fam][name])
 
 
 def build_neck(net, num_classes=0, aux_head=False):
-    """The decoder up to its classifier: HRNetV2 concat, SegFormer's all-MLP decoder, UperNet (+ its optional
-    auxiliary FCN head); ResNet feeds the head directly."""
-    if aux_head and not isinstance(net, SwinTransformer):
+    """The decoder up to its classifier, by the backbone's family: HRNetV2 concat, SegFormer's all-MLP decoder,
+    UperNet (+ its optional auxiliary FCN head); ResNet feeds the head directly."""
+    if aux_head and net.family != "swin":
         raise ValueError("aux_head: the auxiliary FCN head belongs to UperNet (Swin backbones)")
-    if isinstance(net, HRNet):
+    if net.family == "hrnet":
         return HRNetNeck(net.channels)
-    if isinstance(net, MixTransformer):
+    if net.family == "mit":
         return MLPDecoder(net.channels, net.decoder_dim)
-    if isinstance(net, SwinTransformer):
+    if net.family == "swin":
         return UperNet(net.channels, aux_classes=num_classes if aux_head else 0)
     return nn.Identity()
 
@@ -269,7 +277,7 @@ class SegModel(nn.Module):
     def __init__(self, backbone, neck, head, family=None):
         super().__init__()
         self.backbone, self.neck, self.head = backbone, neck, head
-        self.family = family or backbone.family                     # hrnet, resnet, segformer or upernet
+        self.family = family or backbone.family                     # hrnet, resnet, mit or swin
         self.align_corners = ALIGN_CORNERS[self.family]             # every resize outside the network too
 
     def features(self, images):

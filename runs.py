@@ -16,7 +16,9 @@ import sys
 
 import torch
 
-from collectives import is_master
+import draw
+from collectives import all_reduce, is_master, rank_and_world
+from datafiles import path_problem
 
 def fail(message):
     """A user error: one line on stderr (printed by rank 0 only), exit code 1."""
@@ -71,6 +73,29 @@ def _stale_hint(pid, lock):
     return f"{what}; if no run uses this folder (e.g. after a restart), delete {lock}"
 
 
+def checkpoint_path(cfg):
+    """The file --resume names: 'auto' = out_dir/last.pt (None if absent, which starts afresh; --eval-only fails);
+    a run folder = its last.pt."""
+    if cfg.resume == "auto":
+        path = os.path.join(cfg.out_dir, "last.pt")
+        if os.path.isfile(path):
+            return path
+        if cfg.eval_only:
+            fail(f"--eval-only --resume auto: no last.pt in {cfg.out_dir} ({path_problem(path)}), expected a run's "
+                 "checkpoint there; give --out-dir RUN or --resume CHECKPOINT")
+        return None
+    if os.path.isdir(cfg.resume):
+        path = os.path.join(cfg.resume, "last.pt")
+        if not os.path.isfile(path):
+            fail(f"--resume {cfg.resume}: a folder without last.pt, expected a checkpoint file or a run folder "
+                 "holding last.pt")
+        return path
+    if not os.path.isfile(cfg.resume):
+        fail(f"--resume {cfg.resume}: {path_problem(cfg.resume)}, expected a checkpoint file (runs/*/last.pt), "
+             "a run folder or 'auto'")
+    return cfg.resume
+
+
 def run_complete(cfg, ckpt):
     """A resumed run whose checkpoint is at --iters and whose log.jsonl holds the final metrics: nothing to do
     (a message, or None when there is work left)."""
@@ -118,6 +143,76 @@ def log_row(f, row):
     if f is not None:
         f.write(json.dumps(row) + "\n")
         f.flush()
+
+
+class RunLog:
+    """What rank 0 says: log(text) prints it, log.row(dict) appends a row to out_dir/log.jsonl once open() has
+    been called. Other ranks say and write nothing."""
+
+    def __init__(self, rank=0):
+        self.rank, self.file = rank, None
+
+    def __call__(self, *args, **kw):
+        if self.rank == 0:
+            print(*args, **kw)
+
+    def open(self, cfg, start):
+        if self.rank == 0:
+            self.file = open_log(cfg, start)
+
+    def row(self, row):
+        log_row(self.file, row)
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+CURVES = (("loss", "loss (Eq. 13)"), ("ce", "ce (Eq. 7)"), ("ppc", "ppc (Eq. 11)"), ("ppd", "ppd (Eq. 12)"),
+          ("aux", "aux head ce"), ("lr", "learning rate"))
+
+
+def write_curves(out_dir):
+    """out_dir/curves.png from log.jsonl: each logged term and the lr per iteration, and the val mIoU of every
+    evaluation. Returns its path."""
+    rows = [json.loads(r) for r in open(os.path.join(out_dir, "log.jsonl")).read().splitlines() if r.strip()]
+    panels = [draw.titled(draw.line_chart([(r["iter"], r[key]) for r in rows if key in r]), title)
+              for key, title in CURVES if any(key in r for r in rows)]
+    miou = [(r["iter"], 100 * (r.get("val") or r.get("final"))["miou"]) for r in rows
+            if (r.get("val") or r.get("final") or {}).get("miou") is not None]
+    if miou:
+        panels.append(draw.titled(draw.line_chart(miou, colour=(200, 60, 30)), "val mIoU (%)"))
+    path = os.path.join(out_dir, "curves.png")
+    if panels:
+        atomic_image(draw.grid(panels, 3, gap=10), path)
+    return path
+
+
+def atomic_image(img, path):
+    """Write a picture whole or not at all: to a temporary file beside it, then renamed over it."""
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    try:
+        img.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def stop_if_any_rank_failed(error, device):
+    """error: this rank's one-line data error, or None. If any rank has one, every rank stops (exit 1) and the
+    first failing rank prints its line, so a bad file on one rank never leaves the others waiting."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return fail(error) if error is not None else None
+    flags = torch.zeros(world)
+    flags[rank] = error is not None
+    flags = all_reduce(flags.to(device)).cpu()
+    if flags.any():
+        if error is not None and rank == int(flags.nonzero()[0]):
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
 
 
 # ----------------------------------------------------------------------------- how a run stops: one line each

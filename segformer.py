@@ -15,7 +15,7 @@ Facts read from mix_transformer.py and segformer_head.py (NVlabs/SegFormer):
   - decoder: Linear(C_i, E) per stage, resize to stride 4, concat in the order c4, c3, c2, c1, 1x1 conv (no bias)
     -> BN -> ReLU. E = 256 (B0, B1) or 768 (B2-B5).
   - every resize of this family (decoder, output to the image, test-time rescale) has align_corners=False
-    (layers.ALIGN_CORNERS["segformer"]), as mmseg's SegFormerHead.
+    (layers.ALIGN_CORNERS["mit"]), as mmseg's SegFormerHead.
 """
 
 import torch
@@ -147,7 +147,7 @@ class MiTBlock(nn.Module):
 class MixTransformer(nn.Module):
     """MiT encoder; returns 4 maps at strides 4, 8, 16, 32 with `dims` channels. Any input size (the convs are
     padded; the reduction conv floors, as the official code), inputs of at least 32 x 32."""
-    family = "segformer"   # its resizing convention: layers.ALIGN_CORNERS
+    family = "mit"   # models.family of every MiT preset; its resizing: layers.ALIGN_CORNERS
     # checkpoint keys the encoder does not use (pattern -> why), reported by models.load_pretrained
     skipped_keys = {"head.*": "ImageNet classifier of mit_bN.pth"}
 
@@ -205,5 +205,5 @@ class MLPDecoder(nn.Module):
     def forward(self, xs):
         size = xs[0].shape[-2:]
         ys = [getattr(self, f"linear_c{i + 1}")(x) for i, x in enumerate(xs)]
-        ys = [ys[0]] + [upsample(y, size, ALIGN_CORNERS["segformer"]) for y in ys[1:]]
+        ys = [ys[0]] + [upsample(y, size, ALIGN_CORNERS["mit"]) for y in ys[1:]]
         return self.linear_fuse(torch.cat(ys[::-1], dim=1))                   # concat order c4, c3, c2, c1

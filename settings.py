@@ -1,8 +1,8 @@
-"""Settings of train.py: the Config dataclass (every field a --flag, declared once with all its facts), the presets
-per dataset, the published transformer recipes, the command line, and the settings of a checkpoint being resumed.
+"""Settings of train.py: Config (one line per setting: its default and help), the presets per dataset, the command
+line and the settings of a checkpoint being resumed or evaluated.
 
-Settings = Config defaults, then the dataset's preset (and, for a MiT / Swin backbone on ADE20K or Cityscapes, the
-published recipe), then (when resuming or evaluating) the checkpoint's, then the command line.
+Settings = Config defaults, then the dataset's preset (for a MiT / Swin backbone on ADE20K or Cityscapes: its
+published recipe over it), then (when resuming or evaluating) the checkpoint's, then the command line.
 """
 import argparse
 import dataclasses
@@ -12,30 +12,29 @@ import sys
 import textwrap
 from dataclasses import dataclass
 
-import models
 import segformer
 import swin
 from checkpoints import CheckpointError, load_checkpoint
 from collectives import is_master
 from datafiles import path_problem
-from runs import fail
+from models import backbone_names, family
+from runs import checkpoint_path, fail
 
 MMSEG_512 = dict(pipeline="mmseg", img_scale=(2048, 512), cat_max_ratio=0.75, eval_resize=(2048, 512),
-                 no_decay_norms=False)
-# The published recipes. Cityscapes: EQUATIONS.md; ADE20K / COCO-Stuff: the common 512x512 schedules.
+                 norm_decay=True)
 PRESETS = {
     # CPU-sized: a tiny HRNet, 700 AdamW steps of batch 16 (~4.3 min on 2 cores). mu stays the paper's 0.999:
-    # with 0.99 the prototypes of two classes followed the still-undiscriminating embeddings onto one point (README)
+    # with 0.99 the prototypes of two classes followed the still-undiscriminating embeddings onto one point (RESULTS.md)
     "synthetic": dict(backbone="hrnet_tiny", iters=700, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
                       batch_size=16, ckpt_every=100, log_every=25),
     # the same scenes labelled by mode (15 classes c * 3 + m), softmax head: backbone pretraining for --pretrained
     "synthetic_modes": dict(backbone="hrnet_tiny", iters=700, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
                             batch_size=16, ckpt_every=100, log_every=25, head="softmax",
                             out_dir="runs/synthetic_modes"),
-    # openseg's pipeline (H_48_D_4_proto.json) and its optimiser (weight decay on every parameter)
+    # the paper's recipe with openseg's pipeline (H_48_D_4_proto.json) and optimiser (decay on every parameter)
     "cityscapes": dict(backbone="hrnet48", crop=(512, 1024), batch_size=8, iters=80000, lr=0.01,
                        class_weights="cityscapes", out_dir="runs/cityscapes", eval_every=8000, ckpt_every=1000,
-                       pipeline="openseg", no_decay_norms=False),
+                       pipeline="openseg", norm_decay=True),
     # the mmseg HRNet baselines' pipeline (_base_/datasets/ade20k.py, coco-stuff164k.py) and optimiser
     "ade20k": dict(backbone="hrnet48", crop=(512, 512), batch_size=16, iters=160000, lr=0.01,
                    out_dir="runs/ade20k", eval_every=16000, ckpt_every=2000, **MMSEG_512),
@@ -45,127 +44,124 @@ PRESETS = {
                        out_dir="runs/coco_stuff", eval_every=8000, ckpt_every=1000, **MMSEG_512),
     "folder": dict(out_dir="runs/folder"),
 }
-FAMILIES = {"mit_": segformer, "swin_": swin}  # backbone prefix -> the file holding its RECIPES
-RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1,
-         "in [0, 1)": lambda v: 0 <= v < 1}    # dropout p = 1 would drop every channel
+RECIPE_FILES = {"mit": segformer, "swin": swin}   # family -> the file with its published RECIPES and no_weight_decay
 
 
-def setting(default, text, role=None, **facts):
-    """A Config field with its facts, read by the parser, the checks and --help:
-    role:    "model" (a resumed run must agree), "trajectory" (a resumed run refuses another value unless
-             --allow-changes), "command" (this command's, never taken from a checkpoint) or None (files, logging,
-             evaluation);
-    rule:    the range of a number (each number of a tuple), a key of RULES;  choices: the values allowed;
-    only:    "protoseg" (only that head reads it) or "folder" (a setting of --dataset folder);
-    hw:      "N" means N x N;  added: a checkpoint without it predates it and ran with the default."""
-    assert role in (None, "model", "trajectory", "command") and facts.get("only") in (None, "protoseg", "folder")
-    assert facts.keys() <= {"rule", "choices", "only", "hw", "added"} and facts.get("rule") in (None, *RULES)
-    return dataclasses.field(default=default, metadata=dict(help=text, role=role, **facts))
+def arg(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Config:
-    dataset: str = setting("synthetic", "synthetic | synthetic_modes | cityscapes | ade20k | ade20k_full | "
-                           "coco_stuff | folder", "trajectory", choices=list(PRESETS))
-    data_root: str = setting("", "dataset folder (not needed for synthetic)")
-    num_classes: int = setting(0, "folder dataset only", "model", rule=">= 0", only="folder")
-    ignore_value: int = setting(255, "folder dataset: the mask value meaning 'unlabelled'", "trajectory",
-                                rule=">= 0", only="folder")
-    binary_masks: bool = setting(None, "folder dataset: 0/255 masks, 255 read as class 1 (None: ask when seen)",
-                                 "trajectory", only="folder")
-    backbone: str = setting("hrnet18_small_v2", "see models.BACKBONES", "model", choices=models.backbone_names())
-    head: str = setting("protoseg", "protoseg | softmax (Eq. 1) | query (Eq. 2)", "model",
-                        choices=["protoseg", "softmax", "query"])
-    pretrained: str = setting("", "ImageNet backbone weights (.pth), loaded strictly")
-    out_dir: str = setting("runs/synthetic", "last.pt, log.jsonl, metrics.json, config.json")
-    crop: tuple = setting((128, 128), "training crop: H W, or one N for N x N", "trajectory", rule="> 0", hw=True)
-    scale: tuple = setting((0.5, 2.0), "random scale range", "trajectory", rule="> 0")
-    flip: bool = setting(True, "random horizontal flip", "trajectory")
-    pipeline: str = setting("project", "train augmentation: project (scale, crop, flip, +-10 percent colour) | "
-                            "openseg (official ProtoSeg) | mmseg (SegFormer, Swin, mmseg baselines)", "trajectory",
-                            choices=["project", "openseg", "mmseg"], added=True)
-    aspect: tuple = setting((0.9, 1.1), "openseg: aspect range of the random resize", "trajectory", rule="> 0")
-    img_scale: tuple = setting((2048, 512), "mmseg: the (long, short) box the image is rescaled to fit before x "
-                               "scale", "trajectory", rule="> 0")
-    cat_max_ratio: float = setting(0.75, "mmseg: a crop is re-drawn (10x at most) while one class covers this "
-                                   "share", "trajectory", rule="in [0, 1]")
-    channel_order: str = setting("rgb", "rgb | bgr: model input channel order (official departure 9; on for the "
-                                 "ProtoSeg release)", "trajectory", choices=["rgb", "bgr"], added=True)
-    batch_size: int = setting(8, "global, split over ranks", "trajectory", rule="> 0")
-    iters: int = setting(1000, "optimizer steps", "trajectory", rule="> 0")
-    optimizer: str = setting("sgd", "sgd | adamw", "trajectory", choices=["sgd", "adamw"])
-    lr: float = setting(0.01, "poly decay to 0 with power lr_power", "trajectory", rule="> 0")
-    lr_power: float = setting(0.9, "poly exponent", "trajectory", rule=">= 0")
-    warmup_iters: int = setting(0, "linear lr warm-up from 1e-6 x lr (transformer recipes: 1500)", "trajectory",
-                                rule=">= 0")
-    head_lr_mult: float = setting(1.0, "lr multiplier of the decoder and head (SegFormer recipe: 10)", "trajectory",
-                                  rule="> 0")
-    aux_loss_weight: float = setting(0.0, "UperNet's auxiliary FCN head on stage 3 (Swin recipe: 0.4; 0 = none)",
-                                     "trajectory", rule=">= 0")
-    momentum: float = setting(0.9, "SGD momentum", "trajectory", rule="in [0, 1]")
-    weight_decay: float = setting(5e-4, "see no_decay_norms (MiT / Swin: their recipe's groups)", "trajectory",
-                                  rule=">= 0")
-    no_decay_norms: bool = setting(True, "CNNs: no weight decay on 1-D tensors (BN, biases); official ProtoSeg / "
-                                   "mmseg HRNet: decay on all", "trajectory", added=True)
-    class_weights: str = setting("none", "none | cityscapes (official CE weights)", "trajectory",
-                                 choices=["none", "cityscapes"])
-    num_prototypes: int = setting(10, "K prototypes per class", "model", rule="> 0", only="protoseg")
-    kappa: float = setting(0.05, "Sinkhorn entropy weight (Eq. 9)", "trajectory", rule="> 0", only="protoseg")
-    sinkhorn_iters: int = setting(3, "Sinkhorn-Knopp iterations (Eq. 10)", "trajectory", rule="> 0", only="protoseg")
-    proto_momentum: float = setting(0.999, "mu of Eq. 14", "trajectory", rule="in [0, 1]", only="protoseg")
-    proto_momentum_warmup: int = setting(0, "mu rises linearly from 0.9 to proto_momentum over this many "
-                                         "iterations", "trajectory", rule=">= 0", only="protoseg")
-    proto_init: str = setting("random", "random (paper) | data: first batch's within-class clustering (not in "
-                              "paper)", "trajectory", choices=["random", "data"], only="protoseg")
-    lambda_ppc: float = setting(0.01, "lambda_1 of Eq. 13", "trajectory", rule=">= 0", only="protoseg")
-    lambda_ppd: float = setting(0.001, "lambda_2 of Eq. 13", "trajectory", rule=">= 0", only="protoseg")
-    tau: float = setting(0.1, "PPC temperature (Eq. 11); official code: 1", "trajectory", rule="> 0", only="protoseg")
-    class_layernorm: bool = setting(True, "official departure 1 (LayerNorm class scores); default by measurement",
-                                    "model", only="protoseg")
-    embed_layernorm: bool = setting(False, "official departure 2 (LayerNorm on the embedding)", "model",
-                                    only="protoseg")
-    update_correct_only: bool = setting(False, "official departure 4 (only correct pixels move prototypes)",
-                                        "trajectory", only="protoseg")
-    local_stats: bool = setting(False, "official departure 6 (per-rank Sinkhorn, averaged prototypes)",
-                                "trajectory", only="protoseg")
-    normalize_width: bool = setting(False, "official departure 7 (l2 over the width axis; released checkpoint)",
-                                    "model", only="protoseg")
-    dropout: float = setting(0.1, "Dropout2d in the head", "trajectory", rule="in [0, 1)")
-    freeze_bn: bool = setting(False, "BatchNorm uses running statistics (tiny per-device batches)", "trajectory")
-    amp: str = setting("bf16", "bf16 | fp16 | none (GPU only; the CPU runs fp32)", "trajectory",
-                       choices=["bf16", "fp16", "none"])
-    workers: int = setting(2, "DataLoader workers (training and evaluation)", rule=">= 0")
-    seed: int = setting(0, "weights, data order, augmentation, dropout", "trajectory", rule=">= 0")
-    log_every: int = setting(20, "iterations between progress lines", rule="> 0")
-    eval_every: int = setting(0, "iterations between evaluations; 0: only at the end", rule=">= 0")
-    ckpt_every: int = setting(500, "iterations between checkpoints (and at the end)", rule="> 0")
-    eval_crop: tuple = setting((0, 0), "sliding-window size H W (or N); 0: whole image", rule=">= 0", hw=True)
-    eval_stride: tuple = setting((0, 0), "sliding-window stride H W (or N); 0: 2/3 of the window", rule=">= 0",
-                                 hw=True, added=True)
-    eval_resize: tuple = setting((0, 0), "test: rescale to fit (long, short) keeping the ratio, scores resized back "
-                                 "to the label; 0: none", rule=">= 0", added=True)
-    eval_divisor: int = setting(0, "test: after eval_resize, size rounded up to a multiple of this (SegFormer "
-                                "ADE20K: 32)", rule=">= 0", added=True)
-    eval_scales: tuple = setting((1.0,), "test-time scales, scores summed", rule="> 0")
-    eval_flip: bool = setting(False, "add the horizontally flipped image")
-    val_size: int = setting(0, "evaluate on the first N val images only (0 = all)", rule=">= 0")
-    resume: str = setting("", "checkpoint to continue or evaluate ('auto' = out_dir/last.pt if present)", "command")
-    eval_only: bool = setting(False, "evaluate the --resume checkpoint (its model settings) and stop", "command")
-    overwrite: bool = setting(False, "start afresh in an out_dir that holds an earlier run's last.pt", "command")
-    allow_changes: bool = setting(False, "resume with settings that change the training trajectory", "command")
+    dataset: str = arg("synthetic", "synthetic | synthetic_modes | cityscapes | ade20k | ade20k_full | coco_stuff | "
+                       "folder")
+    data_root: str = arg("", "dataset folder (not needed for synthetic)")
+    num_classes: int = arg(0, "folder dataset only")
+    ignore_value: int = arg(255, "folder dataset: the mask value meaning 'unlabelled'")
+    binary_masks: bool = arg(None, "folder dataset: 0/255 masks, 255 read as class 1 (None: ask when seen)")
+    backbone: str = arg("hrnet18_small_v2", "see models.backbone_names()")
+    head: str = arg("protoseg", "protoseg | softmax (Eq. 1) | query (Eq. 2)")
+    pretrained: str = arg("", "ImageNet backbone weights (.pth), loaded strictly")
+    out_dir: str = arg("runs/synthetic", "last.pt, log.jsonl, metrics.json, config.json, curves.png")
+    # training data and augmentation
+    crop: tuple = arg((128, 128), "training crop: H W, or one N for N x N")
+    scale: tuple = arg((0.5, 2.0), "random scale range")
+    flip: bool = arg(True, "random horizontal flip")
+    pipeline: str = arg("project", "train augmentation: project (scale, crop, flip, +-10 percent colour) | openseg "
+                        "(official ProtoSeg) | mmseg (SegFormer, Swin, mmseg baselines)")
+    aspect: tuple = arg((0.9, 1.1), "openseg: aspect range of the random resize")
+    img_scale: tuple = arg((2048, 512), "mmseg: the (long, short) box the image is rescaled to fit before x scale")
+    cat_max_ratio: float = arg(0.75, "mmseg: a crop is re-drawn (10x at most) while one class covers this share")
+    channel_order: str = arg("rgb", "rgb | bgr: model input channel order (official departure 9; on for the "
+                             "ProtoSeg release)")
+    # optimisation
+    batch_size: int = arg(8, "global, split over ranks")
+    iters: int = arg(1000, "optimizer steps")
+    optimizer: str = arg("sgd", "sgd | adamw")
+    lr: float = arg(0.01, "poly decay to 0 with power lr_power")
+    lr_power: float = arg(0.9, "poly exponent")
+    warmup_iters: int = arg(0, "linear lr warm-up from 1e-6 x lr (transformer recipes: 1500)")
+    head_lr_mult: float = arg(1.0, "lr multiplier of the decoder and head (SegFormer recipe: 10)")
+    aux_loss_weight: float = arg(0.0, "UperNet's auxiliary FCN head on stage 3 (Swin recipe: 0.4; 0 = none)")
+    momentum: float = arg(0.9, "SGD momentum")
+    weight_decay: float = arg(5e-4, "see norm_decay (MiT / Swin: their recipe's groups)")
+    norm_decay: bool = arg(False, "CNNs: weight decay on 1-D tensors (BN, biases) too, as the official ProtoSeg and "
+                           "mmseg HRNet optimisers")
+    class_weights: str = arg("none", "none | cityscapes (official CE weights)")
+    # ProtoSeg (Eq. 6-14)
+    num_prototypes: int = arg(10, "K prototypes per class")
+    kappa: float = arg(0.05, "Sinkhorn entropy weight (Eq. 9)")
+    sinkhorn_iters: int = arg(3, "Sinkhorn-Knopp iterations (Eq. 10)")
+    proto_momentum: float = arg(0.999, "mu of Eq. 14")
+    proto_momentum_warmup: int = arg(0, "mu rises linearly from 0.9 to proto_momentum over this many iterations")
+    proto_init: str = arg("random", "random (paper) | data: first batch's within-class clustering (not in paper)")
+    lambda_ppc: float = arg(0.01, "lambda_1 of Eq. 13")
+    lambda_ppd: float = arg(0.001, "lambda_2 of Eq. 13")
+    tau: float = arg(0.1, "PPC temperature (Eq. 11); official code: 1")
+    class_layernorm: bool = arg(True, "official departure 1 (LayerNorm class scores); default by measurement")
+    embed_layernorm: bool = arg(False, "official departure 2 (LayerNorm on the embedding)")
+    update_correct_only: bool = arg(False, "official departure 4 (only correct pixels move prototypes)")
+    local_stats: bool = arg(False, "official departure 6 (per-rank Sinkhorn, averaged prototypes)")
+    normalize_width: bool = arg(False, "official departure 7 (l2 over the width axis; released checkpoint)")
+    dropout: float = arg(0.1, "Dropout2d in the head")
+    freeze_bn: bool = arg(False, "BatchNorm uses running statistics (tiny per-device batches)")
+    amp: str = arg("bf16", "bf16 | fp16 | none (GPU only; the CPU runs fp32)")
+    workers: int = arg(2, "DataLoader workers (training and evaluation)")
+    seed: int = arg(0, "weights, data order, augmentation, dropout")
+    # logging, checkpoints, evaluation
+    log_every: int = arg(20, "iterations between progress lines")
+    eval_every: int = arg(0, "iterations between evaluations; 0: only at the end")
+    ckpt_every: int = arg(500, "iterations between checkpoints (and at the end)")
+    eval_crop: tuple = arg((0, 0), "sliding-window size H W (or N); 0: whole image")
+    eval_stride: tuple = arg((0, 0), "sliding-window stride H W (or N); 0: 2/3 of the window")
+    eval_resize: tuple = arg((0, 0), "test: rescale to fit (long, short) keeping the ratio, scores resized back to "
+                             "the label; 0: none")
+    eval_divisor: int = arg(0, "test: after eval_resize, size rounded up to a multiple of this (SegFormer ADE20K: 32)")
+    eval_scales: tuple = arg((1.0,), "test-time scales, scores summed")
+    eval_flip: bool = arg(False, "add the horizontally flipped image")
+    val_size: int = arg(0, "evaluate on the first N val images only (0 = all)")
+    # this command
+    resume: str = arg("", "checkpoint to continue or evaluate ('auto' = out_dir/last.pt if present)")
+    eval_only: bool = arg(False, "evaluate the --resume checkpoint (its model settings) and stop")
+    overwrite: bool = arg(False, "start afresh in an out_dir that holds an earlier run's last.pt")
+    allow_changes: bool = arg(False, "resume with settings that change the training trajectory")
 
 
-def fact(name, key):
-    """One fact of a setting (see setting()), None where it has none."""
-    return Config.__dataclass_fields__[name].metadata.get(key)
+FIELDS = tuple(f.name for f in dataclasses.fields(Config))
+# What each setting is for. MODEL: the network (a resumed or evaluated checkpoint must agree). COMMAND: this command
+# only, never taken from a checkpoint. FREE: files, logging and evaluation (may change on resume). TRAJECTORY: every
+# other setting changes what training computes (a resumed run refuses a new value unless --allow-changes).
+MODEL = ("num_classes", "backbone", "head", "num_prototypes", "class_layernorm", "embed_layernorm", "normalize_width")
+COMMAND = ("resume", "eval_only", "overwrite", "allow_changes")
+FREE = ("data_root", "pretrained", "out_dir", "workers", "log_every", "eval_every", "ckpt_every", "eval_crop",
+        "eval_stride", "eval_resize", "eval_divisor", "eval_scales", "eval_flip", "val_size")
+TRAJECTORY = tuple(k for k in FIELDS if k not in MODEL + COMMAND + FREE)
+PROTOSEG_ONLY = ("num_prototypes", "kappa", "sinkhorn_iters", "proto_momentum", "proto_momentum_warmup",
+                 "proto_init", "lambda_ppc", "lambda_ppd", "tau", "class_layernorm", "embed_layernorm",
+                 "update_correct_only", "local_stats", "normalize_width")
+FOLDER_ONLY = ("num_classes", "ignore_value", "binary_masks")
+CHOICES = {"dataset": list(PRESETS), "backbone": backbone_names(), "head": ["protoseg", "softmax", "query"],
+           "pipeline": ["project", "openseg", "mmseg"], "channel_order": ["rgb", "bgr"], "optimizer": ["sgd", "adamw"],
+           "class_weights": ["none", "cityscapes"], "proto_init": ["random", "data"], "amp": ["bf16", "fp16", "none"]}
+HW = ("crop", "eval_crop", "eval_stride")               # one number N means N x N
+FRACTIONS = ("cat_max_ratio", "momentum", "proto_momentum")
+NON_NEGATIVE = ("num_classes", "ignore_value", "lr_power", "warmup_iters", "aux_loss_weight", "weight_decay",
+                "proto_momentum_warmup", "lambda_ppc", "lambda_ppd", "workers", "seed", "eval_every", "eval_crop",
+                "eval_stride", "eval_resize", "eval_divisor", "val_size")
 
 
-def names(**facts):
-    """The settings with these facts, in Config order: names(role="model"), names(only="protoseg")."""
-    return tuple(f.name for f in dataclasses.fields(Config) if all(fact(f.name, k) == v for k, v in facts.items()))
+def allowed(name):
+    """The range of a number setting (each number of a tuple): (words, test)."""
+    if name == "dropout":                                   # p = 1 would drop every channel
+        return "in [0, 1)", lambda v: 0 <= v < 1
+    if name in FRACTIONS:
+        return "in [0, 1]", lambda v: 0 <= v <= 1
+    if name in NON_NEGATIVE:
+        return ">= 0", lambda v: v >= 0
+    return "> 0", lambda v: v > 0                           # every other number: sizes, counts, rates
 
 
-# ----------------------------------------------------------------------------- settings
+# ----------------------------------------------------------------------------- the command line
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):                                   # a flag error is a user error like any other
@@ -173,103 +169,108 @@ class Parser(argparse.ArgumentParser):
 
 
 def number(kind, name):
-    """argparse type: int/float with the range this setting allows, named in the error; inf and nan refused."""
+    """argparse type: int/float in the range `allowed(name)`, named in the error; inf and nan refused."""
+    words, ok = allowed(name)
+
     def parse(text):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n' if kind is int else ''} "
-                                             f"{'integer' if kind is int else 'number'}") from None
-        rule = fact(name, "rule")
-        if not math.isfinite(v) or rule and not RULES[rule](v):
-            raise argparse.ArgumentTypeError(f"{text} must be a finite number{' ' + rule if rule else ''}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not math.isfinite(v) or not ok(v):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number {words}")
         return v
     return parse
 
 
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
 def make_parser(dataset, backbone=None):
+    """The parser of train.py; --help shows each default as the chosen --dataset (and --backbone) set it."""
     chosen = preset(dataset, backbone) if dataset in PRESETS else {}
     shown = {**dataclasses.asdict(Config()), **chosen}
-    used = {**shown, "backbone": backbone or shown["backbone"]}                # what this command would train
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-               epilog=protocol(used, f"--dataset {dataset}" + (f" --backbone {backbone}" if backbone else "")))
+               epilog=protocol({**shown, "backbone": backbone or shown["backbone"]}, dataset))
     for f in dataclasses.fields(Config):
-        helptext = f"{f.metadata['help']} (default{' for ' + dataset if f.name in chosen else ''}: {shown[f.name]})"
+        text = f"{f.metadata['help']} (default{' for ' + dataset if f.name in chosen else ''}: {shown[f.name]})"
         if f.type is bool:
             kw = dict(action=argparse.BooleanOptionalAction)
-        elif f.metadata.get("choices"):
-            kw = dict(type=str.lower, choices=f.metadata["choices"])
+        elif f.name in CHOICES:
+            kw = dict(type=str.lower, choices=CHOICES[f.name])
         elif f.type is tuple:
             kw = dict(nargs="+", type=number(type(f.default[0]), f.name))
         else:
             kw = dict(type=number(f.type, f.name) if f.type in (int, float) else f.type)
-        p.add_argument(flag(f.name), default=None, help=helptext, **kw)
+        p.add_argument(flag(f.name), default=None, help=text, **kw)
     return p
 
 
-def protocol(s, chosen=""):
-    """The train and test protocol of settings s (a dict), in words: what --help ends with."""
-    train = {"project": f"the project's (scale {s['scale']}, crop, flip, +-10 percent colour jitter)",
-             "openseg": f"openseg's (scale {s['scale']} x aspect {s['aspect']} bicubic, crop at random, padded at a "
-                        "random offset, flip, brightness shift +-10)",
-             "mmseg": f"mmseg's (Resize to fit {s['img_scale']} x {s['scale']}, RandomCrop cat_max_ratio "
-                      f"{s['cat_max_ratio']}, flip, PhotoMetricDistortion, Pad)"}[s["pipeline"]]
+PIPELINES = {"project": "the project's: scale, crop, flip, +-10 percent colour jitter",
+             "openseg": "openseg's: scale x aspect (bicubic), crop at random, padded at a random offset, flip, "
+                        "brightness shift +-10",
+             "mmseg": "mmseg's: resize to fit img_scale x scale, RandomCrop (cat_max_ratio), flip, "
+                      "PhotoMetricDistortion, pad"}
+
+
+def protocol(s, dataset):
+    """What --help ends with: how settings s (a dict) train and test."""
     crop, stride = tuple(s["eval_crop"]), tuple(s["eval_stride"])
-    test = "whole image" if not crop[0] else \
-        f"sliding window {crop}, stride {stride if stride[0] else '2/3 of the window'}"
+    test = f"sliding window {crop}, stride {stride if stride[0] else '2/3 of the window'}" if crop[0] else \
+        "whole image"
     if s["eval_resize"][0]:
-        test += f", rescaled to fit {tuple(s['eval_resize'])} keeping the ratio" + \
-            (f" (size a multiple of {s['eval_divisor']})" if s["eval_divisor"] else "") + ", scores back to the label"
-    decay = "norms and biases without weight decay" if s["no_decay_norms"] else "weight decay on every parameter"
-    decay = "the recipe's no-decay groups" if family(s["backbone"]) else decay
-    return textwrap.fill(f"{chosen or 'these settings'}: crop {tuple(s['crop'])}, batch {s['batch_size']}, {s['iters']} iterations; "
-            f"train pipeline {train}; {decay}; test {test}, scales {tuple(s['eval_scales'])}; input channel "
-            f"order {s['channel_order']}", 100)
-
-
-def family(backbone):
-    """The module (segformer / swin) whose published recipe a transformer backbone trains with, or None."""
-    prefix = next((p for p in FAMILIES if backbone.startswith(p)), None)
-    return FAMILIES[prefix] if prefix else None
+        test += f", rescaled to fit {tuple(s['eval_resize'])} (multiple of {s['eval_divisor'] or 1}), scores back"
+    decay = "the recipe's no-decay groups" if family(s["backbone"]) in RECIPE_FILES else \
+        "weight decay on every parameter" if s["norm_decay"] else "no weight decay on norms and biases"
+    lines = [f"train: crop {tuple(s['crop'])}, batch {s['batch_size']}, {s['iters']} iterations, "
+             f"{PIPELINES[s['pipeline']]} (scale {tuple(s['scale'])}); {decay}",
+             f"test: {test}; scales {tuple(s['eval_scales'])}; input channel order {s['channel_order']}"]
+    return f"How --dataset {dataset} --backbone {s['backbone']} trains and tests:\n" + \
+        "\n".join(textwrap.fill(line, 100, initial_indent="  ", subsequent_indent="    ") for line in lines)
 
 
 def preset(dataset, backbone=None):
-    """The dataset's preset; for a MiT / Swin backbone on ADE20K or Cityscapes, the published transformer recipe
-    (segformer.RECIPES / swin.RECIPES) over it."""
+    """The dataset's preset; for a MiT / Swin backbone on ADE20K or Cityscapes, its published recipe over it."""
     out = dict(PRESETS.get(dataset, {}))
-    fam = family(backbone or out.get("backbone", Config.backbone))
-    recipe = fam.RECIPES.get("ade20k" if dataset == "ade20k_full" else dataset) if fam is not None else None
+    recipes = RECIPE_FILES.get(family(backbone or out.get("backbone", Config.backbone)))
+    recipe = recipes.RECIPES.get("ade20k" if dataset == "ade20k_full" else dataset) if recipes else None
     if recipe is not None:
         out.update(recipe)
-        if backbone == "mit_b5" and dataset in getattr(fam, "MIT_B5", {}):
-            out.update(fam.MIT_B5[dataset])
+        if backbone == "mit_b5":
+            out.update(getattr(recipes, "MIT_B5", {}).get(dataset, {}))
     return out
 
 
-def parse_args(argv=None):
-    """-> (Config, the names given on the command line). Presets by --dataset (and a transformer --backbone);
-    `--crop N` means N x N."""
-    argv = sys.argv[1:] if argv is None else argv
+def chosen(argv):
+    """The --dataset and --backbone of the command line (None: not given), for the preset and its --help."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--dataset", type=str.lower, default=Config.dataset)
     pre.add_argument("--backbone", type=str.lower, default=None)
-    known = pre.parse_known_args(argv)[0]
-    dataset, backbone = known.dataset, known.backbone
+    known = pre.parse_known_args(argv)[0]                       # an unknown name: the full parser says so
+    return known.dataset if known.dataset in PRESETS else Config.dataset, \
+        known.backbone if known.backbone in CHOICES["backbone"] else None
+
+
+def parse_args(argv=None):
+    """-> (Config, the names given on the command line)."""
+    argv = sys.argv[1:] if argv is None else argv
+    dataset, backbone = chosen(argv)
     p = make_parser(dataset, backbone)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    for name in names(hw=True):
+    for name in HW:
         if name in given:
             if len(given[name]) > 2:
-                p.error(f"--{name.replace('_', '-')} takes N or H W, got {len(given[name])} numbers")
-            given[name] = tuple(given[name] * (3 - len(given[name])))[:2]
+                p.error(f"{flag(name)} takes N or H W, got {len(given[name])} numbers")
+            given[name] = given[name] * (3 - len(given[name]))
     if "scale" in given and (len(given["scale"]) != 2 or given["scale"][0] > given["scale"][1]):
         p.error(f"argument --scale: {' '.join(map(str, given['scale']))}, expected two numbers MIN MAX with "
                 "0 < MIN <= MAX (e.g. 0.5 2)")
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    given = {k: tuple(v[:2] if k in HW else v) if isinstance(v, list) else v for k, v in given.items()}
     cfg = Config(**{**preset(dataset, backbone), **given})
     if cfg.eval_only and not cfg.resume:
         p.error("--eval-only needs --resume CHECKPOINT")
-    check_paths(cfg, set(given))
+    check_paths(cfg)
     if not cfg.resume:                          # when resuming, the checkpoint's settings are checked in resolve()
         check_combinations(cfg, set(given))
     return cfg, set(given)
@@ -277,34 +278,26 @@ def parse_args(argv=None):
 
 def check_combinations(cfg, given):
     """Flags that make no sense for this dataset / backbone / head / optimizer: one error naming the flag."""
-    problems = []
+    protoseg = [k for k in PROTOSEG_ONLY if k in given]
+    folder = [k for k in FOLDER_ONLY if k in given]
     if cfg.class_weights == "cityscapes" and cfg.dataset != "cityscapes":
-        problems.append(f"--class-weights cityscapes: the official weights are 19 values in Cityscapes' trainId "
-                        f"order, --dataset {cfg.dataset} has other classes; expected --class-weights none")
-    if cfg.aux_loss_weight > 0 and not cfg.backbone.startswith("swin_"):
-        problems.append(f"--aux-loss-weight {cfg.aux_loss_weight}: --backbone {cfg.backbone} has no auxiliary head "
-                        "(UperNet's, swin_* backbones only); expected 0")
-    proto = [k for k in names(only="protoseg") if k in given]
-    if cfg.head != "protoseg" and proto:
-        problems.append(f"{flag(proto[0])}: only --head protoseg has prototypes, --head {cfg.head} would ignore it")
-    folder = [k for k in names(only="folder") if k in given]
+        fail(f"--class-weights cityscapes: the official weights are 19 values in Cityscapes' trainId order, "
+             f"--dataset {cfg.dataset} has other classes; expected --class-weights none")
+    if cfg.aux_loss_weight > 0 and family(cfg.backbone) != "swin":
+        fail(f"--aux-loss-weight {cfg.aux_loss_weight}: --backbone {cfg.backbone} has no auxiliary head (UperNet's, "
+             "swin_* backbones only); expected 0")
+    if cfg.head != "protoseg" and protoseg:
+        fail(f"{flag(protoseg[0])}: only --head protoseg has prototypes, --head {cfg.head} would ignore it")
     if cfg.dataset != "folder" and folder:
-        problems.append(f"{flag(folder[0])}: a setting of --dataset folder; --dataset {cfg.dataset} has its own "
-                        "classes")
+        fail(f"{flag(folder[0])}: a setting of --dataset folder; --dataset {cfg.dataset} has its own classes")
     if cfg.dataset.startswith("synthetic") and "data_root" in given:
-        problems.append(f"--data-root {cfg.data_root}: --dataset {cfg.dataset} is generated and reads no files; "
-                        "expected no --data-root (or --dataset folder / cityscapes / ...)")
+        fail(f"--data-root {cfg.data_root}: --dataset {cfg.dataset} is generated and reads no files; expected no "
+             "--data-root (or --dataset folder / cityscapes / ...)")
     if cfg.optimizer == "adamw" and "momentum" in given:
-        problems.append("--momentum: an SGD setting; --optimizer adamw keeps its betas (0.9, 0.999)")
-    if problems:
-        fail(problems[0])
+        fail("--momentum: an SGD setting; --optimizer adamw keeps its betas (0.9, 0.999)")
 
 
-def flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def check_paths(cfg, given):
+def check_paths(cfg):
     """The kind of each path flag before anything runs: a folder where a folder is meant, a file where a file is."""
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         fail(f"--out-dir {cfg.out_dir} is a file, expected a folder (created if missing)")
@@ -316,38 +309,26 @@ def check_paths(cfg, given):
         fail(f"--pretrained {cfg.pretrained}: {found}, expected a weights file (.pth, or a run's last.pt)")
 
 
-def checkpoint_path(cfg):
-    """The file --resume names: 'auto' = out_dir/last.pt (None if absent, which starts afresh; --eval-only fails);
-    a run folder = its last.pt."""
-    if cfg.resume == "auto":
-        path = os.path.join(cfg.out_dir, "last.pt")
-        if os.path.isfile(path):
-            return path
-        if cfg.eval_only:
-            fail(f"--eval-only --resume auto: no last.pt in {cfg.out_dir} ({path_problem(path)}), expected a run's "
-                 "checkpoint there; give --out-dir RUN or --resume CHECKPOINT")
-        return None
-    if os.path.isdir(cfg.resume):
-        path = os.path.join(cfg.resume, "last.pt")
-        if not os.path.isfile(path):
-            fail(f"--resume {cfg.resume}: a folder without last.pt, expected a checkpoint file or a run folder "
-                 "holding last.pt")
-        return path
-    if not os.path.isfile(cfg.resume):
-        fail(f"--resume {cfg.resume}: {path_problem(cfg.resume)}, expected a checkpoint file (runs/*/last.pt), "
-             "a run folder or 'auto'")
-    return cfg.resume
+# ----------------------------------------------------------------------------- resuming and evaluating
+
+def refuse_changes(cfg, given, saved, path):
+    """A given MODEL setting must equal the checkpoint's; so must a given TRAJECTORY setting when training on
+    without --allow-changes (an evaluation takes any other setting from the command line)."""
+    keys = MODEL + (() if cfg.eval_only or cfg.allow_changes else TRAJECTORY)
+    changed = [k for k in keys if k in given and k in saved and saved[k] != getattr(cfg, k)]
+    if changed:
+        hint = "" if set(changed) & set(MODEL) else "; pass --allow-changes to continue with the new values"
+        fail(f"checkpoint {path} was made with other settings: " +
+             "; ".join(f"{k}: checkpoint {saved[k]!r} vs now {getattr(cfg, k)!r}" for k in changed) + hint)
 
 
 def resolve(cfg, given):
-    """Settings for a resumed or evaluated checkpoint -> (cfg, checkpoint or None). The checkpoint's settings fill
-    everything not given; a given model setting must agree; a given trajectory setting must agree unless
-    --allow-changes (evaluation takes the model from the checkpoint and any other setting from the command line)."""
-    if not cfg.resume:
-        return cfg, None
-    path = checkpoint_path(cfg)
-    if path is None:                                            # --resume auto, no last.pt yet: a fresh run
-        check_combinations(cfg, given)
+    """Settings for a resumed or evaluated checkpoint -> (cfg, checkpoint or None): the checkpoint's settings fill
+    every setting not given on the command line (refuse_changes guards the given ones)."""
+    path = checkpoint_path(cfg) if cfg.resume else None
+    if path is None:                                            # a fresh run (also --resume auto without last.pt)
+        if cfg.resume:
+            check_combinations(cfg, given)
         return cfg, None
     try:
         ckpt = load_checkpoint(path)
@@ -356,18 +337,9 @@ def resolve(cfg, given):
     if not cfg.eval_only and not isinstance(ckpt.get("iter"), int) and not ckpt.get("official"):
         fail(f"checkpoint {path} has no iteration count ('iter'), expected a train.py checkpoint to continue; "
              "evaluate it with --eval-only")
-    saved = {k: v for k, v in ckpt["config"].items() if k in names() and fact(k, "role") != "command"}  # not its command
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
-    if not ckpt.get("official"):                 # checkpoints from before these settings: what they trained with
-        saved = {**{k: getattr(Config, k) for k in names(added=True) if k not in saved}, **saved}
-    model = names(role="model")
-    keys = model + (() if cfg.eval_only or cfg.allow_changes else names(role="trajectory"))
-    diff = [f"{k}: checkpoint {saved[k]!r} vs now {getattr(cfg, k)!r}" for k in keys
-            if k in given and k in saved and saved[k] != getattr(cfg, k)]
-    if diff:
-        hint = "" if any(k in model for k in given if k in saved and saved[k] != getattr(cfg, k)) else \
-            "; pass --allow-changes to continue with the new values"
-        fail(f"checkpoint {path} was made with other settings: " + "; ".join(diff) + hint)
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()
+             if k in FIELDS and k not in COMMAND}
+    refuse_changes(cfg, given, saved, path)
     base = {**dataclasses.asdict(Config()), **preset(saved.get("dataset", cfg.dataset), saved.get("backbone")), **saved}
     cfg = Config(**{**base, **{k: getattr(cfg, k) for k in given | {"eval_only", "resume"}}})
     if cfg.resume != "auto":

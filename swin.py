@@ -18,7 +18,7 @@ Facts read from swin_transformer.py (both repositories) and mmseg's uper_head.py
   - init: Linear trunc-normal(0.02), bias 0; LayerNorm (1, 0); bias tables trunc-normal(0.02); patch conv: default.
   - UperNet: PPM (adaptive average pools 1, 2, 3, 6, 1x1 conv-BN-ReLU, upsampled) on stage 4 -> 3x3 bottleneck;
     1x1 laterals on stages 1-3; top-down sum; 3x3 FPN convs; upsample all to stride 4, concat, 3x3 conv-BN-ReLU.
-  - every resize of UperNet and its aux loss has align_corners=False (layers.ALIGN_CORNERS["upernet"]), as mmseg.
+  - every resize of UperNet and its aux loss has align_corners=False (layers.ALIGN_CORNERS["swin"]), as mmseg.
 """
 import math
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from layers import ALIGN_CORNERS, ConvModule, DropPath, drop_path_rates, upsample, vit_init
 
-AC = ALIGN_CORNERS["upernet"]   # False: every resize of UperNet and its aux head, as mmseg
+AC = ALIGN_CORNERS["swin"]   # False: every resize of UperNet and its aux head, as mmseg
 
 # Swin-T/S/B with 7 x 7 windows (ImageNet-1K 224 checkpoints), Swin-B/L with 12 x 12 (the 384 checkpoints).
 SWIN_PRESETS = {
@@ -210,7 +210,7 @@ class Stage(nn.Module):
 class SwinTransformer(nn.Module):
     """Swin backbone; returns 4 LayerNormed maps (norm0..norm3) at strides 4, 8, 16, 32 with C * [1, 2, 4, 8] channels.
     Any input size: padded to the patch / window grid inside, cropped back."""
-    family = "upernet"   # its resizing convention: layers.ALIGN_CORNERS
+    family = "swin"   # models.family of every Swin preset; its resizing (UperNet): layers.ALIGN_CORNERS
     # checkpoint keys the segmentation backbone does not use (pattern -> why), reported by models.load_pretrained
     skipped_keys = {"head.*": "ImageNet classifier", "norm.*": "final LayerNorm of the classifier",
                     "*.attn_mask": "shift masks, recomputed for each input size",

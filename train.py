@@ -8,8 +8,9 @@
     python train.py --eval-only --resume runs/cityscapes/last.pt --eval-flip --eval-scales 0.75 1 1.25
 
 Settings (settings.py) = Config defaults, then the dataset's preset, then (when resuming) the checkpoint's, then the
-command line. They are printed, written to out_dir/config.json and saved in every checkpoint. out_dir holds last.pt (the latest
-checkpoint), log.jsonl (one row per logged iteration and evaluation) and metrics.json (the final evaluation).
+command line. The main ones are printed; all are written to out_dir/config.json and saved in every checkpoint.
+out_dir holds last.pt (the latest checkpoint), log.jsonl (one row per logged iteration and evaluation),
+metrics.json (the final evaluation) and curves.png (the training curves).
 Exact resume: dropout is reseeded from (seed, rank, iteration) every step, data order and augmentation are
 functions of (seed, epoch, index), so a resumed run replays the same stream.
 """
@@ -29,15 +30,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import CheckpointError, load_pretrained, load_state, save_checkpoint
-from collectives import all_reduce, is_master, setup_distributed
+from collectives import all_reduce, autocast, rank_and_world, setup_distributed
 from data import DatasetError, EvalTransform, build_dataset, check_dataset, train_transform
-from evaluate import autocast, evaluate, format_metrics, metrics_report
+from evaluate import evaluate, format_metrics, metrics_report
 from labels import CITYSCAPES_CLASS_WEIGHTS
-from models import model_from_config
+from models import family, model_from_config
 from protoseg import data_prototypes, momentum_at, seg_loss, update_prototypes
-from runs import (NO_MEMORY, PEER_LOST, claim_out_dir, fail, first_to_report, interrupted_line, last_good, log_row,
-                  one_line, open_log, out_of_memory_line, peer_lost_line, run_complete, signals_deferred)
-from settings import Config, family, parse_args, resolve  # noqa: F401  (Config: for users and tests)
+from runs import (NO_MEMORY, PEER_LOST, RunLog, claim_out_dir, fail, first_to_report, interrupted_line, last_good,
+                  one_line, out_of_memory_line, peer_lost_line, run_complete, signals_deferred, stop_if_any_rank_failed,
+                  write_curves)
+from settings import RECIPE_FILES, parse_args, resolve
 
 # ----------------------------------------------------------------------------- set-up
 
@@ -53,48 +55,48 @@ def make_datasets(cfg, log=print):
             cfg.dataset, cfg.data_root or None, "train", augment, seed=cfg.seed, **kw)
         val = build_dataset(cfg.dataset, cfg.data_root or None, "val",
                             EvalTransform(cfg.channel_order, cfg.eval_resize, cfg.eval_divisor), seed=cfg.seed, **kw)
-        say = log if is_master() else None                      # every file checked before the first step
-        if train is not None:
-            check_dataset(train, name="train", log=say)
+        if train is not None:                                   # every file checked before the first step
+            check_dataset(train, name="train", log=log)
         check_dataset(torch.utils.data.Subset(val, range(min(cfg.val_size or len(val), len(val)))), values=True,
-                      name="val", log=say)
+                      name="val", log=log)
     except DatasetError as e:
         fail(one_line(e))
     return train, val
 
 
-def build(cfg, ckpt, device, world, log):
-    """-> (model (DDP-wrapped under torchrun), bare model)."""
+def build(cfg, ckpt, device, log):
+    """-> (model: DDP-wrapped under torchrun, else raw_model; raw_model: the SegModel itself)."""
     torch.manual_seed(cfg.seed)                                 # same initial weights on every rank
-    net = model_from_config(cfg)
+    raw_model = model_from_config(cfg)
     if cfg.pretrained and ckpt is None:
         try:
-            log(load_pretrained(net.backbone, cfg.pretrained))
+            log(load_pretrained(raw_model.backbone, cfg.pretrained))
         except (CheckpointError, ValueError, RuntimeError, KeyError, AttributeError) as e:
             fail(f"--pretrained {cfg.pretrained}: {' '.join(str(e).split())[:400]}; expected ImageNet backbone weights "
                  "(.pth) for --backbone " + cfg.backbone)
     if ckpt is not None:
         try:
-            load_state(net, ckpt["model"], cfg.resume)
+            load_state(raw_model, ckpt["model"], cfg.resume)
         except CheckpointError as e:
             fail(str(e))
-    net.to(device)
+    raw_model.to(device)
+    world = rank_and_world()[1]
     if world > 1 and device.type == "cuda":
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
-    log(f"model: {cfg.backbone} + {cfg.head} head, {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M "
+        raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+    model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else raw_model
+    log(f"model: {cfg.backbone} + {cfg.head} head, {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
         f"learnable parameters, {world} rank(s) on {device.type}")
-    return model, net
+    return model, raw_model
 
 
-def make_optimizer(cfg, net):
-    """Parameter groups by (weight decay?, lr multiplier). CNNs: no decay on norms and biases with no_decay_norms,
-    else decay on every parameter (the official ProtoSeg / mmseg HRNet optimisers). MiT / Swin: the family's
+def make_optimizer(cfg, raw_model):
+    """Parameter groups by (weight decay?, lr multiplier). CNNs: weight decay on norms and biases only with
+    --norm-decay (the official ProtoSeg / mmseg HRNet optimisers decay every parameter). MiT / Swin: the family's
     no_weight_decay(name) (norms, position-bias tables); head_lr_mult on the decoder and head."""
-    fam = family(cfg.backbone)
+    recipe = RECIPE_FILES.get(family(cfg.backbone))
     groups = {}
-    for name, p in net.named_parameters():
-        decay = not fam.no_weight_decay(name) if fam else p.ndim > 1 or not cfg.no_decay_norms
+    for name, p in raw_model.named_parameters():
+        decay = not recipe.no_weight_decay(name) if recipe else p.ndim > 1 or cfg.norm_decay
         mult = cfg.head_lr_mult if name.startswith(("neck.", "head.")) else 1.0
         groups.setdefault((decay, mult), []).append(p)
     groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_mult": mult}
@@ -102,6 +104,14 @@ def make_optimizer(cfg, net):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def learning_rate(cfg, it):
+    """Poly: lr (1 - it / iters)^power; during a linear warm-up times 1 - (1 - it / warmup)(1 - 1e-6) (mmcv's)."""
+    lr = cfg.lr * (1 - it / cfg.iters) ** cfg.lr_power
+    if it < cfg.warmup_iters:
+        lr *= 1 - (1 - it / cfg.warmup_iters) * (1 - 1e-6)
+    return lr
 
 
 # ----------------------------------------------------------------------------- training
@@ -117,8 +127,9 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return iter(list(super().__iter__())[getattr(self, "skip", 0):])
 
 
-def batches(cfg, train_set, rank, world, start, device):
+def batches(cfg, train_set, start, device):
     """Endless (images, labels) from iteration `start` on; epochs restart at the right batch."""
+    rank, world = rank_and_world()
     per_rank = cfg.batch_size // world
     sampler = ResumableSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
     steps_per_epoch = len(sampler) // per_rank
@@ -136,51 +147,39 @@ def batches(cfg, train_set, rank, world, start, device):
             it += 1
 
 
-def next_batch(stream, world):
-    """The next batch; a data error on any rank stops every rank (printed once, by the first failing rank)."""
+def next_batch(stream, device):
+    """The next batch; a data error on any rank stops every rank, printed once."""
     error, batch = None, None
     try:
         batch = next(stream)
     except DatasetError as e:
         error = one_line(e)
-    if world == 1:
-        return batch if error is None else fail(error)
-    flags = torch.zeros(world)
-    flags[dist.get_rank()] = error is not None
-    flags = all_reduce(flags.to("cuda" if torch.cuda.is_available() else "cpu")).cpu()
-    if flags.any():
-        if error is not None and dist.get_rank() == int(flags.nonzero()[0]):
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(1)
+    stop_if_any_rank_failed(error, device)
     return batch
 
 
-def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, log_file, progress=None):
-    """The loop: lr schedule, one step, log, checkpoint, evaluate now and then. Returns the seconds it took;
-    exits (code 1) on a non-finite loss, a diverged model or a data error. progress: {"done", "saved"} kept
-    current for the interrupt message (cli)."""
-    opt = make_optimizer(cfg, net)
+def train(cfg, model, raw_model, train_set, val_set, ckpt, log, progress):
+    """The loop: lr schedule, one step (forward, loss, backward, optimiser step, then the prototypes' Eq. 14), log,
+    checkpoint, evaluate now and then. Returns the seconds it took; exits (code 1) on a non-finite loss, a diverged
+    model or a data error. progress: {"done", "saved"} kept current for the stop message (runs.py)."""
+    device, rank = next(raw_model.parameters()).device, rank_and_world()[0]
+    opt = make_optimizer(cfg, raw_model)
     scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.amp == "fp16")
     start = saved_it = restore(cfg, ckpt, opt, scaler, log)
-    progress = {} if progress is None else progress
     progress.update(done=start, saved=start)
     weight = torch.tensor(CITYSCAPES_CLASS_WEIGHTS, device=device) if cfg.class_weights == "cityscapes" else None
-    stream = batches(cfg, train_set, rank, world, start, device)
-    model.train()
-    if cfg.freeze_bn:
-        for m in net.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
+    stream = batches(cfg, train_set, start, device)
+    set_train_mode(cfg, model, raw_model)
     t0 = t_last = time.time()
     for it in range(start, cfg.iters):                          # `it` steps done; this one is iteration it + 1
-        images, labels = next_batch(stream, world)
+        images, labels = next_batch(stream, device)
         lr = learning_rate(cfg, it)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
-        if it == 0 and cfg.proto_init == "data" and hasattr(net.head, "prototypes"):
+        if it == 0 and cfg.proto_init == "data" and hasattr(raw_model.head, "prototypes"):
             with autocast(cfg.amp, device):                     # not in the paper, which starts random
-                net.head.prototypes.copy_(data_prototypes(net, images, labels, cfg.kappa, cfg.sinkhorn_iters,
-                                                          distributed=not cfg.local_stats))
+                raw_model.head.prototypes.copy_(data_prototypes(raw_model, images, labels, cfg.kappa,
+                                                                cfg.sinkhorn_iters, distributed=not cfg.local_stats))
         torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + it)             # dropout: a function of it
         with autocast(cfg.amp, device):
             out = forward(model, images, labels, cfg)           # Eq. 5-10 (ProtoSeg: + Sinkhorn targets)
@@ -195,22 +194,31 @@ def train(cfg, model, net, train_set, val_set, ckpt, device, rank, world, log, l
         scaler.update()
         if "update_target" in out:                              # Eq. 14 after the step, mu of this iteration
             mu = momentum_at(it, cfg.proto_momentum, cfg.proto_momentum_warmup)
-            net.head.prototypes.copy_(update_prototypes(net.head.prototypes, out["embed"], out["update_target"],
-                                                        mu, cfg.local_stats))
+            raw_model.head.prototypes.copy_(update_prototypes(raw_model.head.prototypes, out["embed"],
+                                                              out["update_target"], mu, cfg.local_stats))
         done = progress["done"] = it + 1
-        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.iters):
+        if done % cfg.log_every == 0 or done == cfg.iters:
             speed = (done - max(start, done - cfg.log_every)) / max(time.time() - t_last, 1e-9)
             t_last = time.time()
-            log_progress(cfg, done, loss, terms, lr, speed, device, log, log_file)
+            log_progress(cfg, done, loss, terms, lr, speed, device, log)
         if done % cfg.ckpt_every == 0 or done == cfg.iters:
             with signals_deferred():                            # the file and the record of it, whole
-                saved_it = save_checkpoint(cfg, net, opt, scaler, done, saved_it) if rank == 0 else done
+                saved_it = save_checkpoint(cfg, raw_model, opt, scaler, done, saved_it) if rank == 0 else done
                 progress["saved"] = saved_it
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iters:
-            m = run_evaluation(cfg, model, val_set, device, rank, world, log)
+            m = run_evaluation(cfg, model, val_set, log)
             log(f"it {done}: val mIoU {100 * m['miou']:.2f}")
-            log_row(log_file, {"iter": done, "val": metrics_report(m, val_set.class_names)})
+            log.row({"iter": done, "val": metrics_report(m, val_set.class_names)})
     return time.time() - t0
+
+
+def set_train_mode(cfg, model, raw_model):
+    """Every module in training mode, except BatchNorm with --freeze-bn (running statistics, no update)."""
+    model.train()
+    if cfg.freeze_bn:
+        for m in raw_model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def restore(cfg, ckpt, opt, scaler, log):
@@ -229,14 +237,6 @@ def restore(cfg, ckpt, opt, scaler, log):
     return ckpt["iter"]
 
 
-def learning_rate(cfg, it):
-    """Poly: lr (1 - it / iters)^power; during a linear warm-up times 1 - (1 - it / warmup)(1 - 1e-6) (mmcv's)."""
-    lr = cfg.lr * (1 - it / cfg.iters) ** cfg.lr_power
-    if it < cfg.warmup_iters:
-        lr *= 1 - (1 - it / cfg.warmup_iters) * (1 - 1e-6)
-    return lr
-
-
 def forward(model, images, labels, cfg):
     try:
         return model(images, labels)
@@ -247,7 +247,7 @@ def forward(model, images, labels, cfg):
              "use a per-rank batch >= 2, a larger --crop, or --freeze-bn")
 
 
-def log_progress(cfg, it, loss, terms, lr, speed, device, log, log_file):
+def log_progress(cfg, it, loss, terms, lr, speed, device, log):
     """One line: loss = ce + lambda1 ppc + lambda2 ppd (Eq. 13), lr, speed, ETA, peak memory; and a log.jsonl row."""
     mem = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
@@ -255,13 +255,12 @@ def log_progress(cfg, it, loss, terms, lr, speed, device, log, log_file):
            "it_per_s": speed, "eta_s": (cfg.iters - it) / max(speed, 1e-9), "mem_gb": mem}
     log(f"it {it}/{cfg.iters} | loss {row['loss']:.4f} (" + " ".join(f"{k} {row[k]:.4f}" for k in terms)
         + f") | lr {lr:.2e} | {speed:.2f} it/s | ETA {row['eta_s'] / 60:.1f} min | mem {mem:.2f} GB", flush=True)
-    log_row(log_file, row)
+    log.row(row)
 
 
-def run_evaluation(cfg, model, val_set, device, rank, world, log):
+def run_evaluation(cfg, model, val_set, log):
     try:
-        return evaluate(model, val_set, device, cfg.eval_crop, cfg.eval_scales, cfg.eval_flip, cfg.amp,
-                        cfg.val_size, cfg.workers, rank, world, log, stride=cfg.eval_stride)
+        return evaluate(model, val_set, cfg, log)
     except DatasetError as e:
         fail(one_line(e))
 
@@ -274,49 +273,74 @@ def main(argv=None, progress=None):
     progress = {} if progress is None else progress
     progress.update(cfg=cfg, saved=ckpt.get("iter", 0) if ckpt else 0)
     rank, world, device = setup_distributed()
-    log = print if rank == 0 else (lambda *a, **k: None)
-    lock = None
+    log, lock = RunLog(rank), None
     if run_complete(cfg, ckpt):
         return log(run_complete(cfg, ckpt))
     try:
-        train_set, val_set = make_datasets(cfg, log)
-        if ckpt is not None and ckpt["config"]["num_classes"] != val_set.num_classes:
-            fail(f"checkpoint {cfg.resume} predicts {ckpt['config']['num_classes']} classes "
-                 f"({ckpt['config'].get('dataset')}); --dataset {cfg.dataset} has {val_set.num_classes}")
+        train_set, val_set = make_datasets(cfg, log if rank == 0 else None)
+        check_run(cfg, ckpt, val_set, world)
         cfg.num_classes = val_set.num_classes
-        if cfg.batch_size % world:
-            fail(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks ({world})")
-        if not cfg.eval_only and ckpt is not None and ckpt.get("official"):
-            fail(f"{cfg.resume} is an official ProtoSeg checkpoint: it holds no optimizer state; use --eval-only, "
-                 "or --pretrained for its backbone")
         lock = claim_out_dir(cfg, ckpt is not None) if rank == 0 else None
-        fam = family(cfg.backbone)
-        if fam is not None and cfg.dataset in fam.RECIPES:
-            log(f"recipe: {fam.__name__}.RECIPES[{cfg.dataset!r}], the published {cfg.backbone} recipe")
-        log("settings: " + json.dumps(dataclasses.asdict(cfg)))
+        log("\n".join(describe(cfg)))
         if rank == 0:
             with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
                 json.dump(dataclasses.asdict(cfg), f, indent=1)
-        model, net = build(cfg, ckpt, device, world, log)
-        log_file = open_log(cfg, ckpt["iter"] if ckpt and not cfg.eval_only and "iter" in ckpt else 0) \
-            if rank == 0 and not cfg.eval_only else None
-        seconds = 0.0 if cfg.eval_only else train(cfg, model, net, train_set, val_set, ckpt, device, rank, world,
-                                                   log, log_file, progress)
-        metrics = run_evaluation(cfg, model, val_set, device, rank, world, log)
+        model, raw_model = build(cfg, ckpt, device, log)
+        if not cfg.eval_only:
+            log.open(cfg, ckpt["iter"] if ckpt and "iter" in ckpt else 0)
+        seconds = 0.0 if cfg.eval_only else train(cfg, model, raw_model, train_set, val_set, ckpt, log, progress)
+        metrics = run_evaluation(cfg, model, val_set, log)
         metrics["train_time_s"] = seconds
         log(format_metrics(metrics, val_set.class_names))
         if rank == 0:
-            report = metrics_report(metrics, val_set.class_names)
-            with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
-                json.dump(report, f, indent=1, allow_nan=False)
-            log_row(log_file, {"iter": cfg.iters, "final": report})
-            log(f"wrote {os.path.join(cfg.out_dir, 'metrics.json')}")
+            finish(cfg, metrics, val_set.class_names, log)
         return metrics
     finally:
+        log.close()
         if lock and os.path.exists(lock):
             os.remove(lock)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def describe(cfg):
+    """A few lines for the start of a run: the main settings (config.json has them all)."""
+    recipe = RECIPE_FILES.get(family(cfg.backbone))
+    head = f"{cfg.head} head" + (f", K {cfg.num_prototypes}, lambda_ppc {cfg.lambda_ppc}, lambda_ppd "
+                                 f"{cfg.lambda_ppd}, tau {cfg.tau}, kappa {cfg.kappa}, mu {cfg.proto_momentum}"
+                                 if cfg.head == "protoseg" else "")
+    return [f"settings (all in {os.path.join(cfg.out_dir, 'config.json')}):",
+            f"  data   {cfg.dataset}{' ' + cfg.data_root if cfg.data_root else ''}, {cfg.num_classes} classes, crop "
+            f"{cfg.crop[0]}x{cfg.crop[1]}, batch {cfg.batch_size}, {cfg.pipeline} pipeline",
+            f"  model  {cfg.backbone} + {head}",
+            f"  train  {cfg.iters} iterations of {cfg.optimizer} (lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}"
+            f"{', warm-up ' + str(cfg.warmup_iters) if cfg.warmup_iters else ''}), seed {cfg.seed}"
+            + (f"; {recipe.__name__}.RECIPES[{cfg.dataset!r}], the published recipe"
+               if recipe and cfg.dataset in recipe.RECIPES else ""),
+            f"  out    {cfg.out_dir}"]
+
+
+def check_run(cfg, ckpt, val_set, world):
+    """What can only be checked once the data is known: the checkpoint's classes, the batch split over ranks."""
+    if ckpt is not None and ckpt["config"]["num_classes"] != val_set.num_classes:
+        fail(f"checkpoint {cfg.resume} predicts {ckpt['config']['num_classes']} classes "
+             f"({ckpt['config'].get('dataset')}); --dataset {cfg.dataset} has {val_set.num_classes}")
+    if cfg.batch_size % world:
+        fail(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks ({world})")
+    if not cfg.eval_only and ckpt is not None and ckpt.get("official"):
+        fail(f"{cfg.resume} is an official ProtoSeg checkpoint: it holds no optimizer state; use --eval-only, "
+             "or --pretrained for its backbone")
+
+
+def finish(cfg, metrics, class_names, log):
+    """Rank 0 at the end: metrics.json, the final log.jsonl row and the training curves (curves.png)."""
+    report = metrics_report(metrics, class_names)
+    with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
+        json.dump(report, f, indent=1, allow_nan=False)
+    log.row({"iter": cfg.iters, "final": report})
+    log(f"wrote {os.path.join(cfg.out_dir, 'metrics.json')}")
+    if not cfg.eval_only:
+        log(f"wrote {write_curves(cfg.out_dir)}")
 
 
 # ----------------------------------------------------------------------------- the command

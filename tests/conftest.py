@@ -43,10 +43,10 @@ def save_image(path, array, mode=None, **kw):
 
 
 def tiny_checkpoint(path, it=1, seed=0, **config):
-    """A train.py checkpoint of a model with seeded random weights; config overrides train.Config's defaults."""
-    import train
+    """A train.py checkpoint of a model with seeded random weights; config overrides settings.Config's defaults."""
+    import settings
     from models import model_from_config
-    cfg = {**dataclasses.asdict(train.Config()), **config}
+    cfg = {**dataclasses.asdict(settings.Config()), **config}
     torch.manual_seed(seed)
     torch.save({"model": model_from_config(cfg).state_dict(), "config": cfg, "iter": it}, path)
     return path
@@ -71,15 +71,17 @@ def recipe_facts_where_used(dataset, backbone, ref):
     """The published recipe's facts that are not settings, checked where the code uses them: the warm-up start
     (train.learning_rate at 0), poly to min_lr, the backbone's largest drop-path rate and torch's AdamW betas.
     ref: the recipe's entry of testdata/transformer_recipes.json. Returns (config, model on the meta device)."""
+    import models
+    import settings
     import train
     from layers import DropPath
-    cfg, _ = train.parse_args(["--dataset", dataset, "--backbone", backbone])
+    cfg, _ = settings.parse_args(["--dataset", dataset, "--backbone", backbone])
     sched = ref["lr_schedule"]
     assert train.learning_rate(cfg, 0) == pytest.approx(cfg.lr * sched["warmup_ratio"], rel=1e-6)
     assert train.learning_rate(cfg, cfg.iters) == sched["min_lr"]
     cfg.num_classes = 5
     with torch.device("meta"):
-        net = train.model_from_config(cfg)
+        net = models.model_from_config(cfg)
     assert max(m.p for m in net.backbone.modules() if isinstance(m, DropPath)) == ref["backbone"]["drop_path_rate"]
     assert train.make_optimizer(cfg, net).defaults["betas"] == tuple(ref["optimizer"]["betas"])   # torch's default
     return cfg, net

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import atlas
 import data
+import settings
 import train
 from checkpoints import load_model
 from models import model_from_config
@@ -68,7 +69,7 @@ def check_atlas(path, out, extra=()):
 
 
 def test_atlas_of_a_train_py_checkpoint_writes_its_files_and_shares_equal_a_direct_count(tmp_path):
-    cfg = {**vars(train.Config()), "dataset": "synthetic", "backbone": "hrnet_tiny", "num_classes": 5,
+    cfg = {**vars(settings.Config()), "dataset": "synthetic", "backbone": "hrnet_tiny", "num_classes": 5,
            "num_prototypes": 3}
     torch.manual_seed(0)
     path = tmp_path / "last.pt"
@@ -83,7 +84,7 @@ def test_atlas_of_a_train_py_checkpoint_writes_its_files_and_shares_equal_a_dire
 
 def test_atlas_of_a_release_format_file_shows_collapsed_prototypes(tmp_path):
     """An official-format file (openseg keys, `module.` prefixes) whose class 'beta' has K identical prototypes."""
-    cfg = {**vars(train.Config()), "backbone": "hrnet18_small_v2", "num_classes": 5, "num_prototypes": 2,
+    cfg = {**vars(settings.Config()), "backbone": "hrnet18_small_v2", "num_classes": 5, "num_prototypes": 2,
            "embed_layernorm": True}
     torch.manual_seed(0)
     sd = {k.removeprefix("head.").removeprefix("trunk."): v for k, v in model_from_config(cfg).state_dict().items()}

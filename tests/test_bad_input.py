@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import data
+import settings
 import train
 from conftest import TINY, free_port, save_image, state, user_error
 
@@ -258,7 +259,7 @@ QUICK = TINY + ["--crop", "32", "--batch-size", "2"]   # for the runs that are s
     (["--aux-loss-weight", "-1"], "--aux-loss-weight"), (["--ignore-value", "-1"], "--ignore-value"),
     (["--iters", "1.5"], "'1.5' is not an integer"), (["--nonsense"], "unrecognized arguments: --nonsense")])
 def test_every_flag_range_is_checked_where_parsed_and_named(flags, named, capsys):
-    assert named in user_error(capsys, train.parse_args, flags)
+    assert named in user_error(capsys, settings.parse_args, flags)
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -269,8 +270,8 @@ def test_every_flag_range_is_checked_where_parsed_and_named(flags, named, capsys
     (["--head", "query", "--lambda-ppc", "1"], "--lambda-ppc"), (["--num-classes", "3"], "--num-classes: a setting of --dataset folder"),
     (["--data-root", "."], "--dataset synthetic is generated"), (["--momentum", "0.5"], "--momentum: an SGD setting")])
 def test_flags_that_mean_nothing_for_the_dataset_backbone_or_head_are_refused(flags, named, capsys):
-    assert named in user_error(capsys, train.parse_args, flags)
-    train.parse_args(["--dataset", "ade20k", "--backbone", "swin_tiny", "--aux-loss-weight", "0.2"])  # has the head
+    assert named in user_error(capsys, settings.parse_args, flags)
+    settings.parse_args(["--dataset", "ade20k", "--backbone", "swin_tiny", "--aux-loss-weight", "0.2"])  # has the head
 
 
 def test_flag_error_is_one_line_and_exit_1_from_the_command_line():
@@ -281,12 +282,12 @@ def test_flag_error_is_one_line_and_exit_1_from_the_command_line():
 def test_path_flags_are_checked_for_their_kind(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     os.symlink(tmp_path / "loop", tmp_path / "loop")
-    assert "--out-dir" in user_error(capsys, train.parse_args, ["--out-dir", str(tmp_path / "file")])
+    assert "--out-dir" in user_error(capsys, settings.parse_args, ["--out-dir", str(tmp_path / "file")])
     assert "is a file, expected a folder" in user_error(capsys, train.main, TINY + ["--out-dir", str(tmp_path / "file")])
-    msg = user_error(capsys, train.parse_args, ["--dataset", "folder", "--num-classes", "2", "--data-root", str(tmp_path / "file")])
+    msg = user_error(capsys, settings.parse_args, ["--dataset", "folder", "--num-classes", "2", "--data-root", str(tmp_path / "file")])
     assert "--data-root" in msg and "a file, expected the dataset's folder" in msg
-    assert "a folder, expected a weights file" in user_error(capsys, train.parse_args, ["--pretrained", str(tmp_path)])
-    assert "a symlink loop" in user_error(capsys, train.parse_args, ["--pretrained", str(tmp_path / "loop")])
+    assert "a folder, expected a weights file" in user_error(capsys, settings.parse_args, ["--pretrained", str(tmp_path)])
+    assert "a symlink loop" in user_error(capsys, settings.parse_args, ["--pretrained", str(tmp_path / "loop")])
     msg = user_error(capsys, train.main, ["--resume", str(tmp_path)])
     assert f"--resume {tmp_path}: a folder without last.pt" in msg
     assert "a symlink loop" in user_error(capsys, train.main, ["--resume", str(tmp_path / "loop")])

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints
+import models
+import settings
 import train
 from checkpoints import load_pretrained
 from conftest import small_hrnet, tiny_checkpoint, user_error
@@ -171,7 +173,7 @@ def test_load_shape_mismatch_fails(tmp_path):
 # ----------------------------------------------------------------------------- writing: health, divergence
 
 def test_a_diverged_model_is_never_checkpointed(tmp_path, capsys):
-    cfg = train.Config(out_dir=str(tmp_path))
+    cfg = settings.Config(out_dir=str(tmp_path))
     net = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler(enabled=False)
@@ -189,7 +191,7 @@ def test_a_diverged_model_is_never_checkpointed(tmp_path, capsys):
 
 def test_health_check_looks_at_buffers_too():
     """checkpoints.unhealthy: prototypes and BatchNorm running statistics are buffers, not parameters."""
-    net = train.model_from_config(dataclasses.replace(train.Config(), backbone="hrnet_tiny", num_classes=3,
+    net = models.model_from_config(dataclasses.replace(settings.Config(), backbone="hrnet_tiny", num_classes=3,
                                                       num_prototypes=2))
     assert checkpoints.unhealthy(net) is None
     for name, bad in (("head.prototypes", float("nan")), ("backbone.bn1.running_var", float("inf")),

@@ -15,6 +15,7 @@ import checkpoints
 import data
 import evaluate
 import predict
+import settings
 import train
 from conftest import tiny_checkpoint
 from models import model_from_config
@@ -102,7 +103,7 @@ def test_cityscapes_iiou_and_categories_equal_a_transcription_of_cityscapesscrip
 
 def small_official_file(tmp_path):
     """An official-format file around HRNet-W18-small-v2 (D = 270): the same layout as the W48 release, smaller."""
-    cfg = {**vars(train.Config()), "backbone": "hrnet18_small_v2", "num_classes": 19, "embed_layernorm": True}
+    cfg = {**vars(settings.Config()), "backbone": "hrnet18_small_v2", "num_classes": 19, "embed_layernorm": True}
     torch.manual_seed(0)
     ours = model_from_config(cfg).state_dict()
     sd = {k.removeprefix("head.").removeprefix("trunk."): v for k, v in ours.items()}

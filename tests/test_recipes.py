@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import data
 import evaluate
+import models
 import settings
 import train
 import transforms as T
@@ -24,37 +25,37 @@ def numbers(text):
 
 def test_mit_recipes_take_the_official_pipelines_and_tests():
     d = REF["segformer"]["data"]
-    cfg, _ = train.parse_args(["--dataset", "cityscapes", "--backbone", "mit_b0"])
+    cfg, _ = settings.parse_args(["--dataset", "cityscapes", "--backbone", "mit_b0"])
     city = d["Cityscapes_1024x1024"]
     assert cfg.pipeline == "mmseg" and list(cfg.img_scale) == numbers(city["train_pipeline"][2])[:2]
     assert [cfg.eval_crop, cfg.eval_stride] == [tuple(numbers(city["test"])[:2]), tuple(numbers(city["test"])[2:4])]
     assert "cat_max_ratio=0.75" in city["train_pipeline"][3] and cfg.cat_max_ratio == 0.75
-    cfg, _ = train.parse_args(["--dataset", "ade20k", "--backbone", "mit_b2"])
+    cfg, _ = settings.parse_args(["--dataset", "ade20k", "--backbone", "mit_b2"])
     assert cfg.eval_resize == (2048, 512) and cfg.eval_divisor == 32 and "size_divisor=32" in d["ADE20K"]["test"]
     assert list(cfg.img_scale) == numbers(d["ADE20K"]["train_pipeline"][2])[:2] and cfg.eval_crop == (0, 0)
-    cfg, _ = train.parse_args(["--dataset", "ade20k", "--backbone", "mit_b5"])
+    cfg, _ = settings.parse_args(["--dataset", "ade20k", "--backbone", "mit_b5"])
     assert cfg.crop == (640, 640) and cfg.img_scale == (2048, 640) and cfg.eval_resize == (2048, 640)
-    cfg, _ = train.parse_args(["--dataset", "ade20k", "--backbone", "swin_tiny"])
+    cfg, _ = settings.parse_args(["--dataset", "ade20k", "--backbone", "swin_tiny"])
     swin = REF["swin_upernet_ade20k"]["data"]
     assert (cfg.pipeline, cfg.eval_resize, cfg.eval_divisor) == ("mmseg", (2048, 512), 0)
     assert list(cfg.img_scale) == numbers(swin["train_pipeline"][2])[:2] and "mode 'whole'" in swin["test"]
 
 
 def test_hrnet_presets_take_openseg_on_cityscapes_and_mmseg_elsewhere():
-    cfg, _ = train.parse_args(["--dataset", "cityscapes"])
-    assert (cfg.pipeline, cfg.aspect, cfg.no_decay_norms, cfg.channel_order) == ("openseg", (0.9, 1.1), False, "rgb")
+    cfg, _ = settings.parse_args(["--dataset", "cityscapes"])
+    assert (cfg.pipeline, cfg.aspect, cfg.norm_decay, cfg.channel_order) == ("openseg", (0.9, 1.1), True, "rgb")
     for name in ("ade20k", "coco_stuff"):
-        cfg, _ = train.parse_args(["--dataset", name])
-        assert (cfg.pipeline, cfg.img_scale, cfg.eval_resize, cfg.no_decay_norms) == \
-            ("mmseg", (2048, 512), (2048, 512), False)
-    cfg, _ = train.parse_args([])
-    assert (cfg.pipeline, cfg.no_decay_norms, cfg.eval_resize) == ("project", True, (0, 0))   # synthetic: as before
+        cfg, _ = settings.parse_args(["--dataset", name])
+        assert (cfg.pipeline, cfg.img_scale, cfg.eval_resize, cfg.norm_decay) == \
+            ("mmseg", (2048, 512), (2048, 512), True)
+    cfg, _ = settings.parse_args([])
+    assert (cfg.pipeline, cfg.norm_decay, cfg.eval_resize) == ("project", False, (0, 0))   # synthetic
 
 
 def test_help_shows_the_chosen_pipeline_test_protocol_and_channel_order():
     text = " ".join(settings.make_parser("cityscapes", "mit_b0").format_help().split())
-    assert "train pipeline mmseg's (Resize to fit (2048, 1024)" in text and "stride (768, 768)" in text
-    assert "sliding window (1024, 1024)" in text and "input channel order rgb" in text
+    assert "How --dataset cityscapes --backbone mit_b0 trains and tests" in text and "mmseg's: resize to fit" in text
+    assert "sliding window (1024, 1024), stride (768, 768)" in text and "input channel order rgb" in text
     assert "the recipe's no-decay groups" in text and "weight decay on every parameter" not in text   # MiT's groups
     text = " ".join(settings.make_parser("cityscapes").format_help().split())
     assert "openseg's" in text and "weight decay on every parameter" in text and "(default for cityscapes: openseg)" in text
@@ -62,9 +63,9 @@ def test_help_shows_the_chosen_pipeline_test_protocol_and_channel_order():
 
 def test_cityscapes_preset_decays_every_parameter_and_the_default_skips_norms():
     for args, skip in ((["--dataset", "cityscapes", "--backbone", "hrnet_tiny"], False), (["--backbone", "hrnet_tiny"], True)):
-        cfg, _ = train.parse_args(args)
+        cfg, _ = settings.parse_args(args)
         cfg.num_classes = 19
-        net = train.model_from_config(cfg)
+        net = models.model_from_config(cfg)
         group = {id(p): g for g in train.make_optimizer(cfg, net).param_groups for p in g["params"]}
         for name, p in net.named_parameters():
             assert group[id(p)]["weight_decay"] == (0.0 if skip and p.ndim == 1 else cfg.weight_decay), name
@@ -128,7 +129,7 @@ def test_eval_resize_rescales_to_fit_and_scores_go_back_to_the_label():
     torch.manual_seed(0)
     model = Recorder(False, 5)
     model.head = torch.nn.Identity()
-    m = evaluate.evaluate(model, ds, torch.device("cpu"), scales=(1.0, 1.0))   # the predict_scores path
+    m = evaluate.evaluate(model, ds, settings.Config(eval_scales=(1.0, 1.0), workers=0))   # predict_scores
     conf = torch.zeros(5, 5, dtype=torch.long)
     for i in range(2):
         it = ds[i]

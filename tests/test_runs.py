@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 import runs
+import settings
 import train
 from conftest import TINY, user_error
 
@@ -31,7 +32,7 @@ def test_stale_lock_of_a_live_unrelated_process_says_it_may_be_stale(tmp_path, c
         while not open(f"/proc/{other.pid}/cmdline", "rb").read().startswith(b"sleep"):
             pass                                                        # until the fork has become `sleep`
         (tmp_path / "run.lock").write_text(str(other.pid))
-        msg = user_error(capsys, runs.claim_out_dir, train.Config(out_dir=str(tmp_path)), False)
+        msg = user_error(capsys, runs.claim_out_dir, settings.Config(out_dir=str(tmp_path)), False)
         assert "it runs `sleep 30`, not train.py, so the lock is probably stale" in msg
         assert f"delete {tmp_path / 'run.lock'}" in msg
     finally:

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import settings
 from checkpoints import load_pretrained
 from conftest import recipe_facts_where_used
 from models import SegModel, build_backbone, build_model
@@ -151,7 +152,7 @@ def test_recipe_equals_reference_and_no_decay_on_encoder_norms_only():
     assert no_decay == {k for k in names if k.startswith("backbone.") and ".norm" in "." + k.split("backbone.")[1]}
     assert "backbone.block1.0.attn.norm.weight" in no_decay and "backbone.norm4.bias" in no_decay
     assert "neck.linear_fuse.bn.weight" not in no_decay and "head.mask_norm.weight" not in no_decay
-    cfg, _ = train.parse_args(["--dataset", "ade20k", "--backbone", "mit_b0"])   # the optimiser train.py builds
+    cfg, _ = settings.parse_args(["--dataset", "ade20k", "--backbone", "mit_b0"])   # the optimiser train.py builds
     with torch.device("meta"):
         net = build_model("mit_b0", "protoseg", 5)
     group = {id(p): g for g in train.make_optimizer(cfg, net).param_groups for p in g["params"]}

@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import models
 import protoseg
+import runs
 import settings
 import train
 from conftest import TINY, free_port, save_image, state
@@ -51,7 +53,7 @@ def test_help_lists_every_setting_with_its_help_text_and_the_presets_default():
     text = " ".join(out.stdout.split())
     chosen = settings.preset("cityscapes", "mit_b0")
     assert out.returncode == 0 and chosen["pipeline"] == "mmseg" and chosen["lr"] == 6e-5   # a recipe over a preset
-    for f in dataclasses.fields(train.Config):
+    for f in dataclasses.fields(settings.Config):
         flag = "--" + f.name.replace("_", "-")
         value = chosen.get(f.name, f.default)
         where = " for cityscapes" if f.name in chosen else ""
@@ -60,7 +62,7 @@ def test_help_lists_every_setting_with_its_help_text_and_the_presets_default():
 
 
 def test_presets_and_overrides():
-    cfg, given = train.parse_args(["--dataset", "Cityscapes", "--iters", "5"])
+    cfg, given = settings.parse_args(["--dataset", "Cityscapes", "--iters", "5"])
     assert given == {"dataset", "iters"}
     assert (cfg.backbone, cfg.crop, cfg.batch_size, cfg.lr, cfg.iters) == ("hrnet48", (512, 1024), 8, 0.01, 5)
     assert cfg.class_weights == "cityscapes" and cfg.weight_decay == 5e-4 and cfg.scale == (0.5, 2.0)
@@ -103,15 +105,15 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     args = TINY + ["--iters", "4", "--ckpt-every", "2"]
     train.main(args + ["--out-dir", str(tmp_path / "full")])
 
-    real_log_row = train.log_row
+    real_log_row = runs.log_row
     def interrupted_log(f, row):                               # the run dies after logging iteration 3
         real_log_row(f, row)
         if row.get("iter") == 3:
             raise KeyboardInterrupt
-    monkeypatch.setattr(train, "log_row", interrupted_log)
+    monkeypatch.setattr(runs, "log_row", interrupted_log)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--out-dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(train, "log_row", real_log_row)
+    monkeypatch.setattr(runs, "log_row", real_log_row)
     assert state(tmp_path / "cut" / "last.pt")["iter"] == 2
     assert not (tmp_path / "cut" / "run.lock").exists()                        # released on the way out
     train.main(args + ["--out-dir", str(tmp_path / "cut"), "--resume", "auto"])
@@ -167,12 +169,12 @@ def test_ddp_two_ranks_equal_one_rank(tmp_path):
                                    ["--optimizer", "adam"], ["--lr", "-1"], ["--iters", "x"], ["--eval-only"]])
 def test_bad_flags_are_refused_by_the_parser(flags, capsys):
     with pytest.raises(SystemExit) as e:
-        train.parse_args(flags)
+        settings.parse_args(flags)
     assert e.value.code == 1 and capsys.readouterr().err.startswith("error: ")          # like every user error
 
 
 def test_flags_are_case_insensitive_and_crop_n_is_square():
-    cfg, _ = train.parse_args(["--dataset", "cityscapes", "--optimizer", "SGD", "--class-weights", "Cityscapes", "--crop", "32",
+    cfg, _ = settings.parse_args(["--dataset", "cityscapes", "--optimizer", "SGD", "--class-weights", "Cityscapes", "--crop", "32",
                                "--eval-crop", "48"])
     assert (cfg.optimizer, cfg.class_weights, cfg.crop, cfg.eval_crop) == ("sgd", "cityscapes", (32, 32), (48, 48))
 
@@ -196,7 +198,7 @@ def test_resume_refuses_settings_that_change_the_trajectory(tmp_path, capsys):
 
 
 def test_transformer_backbones_take_the_published_recipe():
-    cfg, _ = train.parse_args(["--dataset", "ade20k", "--backbone", "mit_b0"])
+    cfg, _ = settings.parse_args(["--dataset", "ade20k", "--backbone", "mit_b0"])
     assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.warmup_iters, cfg.head_lr_mult, cfg.lr_power) == \
         ("adamw", 6e-5, 0.01, 1500, 10.0, 1.0)
     assert (cfg.iters, cfg.batch_size, cfg.crop) == (160000, 16, (512, 512))
@@ -204,16 +206,16 @@ def test_transformer_backbones_take_the_published_recipe():
     assert train.learning_rate(cfg, 750) == pytest.approx(6e-5 * (1 - 750 / 160000) * (1 - 0.5 * (1 - 1e-6)))
     assert train.learning_rate(cfg, 1500) == pytest.approx(6e-5 * (1 - 1500 / 160000))  # then poly, power 1
     cfg = dataclasses.replace(cfg, num_classes=150)
-    net = train.model_from_config(cfg)
+    net = models.model_from_config(cfg)
     opt = train.make_optimizer(cfg, net)
     group = {id(p): g for g in opt.param_groups for p in g["params"]}
     for name, p in net.named_parameters():
         g = group[id(p)]
         assert g["lr_mult"] == (10.0 if name.startswith(("neck.", "head.")) else 1.0), name
         assert g["weight_decay"] == (0.0 if "norm" in name and name.startswith("backbone.") else 0.01), name
-    cfg, _ = train.parse_args(["--dataset", "ade20k", "--backbone", "swin_tiny"])
+    cfg, _ = settings.parse_args(["--dataset", "ade20k", "--backbone", "swin_tiny"])
     assert (cfg.aux_loss_weight, cfg.head_lr_mult, cfg.warmup_iters) == (0.4, 1.0, 1500)
-    cfg, _ = train.parse_args(["--dataset", "synthetic", "--backbone", "mit_b0"])   # no published recipe: the preset
+    cfg, _ = settings.parse_args(["--dataset", "synthetic", "--backbone", "mit_b0"])   # no published recipe: the preset
     assert (cfg.lr, cfg.warmup_iters, cfg.iters) == (3e-3, 0, 700)
 
 
@@ -247,23 +249,23 @@ def no_decay_by_module(net):
 # (dataset preset, backbone, head, flags): the CNN presets whose recipe keeps norms and biases out of weight decay
 CNN_GROUPS = [("synthetic", "hrnet_tiny", "protoseg", dict(embed_layernorm=True)),
               ("cityscapes", "hrnet_tiny", "protoseg", {}), ("ade20k", "resnet18", "softmax", {}),
-              ("ade20k", "resnet18", "softmax", dict(no_decay_norms=True))]
+              ("ade20k", "resnet18", "softmax", dict(norm_decay=False))]
 
 
 @pytest.mark.parametrize("dataset, backbone, head, flags", CNN_GROUPS)
 def test_cnn_optimizer_decays_norms_and_biases_only_where_the_preset_says(dataset, backbone, head, flags):
-    """no_decay_norms (synthetic): no weight decay on norms and biases; the HRNet presets of the real datasets
-    decay every parameter, as the official optimisers (openseg, mmseg)."""
-    cfg = train.Config(**{**settings.preset(dataset, backbone), "dataset": dataset, "backbone": backbone,
+    """norm_decay False (synthetic): no weight decay on norms and biases; the HRNet presets of the real datasets
+    decay every parameter (norm_decay True), as the official optimisers (openseg, mmseg)."""
+    cfg = settings.Config(**{**settings.preset(dataset, backbone), "dataset": dataset, "backbone": backbone,
                           "head": head, "num_classes": 5, "weight_decay": 1e-4, **flags})
-    net = train.model_from_config(cfg)
+    net = models.model_from_config(cfg)
     opt = train.make_optimizer(cfg, net)
     decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     params = dict(net.named_parameters())
     assert len(decay_of) == len(params)                                          # every parameter, once
-    free = no_decay_by_module(net) if cfg.no_decay_norms else set()
-    assert cfg.no_decay_norms == flags.get("no_decay_norms", dataset == "synthetic")
-    assert not cfg.no_decay_norms or 0 < len(free) < len(params)
+    free = set() if cfg.norm_decay else no_decay_by_module(net)
+    assert cfg.norm_decay == flags.get("norm_decay", dataset != "synthetic")
+    assert cfg.norm_decay or 0 < len(free) < len(params)
     for name, p in params.items():
         assert decay_of[id(p)] == (0.0 if name in free else cfg.weight_decay), name
 
@@ -302,15 +304,15 @@ NOT_TRAJECTORY = {"data_root", "pretrained", "out_dir", "workers", "log_every", 
 
 
 def test_every_setting_is_classified_as_trajectory_model_or_neither():
-    fields = {f.name for f in dataclasses.fields(train.Config)}
-    traj, model = set(settings.names(role="trajectory")), set(settings.names(role="model"))
+    fields = {f.name for f in dataclasses.fields(settings.Config)}
+    traj, model = set(settings.TRAJECTORY), set(settings.MODEL)
     assert not traj & model and not (traj | model) & NOT_TRAJECTORY
     assert fields == traj | model | NOT_TRAJECTORY, sorted(fields ^ (traj | model | NOT_TRAJECTORY))
 
 
 def another(name, value):
     """A different valid-looking value of a setting."""
-    choices = settings.fact(name, "choices")
+    choices = settings.CHOICES.get(name)
     if choices:
         return next(c for c in choices if c != value)
     if value is None or isinstance(value, bool):
@@ -321,14 +323,14 @@ def another(name, value):
 
 
 def test_resume_refuses_a_change_of_every_trajectory_and_model_setting(tmp_path, capsys):
-    saved = {**dataclasses.asdict(train.Config()), "num_classes": 5}
+    saved = {**dataclasses.asdict(settings.Config()), "num_classes": 5}
     path = tmp_path / "last.pt"
-    torch.save({"model": train.model_from_config(saved).state_dict(), "config": saved, "iter": 1}, path)
-    for name in settings.names(role="trajectory") + settings.names(role="model"):
-        cfg = dataclasses.replace(train.Config(**{k: v for k, v in saved.items()}), resume=str(path))
+    torch.save({"model": models.model_from_config(saved).state_dict(), "config": saved, "iter": 1}, path)
+    for name in settings.TRAJECTORY + settings.MODEL:
+        cfg = dataclasses.replace(settings.Config(**{k: v for k, v in saved.items()}), resume=str(path))
         cfg = dataclasses.replace(cfg, **{name: another(name, saved[name])})
         with pytest.raises(SystemExit):
-            train.resolve(cfg, {name})
+            settings.resolve(cfg, {name})
         assert f"{name}: checkpoint {saved[name]!r} vs now" in capsys.readouterr().err, name
-    same = dataclasses.replace(train.Config(**saved), resume=str(path))
-    assert train.resolve(same, {"dataset", "iters", "lr", "seed", "crop"})[0].num_classes == 5      # unchanged values pass
+    same = dataclasses.replace(settings.Config(**saved), resume=str(path))
+    assert settings.resolve(same, {"dataset", "iters", "lr", "seed", "crop"})[0].num_classes == 5      # unchanged values pass
