@@ -9,13 +9,11 @@ Each dataset has .num_classes, .ignore_index (-1), .class_names, .palette (C x 3
 
     build_dataset(name, root, split, transform, **kw)   name: synthetic | cityscapes | ade20k | ade20k_full |
         coco_stuff | folder (kw: num_classes, ignore_value, class_names, binary_masks)
-    check_dataset(dataset, values=False, name="")   the data check before training (datafiles.py)
-    read_image(path) -> HxWx3 uint8;  DatasetError: one line, also out of a DataLoader worker (datafiles.py)
     TrainTransform(crop_size, scale, flip, jitter) (the project's), RecipeTransform(pipeline, ...) (openseg | mmseg,
         the official pipelines of transforms.py), EvalTransform(channel_order, resize, divisor)
     colorize(label, palette) -> PIL image;  trainid_to_labelid(pred) -> Cityscapes labelIds for the server
 
-Label tables live in labels.py. Augmentation draws only from np.random.default_rng((seed, epoch, index)), so it
+Label tables live in labels.py; reading and checking files in datafiles.py. Augmentation draws only from np.random.default_rng((seed, epoch, index)), so it
 does not depend on workers or ranks and needs no worker_init_fn. Workers copy the dataset when a DataLoader
 iterator starts, so call set_epoch before each epoch and keep persistent_workers=False.
 """
@@ -26,13 +24,13 @@ import torch
 from PIL import Image
 
 import transforms
-from datafiles import (LOSSY, DatasetError, _same_size, path_problem, ade20k_full_ids, check_dataset,  # noqa: F401
-                       map_labels, read_image, read_label)
-from labels import (ADE20K_CLASSES, ADE20K_FULL_CLASSES, ADE20K_FULL_LUT, ADE20K_FULL_PALETTE,  # noqa: F401
-                    ADE20K_FULL_RAW_IDS, ADE20K_FULL_TIF_LUT, ADE20K_LUT, ADE20K_PALETTE, CITYSCAPES_CLASSES,
-                    CITYSCAPES_LABEL_IDS, CITYSCAPES_LUT, CITYSCAPES_PALETTE, COCO_STUFF_CLASSES, COCO_STUFF_LUT,
-                    COCO_STUFF_PALETTE, COCO_STUFF_RAW_IDS, IGNORE, IMAGE_EXTS, INVALID, MASK_EXTS,
-                    SYNTHETIC_CLASSES, SYNTHETIC_MODES, SYNTHETIC_PALETTE, _hex_palette, _lut, default_palette)
+from datafiles import (LOSSY, DatasetError, _same_size, ade20k_full_ids, map_labels, path_problem, read_image,
+                       read_label)
+from labels import (ADE20K_CLASSES, ADE20K_FULL_CLASSES, ADE20K_FULL_LUT, ADE20K_FULL_PALETTE, ADE20K_FULL_TIF_LUT,
+                    ADE20K_LUT, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_IDS, CITYSCAPES_LUT,
+                    CITYSCAPES_PALETTE, COCO_STUFF_CLASSES, COCO_STUFF_LUT, COCO_STUFF_PALETTE, IGNORE, IMAGE_EXTS,
+                    INVALID, MASK_EXTS, SYNTHETIC_CLASSES, SYNTHETIC_PALETTE, default_palette, lookup_table)
+
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255  # ImageNet RGB statistics
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
@@ -317,7 +315,7 @@ def folder(root, split="train", transform=None, seed=0, num_classes=None, ignore
     pairs = _match(_by_name(img_dir, IMAGE_EXTS, "image"), _by_name(lbl_dir, MASK_EXTS, "mask"), img_dir, lbl_dir,
                    layout)
     mapping = {**{v: v for v in range(num_classes)}, ignore_value: IGNORE, **({255: 1} if binary_masks else {})}
-    lut = _lut(mapping, INVALID, max(256, ignore_value + 1))
+    lut = lookup_table(mapping, INVALID, max(256, ignore_value + 1))
     rule = f"classes 0..{num_classes - 1} and ignore {ignore_value}; set --num-classes and --ignore-value to match"
     rule += " (or --binary-masks for 0/255 masks)" if num_classes == 2 and not binary_masks else ""
     names = class_names or [f"class{i}" for i in range(num_classes)]

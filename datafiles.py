@@ -248,7 +248,7 @@ def ade20k_full_ids(rgb):
 
 
 def map_labels(raw, lut, path, rule):
-    """The one place that turns dataset label ids into train ids (int32, IGNORE = ignore); lut from labels._lut.
+    """The one place that turns dataset label ids into train ids (int32, IGNORE = ignore); lut from labels.lookup_table.
     rule: '<the valid values>; <how to fix>' for the message."""
     if raw.ndim != 2:
         raise DatasetError(f"label map in {path}: shape {raw.shape}, expected one channel (HxW); save class ids")

@@ -9,14 +9,14 @@ IGNORE_INDEX = -1  # the ignore label of every label tensor in this project: no 
 IGNORE = IGNORE_INDEX  # raw files use 255 / 65535 / 0, mapped to this
 
 
-def _hex_palette(s):
+def hex_palette(s):
     return np.array([[int(h[i:i + 2], 16) for i in (0, 2, 4)] for h in s.split()], np.uint8)
 
 
 INVALID = -2  # lut entry of a raw value that is neither a class nor ignore: an error in the data
 
 
-def _lut(mapping, default, size=256):
+def lookup_table(mapping, default, size=256):
     """Raw label value -> train id (int32). One extra last entry, INVALID, catches values >= size."""
     lut = np.full(size + 1, default, np.int32)
     lut[list(mapping)] = list(mapping.values())
@@ -31,10 +31,10 @@ CITYSCAPES_CLASSES = [
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 ]
-CITYSCAPES_PALETTE = _hex_palette(
+CITYSCAPES_PALETTE = hex_palette(
     "804080 f423e8 464646 66669c be9999 999999 faaa1e dcdc00 6b8e23 98fb98 4682b4 dc143c ff0000 00008e 000046 "
     "003c64 005064 0000e6 770b20 ")
-CITYSCAPES_LUT = _lut({**{v: IGNORE for v in range(34)}, **dict(zip(CITYSCAPES_LABEL_IDS, range(19)))}, INVALID)
+CITYSCAPES_LUT = lookup_table({**{v: IGNORE for v in range(34)}, **dict(zip(CITYSCAPES_LABEL_IDS, range(19)))}, INVALID)
 
 # ADE20K-150 (mmseg ade.py; "bed " keeps its trailing space): PNG 0 = other -> ignore, v in 1..150 -> v - 1.
 ADE20K_CLASSES = [
@@ -54,7 +54,7 @@ ADE20K_CLASSES = [
     "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
     "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 ]
-ADE20K_PALETTE = _hex_palette(
+ADE20K_PALETTE = hex_palette(
     "787878 b47878 06e6e6 503232 04c803 787850 8c8c8c cc05ff e6e6e6 04fa07 e005ff ebff07 96053d 787846 08ff33 ff0652 "
     "8fff8c ccff04 ff3307 cc4603 0066c8 3de6fa ff0633 0b66ff ff0747 ff09e0 0907e6 dcdcdc ff095c 7009ff 08ffd6 07ffe0 "
     "ffb806 0aff47 ff290a 07ffff e0ff08 6608ff ff3d06 ffc207 ff7a08 00ff14 ff0829 ff0599 0633ff eb0cff a09614 00a3ff "
@@ -65,14 +65,14 @@ ADE20K_PALETTE = _hex_palette(
     "5cff00 00e0ff 70e0ff 46b8a0 a300ff 9900ff 47ff00 ff00a3 ffcc00 ff008f 00ffeb 85ff00 ff00eb f500ff ff007a fff500 "
     "0abed4 d6ff00 00ccff 1400ff ffff00 0099ff 0029ff 00ffcc 2900ff 29ff00 ad00ff 00f5ff 4700ff 7a00ff 00ffb8 005cff "
     "b8ff00 0085ff ffd600 19c2c2 66ff00 5c00ff ")
-ADE20K_LUT = _lut({0: IGNORE, **{v: v - 1 for v in range(1, 151)}}, default=INVALID)
+ADE20K_LUT = lookup_table({0: IGNORE, **{v: v - 1 for v in range(1, 151)}}, default=INVALID)
 
 # COCO-Stuff-164k stuffthingmaps (mmseg coco_stuff.py / coco_stuff164k.py): PNG values 0..181 are the
 # cocostuff labels.txt id - 1; the 171 used ones map to 0..170 in order, the 11 unused thing ids and 255 -> ignore,
 # 182..254 -> error (mmseg maps them to ignore, silently).
 COCO_STUFF_UNUSED = [11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90]
 COCO_STUFF_RAW_IDS = [v for v in range(182) if v not in COCO_STUFF_UNUSED]
-COCO_STUFF_LUT = _lut({**{v: IGNORE for v in COCO_STUFF_UNUSED + [255]}, **dict(zip(COCO_STUFF_RAW_IDS, range(171)))},
+COCO_STUFF_LUT = lookup_table({**{v: IGNORE for v in COCO_STUFF_UNUSED + [255]}, **dict(zip(COCO_STUFF_RAW_IDS, range(171)))},
                       INVALID)
 COCO_STUFF_CLASSES = [
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -94,7 +94,7 @@ COCO_STUFF_CLASSES = [
     "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile", "wall-wood", "water-other",
     "waterdrops", "window-blind", "window-other", "wood",
 ]
-COCO_STUFF_PALETTE = _hex_palette(
+COCO_STUFF_PALETTE = hex_palette(
     "00c040 00c040 004060 80c0c0 004040 00c0e0 00c0c0 80c040 00c060 80c040 8020c0 0000e0 000040 00a0c0 800060 8000c0 "
     "0020c0 8080e0 0000c0 80a0c0 808000 800020 802000 800080 408020 00a000 000000 c080a0 002000 008080 4080a0 80a000 "
     "008000 c08020 806080 000080 400020 00e080 800000 c000a0 006080 808080 4000a0 80e080 808040 c00020 806000 8000c0 "
@@ -313,8 +313,8 @@ ADE20K_FULL_RAW_IDS = [
     3148,
 ]
 ADE20K_FULL_PALETTE = default_palette(847)
-ADE20K_FULL_LUT = _lut(dict(zip(ADE20K_FULL_RAW_IDS, range(847))), default=IGNORE, size=25 * 256 + 256)  # R//10<=25
-ADE20K_FULL_TIF_LUT = _lut({**{i: i for i in range(847)}, 65535: IGNORE}, default=INVALID, size=65536)  # uint16
+ADE20K_FULL_LUT = lookup_table(dict(zip(ADE20K_FULL_RAW_IDS, range(847))), default=IGNORE, size=25 * 256 + 256)  # R//10<=25
+ADE20K_FULL_TIF_LUT = lookup_table({**{i: i for i in range(847)}, 65535: IGNORE}, default=INVALID, size=65536)  # uint16
 
 
 # Cityscapes CE class weights (trainId order) of the official HRNet / ProtoSeg configs
@@ -333,7 +333,7 @@ INSTANCE_CATEGORIES = ("human", "vehicle")               # the categories whose 
 # The embedded synthetic dataset (data.SyntheticDataset): 5 classes, each drawn from 3 sub-class modes
 SYNTHETIC_CLASSES = ["background", "alpha", "beta", "gamma", "delta"]
 SYNTHETIC_MODES = [3, 3, 3, 3, 3]
-SYNTHETIC_PALETTE = _hex_palette("808080 9131b4 f58231 46f0f0 f032e6")
+SYNTHETIC_PALETTE = hex_palette("808080 9131b4 f58231 46f0f0 f032e6")
 
 # file name endings of the folder dataset and predict.py, any case
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # folder dataset, any case

@@ -20,28 +20,23 @@ from datafiles import path_problem
 from models import backbone_names, family
 from runs import checkpoint_path, fail
 
-MMSEG_512 = dict(pipeline="mmseg", img_scale=(2048, 512), cat_max_ratio=0.75, eval_resize=(2048, 512),
-                 norm_decay=True)
+SYNTHETIC = dict(backbone="hrnet_tiny", iters=700, optimizer="adamw", lr=3e-3, weight_decay=1e-4, batch_size=16,
+                 ckpt_every=100, log_every=25)
+HRNET48 = dict(backbone="hrnet48", lr=0.01, norm_decay=True)         # the official optimisers: decay on every parameter
+MMSEG_512 = dict(HRNET48, crop=(512, 512), batch_size=16, pipeline="mmseg", img_scale=(2048, 512), cat_max_ratio=0.75,
+                 eval_resize=(2048, 512))                            # mmseg's _base_/datasets/ade20k.py, coco-stuff164k.py
 PRESETS = {
-    # CPU-sized: a tiny HRNet, 700 AdamW steps of batch 16 (~4.3 min on 2 cores). mu stays the paper's 0.999:
-    # with 0.99 the prototypes of two classes followed the still-undiscriminating embeddings onto one point (RESULTS.md)
-    "synthetic": dict(backbone="hrnet_tiny", iters=700, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
-                      batch_size=16, ckpt_every=100, log_every=25),
+    # CPU-sized: ~4.3 min on 2 cores. mu stays the paper's 0.999: with 0.99 the prototypes of two classes followed the
+    # still-undiscriminating embeddings onto one point (RESULTS.md)
+    "synthetic": SYNTHETIC,
     # the same scenes labelled by mode (15 classes c * 3 + m), softmax head: backbone pretraining for --pretrained
-    "synthetic_modes": dict(backbone="hrnet_tiny", iters=700, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
-                            batch_size=16, ckpt_every=100, log_every=25, head="softmax",
-                            out_dir="runs/synthetic_modes"),
-    # the paper's recipe with openseg's pipeline (H_48_D_4_proto.json) and optimiser (decay on every parameter)
-    "cityscapes": dict(backbone="hrnet48", crop=(512, 1024), batch_size=8, iters=80000, lr=0.01,
-                       class_weights="cityscapes", out_dir="runs/cityscapes", eval_every=8000, ckpt_every=1000,
-                       pipeline="openseg", norm_decay=True),
-    # the mmseg HRNet baselines' pipeline (_base_/datasets/ade20k.py, coco-stuff164k.py) and optimiser
-    "ade20k": dict(backbone="hrnet48", crop=(512, 512), batch_size=16, iters=160000, lr=0.01,
-                   out_dir="runs/ade20k", eval_every=16000, ckpt_every=2000, **MMSEG_512),
-    "ade20k_full": dict(backbone="hrnet48", crop=(512, 512), batch_size=16, iters=160000, lr=0.01,
-                        out_dir="runs/ade20k_full", eval_every=16000, ckpt_every=2000, **MMSEG_512),
-    "coco_stuff": dict(backbone="hrnet48", crop=(512, 512), batch_size=16, iters=80000, lr=0.01,
-                       out_dir="runs/coco_stuff", eval_every=8000, ckpt_every=1000, **MMSEG_512),
+    "synthetic_modes": dict(SYNTHETIC, head="softmax", out_dir="runs/synthetic_modes"),
+    # the paper's recipe, with openseg's pipeline (H_48_D_4_proto.json)
+    "cityscapes": dict(HRNET48, crop=(512, 1024), batch_size=8, iters=80000, class_weights="cityscapes",
+                       out_dir="runs/cityscapes", eval_every=8000, ckpt_every=1000, pipeline="openseg"),
+    "ade20k": dict(MMSEG_512, iters=160000, out_dir="runs/ade20k", eval_every=16000, ckpt_every=2000),
+    "ade20k_full": dict(MMSEG_512, iters=160000, out_dir="runs/ade20k_full", eval_every=16000, ckpt_every=2000),
+    "coco_stuff": dict(MMSEG_512, iters=80000, out_dir="runs/coco_stuff", eval_every=8000, ckpt_every=1000),
     "folder": dict(out_dir="runs/folder"),
 }
 RECIPE_FILES = {"mit": segformer, "swin": swin}   # family -> the file with its published RECIPES and no_weight_decay
@@ -53,31 +48,28 @@ def arg(default, help):
 
 @dataclass
 class Config:
-    dataset: str = arg("synthetic", "synthetic | synthetic_modes | cityscapes | ade20k | ade20k_full | coco_stuff | "
-                       "folder")
+    dataset: str = arg("synthetic", "the data, and the preset of every default below")
     data_root: str = arg("", "dataset folder (not needed for synthetic)")
     num_classes: int = arg(0, "folder dataset only")
     ignore_value: int = arg(255, "folder dataset: the mask value meaning 'unlabelled'")
     binary_masks: bool = arg(None, "folder dataset: 0/255 masks, 255 read as class 1 (None: ask when seen)")
-    backbone: str = arg("hrnet18_small_v2", "see models.backbone_names()")
-    head: str = arg("protoseg", "protoseg | softmax (Eq. 1) | query (Eq. 2)")
+    backbone: str = arg("hrnet18_small_v2", "HRNet, ResNet, MiT or Swin preset (models.py)")
+    head: str = arg("protoseg", "prototypes, or the baselines softmax (Eq. 1) and query (Eq. 2)")
     pretrained: str = arg("", "ImageNet backbone weights (.pth), loaded strictly")
     out_dir: str = arg("runs/synthetic", "last.pt, log.jsonl, metrics.json, config.json, curves.png")
     # training data and augmentation
     crop: tuple = arg((128, 128), "training crop: H W, or one N for N x N")
     scale: tuple = arg((0.5, 2.0), "random scale range")
     flip: bool = arg(True, "random horizontal flip")
-    pipeline: str = arg("project", "train augmentation: project (scale, crop, flip, +-10 percent colour) | openseg "
-                        "(official ProtoSeg) | mmseg (SegFormer, Swin, mmseg baselines)")
+    pipeline: str = arg("project", "train augmentation: ours, official ProtoSeg's, or mmseg's (SegFormer, Swin)")
     aspect: tuple = arg((0.9, 1.1), "openseg: aspect range of the random resize")
     img_scale: tuple = arg((2048, 512), "mmseg: the (long, short) box the image is rescaled to fit before x scale")
     cat_max_ratio: float = arg(0.75, "mmseg: a crop is re-drawn (10x at most) while one class covers this share")
-    channel_order: str = arg("rgb", "rgb | bgr: model input channel order (official departure 9; on for the "
-                             "ProtoSeg release)")
+    channel_order: str = arg("rgb", "model input channel order (official departure 9: bgr, the ProtoSeg release)")
     # optimisation
     batch_size: int = arg(8, "global, split over ranks")
     iters: int = arg(1000, "optimizer steps")
-    optimizer: str = arg("sgd", "sgd | adamw")
+    optimizer: str = arg("sgd", "SGD with momentum, or AdamW")
     lr: float = arg(0.01, "poly decay to 0 with power lr_power")
     lr_power: float = arg(0.9, "poly exponent")
     warmup_iters: int = arg(0, "linear lr warm-up from 1e-6 x lr (transformer recipes: 1500)")
@@ -85,9 +77,8 @@ class Config:
     aux_loss_weight: float = arg(0.0, "UperNet's auxiliary FCN head on stage 3 (Swin recipe: 0.4; 0 = none)")
     momentum: float = arg(0.9, "SGD momentum")
     weight_decay: float = arg(5e-4, "see norm_decay (MiT / Swin: their recipe's groups)")
-    norm_decay: bool = arg(False, "CNNs: weight decay on 1-D tensors (BN, biases) too, as the official ProtoSeg and "
-                           "mmseg HRNet optimisers")
-    class_weights: str = arg("none", "none | cityscapes (official CE weights)")
+    norm_decay: bool = arg(False, "CNNs: weight decay on norms and biases too (official ProtoSeg, mmseg HRNet)")
+    class_weights: str = arg("none", "CE class weights: cityscapes = the official ones")
     # ProtoSeg (Eq. 6-14)
     num_prototypes: int = arg(10, "K prototypes per class")
     kappa: float = arg(0.05, "Sinkhorn entropy weight (Eq. 9)")
@@ -105,7 +96,7 @@ class Config:
     normalize_width: bool = arg(False, "official departure 7 (l2 over the width axis; released checkpoint)")
     dropout: float = arg(0.1, "Dropout2d in the head")
     freeze_bn: bool = arg(False, "BatchNorm uses running statistics (tiny per-device batches)")
-    amp: str = arg("bf16", "bf16 | fp16 | none (GPU only; the CPU runs fp32)")
+    amp: str = arg("bf16", "mixed precision on a GPU (the CPU runs fp32)")
     workers: int = arg(2, "DataLoader workers (training and evaluation)")
     seed: int = arg(0, "weights, data order, augmentation, dropout")
     # logging, checkpoints, evaluation
@@ -114,9 +105,8 @@ class Config:
     ckpt_every: int = arg(500, "iterations between checkpoints (and at the end)")
     eval_crop: tuple = arg((0, 0), "sliding-window size H W (or N); 0: whole image")
     eval_stride: tuple = arg((0, 0), "sliding-window stride H W (or N); 0: 2/3 of the window")
-    eval_resize: tuple = arg((0, 0), "test: rescale to fit (long, short) keeping the ratio, scores resized back to "
-                             "the label; 0: none")
-    eval_divisor: int = arg(0, "test: after eval_resize, size rounded up to a multiple of this (SegFormer ADE20K: 32)")
+    eval_resize: tuple = arg((0, 0), "test: rescale to fit (long, short), scores back to the label; 0: none")
+    eval_divisor: int = arg(0, "test: after eval_resize, size rounded up to a multiple of this")
     eval_scales: tuple = arg((1.0,), "test-time scales, scores summed")
     eval_flip: bool = arg(False, "add the horizontally flipped image")
     val_size: int = arg(0, "evaluate on the first N val images only (0 = all)")
@@ -136,9 +126,9 @@ COMMAND = ("resume", "eval_only", "overwrite", "allow_changes")
 FREE = ("data_root", "pretrained", "out_dir", "workers", "log_every", "eval_every", "ckpt_every", "eval_crop",
         "eval_stride", "eval_resize", "eval_divisor", "eval_scales", "eval_flip", "val_size")
 TRAJECTORY = tuple(k for k in FIELDS if k not in MODEL + COMMAND + FREE)
-PROTOSEG_ONLY = ("num_prototypes", "kappa", "sinkhorn_iters", "proto_momentum", "proto_momentum_warmup",
-                 "proto_init", "lambda_ppc", "lambda_ppd", "tau", "class_layernorm", "embed_layernorm",
-                 "update_correct_only", "local_stats", "normalize_width")
+PROTOSEG_ONLY = ("num_prototypes", "kappa", "sinkhorn_iters", "proto_momentum", "proto_momentum_warmup", "proto_init",
+                 "lambda_ppc", "lambda_ppd", "tau", "class_layernorm", "embed_layernorm", "update_correct_only",
+                 "local_stats", "normalize_width")
 FOLDER_ONLY = ("num_classes", "ignore_value", "binary_masks")
 CHOICES = {"dataset": list(PRESETS), "backbone": backbone_names(), "head": ["protoseg", "softmax", "query"],
            "pipeline": ["project", "openseg", "mmseg"], "channel_order": ["rgb", "bgr"], "optimizer": ["sgd", "adamw"],
@@ -148,6 +138,7 @@ FRACTIONS = ("cat_max_ratio", "momentum", "proto_momentum")
 NON_NEGATIVE = ("num_classes", "ignore_value", "lr_power", "warmup_iters", "aux_loss_weight", "weight_decay",
                 "proto_momentum_warmup", "lambda_ppc", "lambda_ppd", "workers", "seed", "eval_every", "eval_crop",
                 "eval_stride", "eval_resize", "eval_divisor", "val_size")
+
 
 
 def allowed(name):
@@ -176,9 +167,10 @@ def number(kind, name):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if not math.isfinite(v) or not ok(v):
-            raise argparse.ArgumentTypeError(f"{text} must be a finite number {words}")
+            v = None
+        if v is None or not math.isfinite(v) or not ok(v):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}"
+                                             if v is None else f"{text} must be a finite number {words}")
         return v
     return parse
 
@@ -208,10 +200,8 @@ def make_parser(dataset, backbone=None):
 
 
 PIPELINES = {"project": "the project's: scale, crop, flip, +-10 percent colour jitter",
-             "openseg": "openseg's: scale x aspect (bicubic), crop at random, padded at a random offset, flip, "
-                        "brightness shift +-10",
-             "mmseg": "mmseg's: resize to fit img_scale x scale, RandomCrop (cat_max_ratio), flip, "
-                      "PhotoMetricDistortion, pad"}
+             "openseg": "openseg's: scale x aspect (bicubic), crop, pad at a random offset, flip, brightness +-10",
+             "mmseg": "mmseg's: resize to fit img_scale x scale, RandomCrop, flip, PhotoMetricDistortion, pad"}
 
 
 def protocol(s, dataset):
@@ -348,6 +338,5 @@ def resolve(cfg, given):
         cfg.out_dir = os.path.join(cfg.out_dir if "out_dir" in given else os.path.dirname(path) or ".", "eval")
     check_combinations(cfg, given)
     if ckpt.get("official") and is_master():
-        print(f"{path}: the official ProtoSeg format; evaluating it with official departures 1, 2, 7 and 9 (BGR "
-              "input) on")
+        print(f"{path}: the official ProtoSeg format; evaluated with official departures 1, 2, 7, 9 (BGR input) on")
     return cfg, ckpt

@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import CheckpointError, load_pretrained, load_state, save_checkpoint
 from collectives import all_reduce, autocast, rank_and_world, setup_distributed
-from data import DatasetError, EvalTransform, build_dataset, check_dataset, train_transform
+from data import EvalTransform, build_dataset, train_transform
+from datafiles import DatasetError, check_dataset
 from evaluate import evaluate, format_metrics, metrics_report
 from labels import CITYSCAPES_CLASS_WEIGHTS
 from models import family, model_from_config

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import atlas
 import data
+import labels
 import settings
 import train
 from checkpoints import load_model
@@ -52,11 +53,11 @@ def check_atlas(path, out, extra=()):
     assert json.loads((out / "atlas.json").read_text()) == report
     html = (out / "index.html").read_text()
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert "maps_0.png" in pngs and all(f"class_{c}_{n}.png" in pngs for c, n in enumerate(data.SYNTHETIC_CLASSES))
+    assert "maps_0.png" in pngs and all(f"class_{c}_{n}.png" in pngs for c, n in enumerate(labels.SYNTHETIC_CLASSES))
     assert all(f'src="{p}"' in html for p in pngs)
     shares, pixels = direct_shares(path, 2)
     assert (pixels > 0).sum() >= 3                                        # classes seen in the 2 images
-    for c, name in enumerate(data.SYNTHETIC_CLASSES):
+    for c, name in enumerate(labels.SYNTHETIC_CLASSES):
         entry = report["classes"][name]
         assert entry["pixels"] == pixels[c] and (f"gallery_{c}_{name}.png" in pngs) == (pixels[c] > 0)
         if not pixels[c]:
@@ -76,7 +77,7 @@ def test_atlas_of_a_train_py_checkpoint_writes_its_files_and_shares_equal_a_dire
     torch.save({"model": model_from_config(cfg).state_dict(), "config": cfg, "iter": 2}, path)   # runs.save_checkpoint's keys
     other = tmp_path / "other" / "metrics.json"
     other.parent.mkdir()
-    other.write_text(json.dumps({"classes": {n: {"iou": 0.5} for n in data.SYNTHETIC_CLASSES}}))
+    other.write_text(json.dumps({"classes": {n: {"iou": 0.5} for n in labels.SYNTHETIC_CLASSES}}))
     report = check_atlas(path, tmp_path / "atlas", ["--compare", str(other)])
     assert report["classes"]["background"]["purity"] is not None           # the synthetic set has modes
     assert report["compare"]["iou"]["beta"]["other"] == 0.5 and (tmp_path / "atlas" / "compare.png").is_file()

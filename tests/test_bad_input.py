@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 
 import data
+import datafiles
+import labels
 import settings
 import train
 from conftest import TINY, free_port, save_image, state, user_error
@@ -43,7 +45,7 @@ def error(fn, *args, **kw):
 
 
 def check(root, values=True, **kw):
-    return data.check_dataset(data.build_dataset("folder", root, num_classes=kw.pop("num_classes", 2), **kw),
+    return datafiles.check_dataset(data.build_dataset("folder", root, num_classes=kw.pop("num_classes", 2), **kw),
                               values=values, log=None)
 
 
@@ -100,18 +102,18 @@ def test_check_dataset_finds_truncated_and_corrupt_images_without_decoding(tmp_p
         root = tmp_path / ext
         save_image(root / f"images/a.{ext}", noise[..., 0] if ext == "jpg" else noise)  # grey: converted when read
         save_image(root / "masks/a.png", np.zeros((64, 64)))
-        assert data.check_dataset(data.build_dataset("folder", root, num_classes=2), log=None) == 1
+        assert datafiles.check_dataset(data.build_dataset("folder", root, num_classes=2), log=None) == 1
         blob = (root / f"images/a.{ext}").read_bytes()
         (root / f"images/a.{ext}").write_bytes(blob[:len(blob) // 2])
         ds = data.build_dataset("folder", root, num_classes=2)
-        assert error(data.check_dataset, ds, log=None).startswith(f"truncated image in {root / 'images'}")
+        assert error(datafiles.check_dataset, ds, log=None).startswith(f"truncated image in {root / 'images'}")
         assert error(ds.__getitem__, 0).startswith(("unreadable image in", "truncated image in"))  # and when loaded
     save_image(tmp_path / "png/images/a.png", noise)
     blob = bytearray((tmp_path / "png/images/a.png").read_bytes())
     blob[len(blob) // 2] ^= 0xFF  # corrupt inside, end marker intact: the PNG checksums find it (decoded pairs)
     (tmp_path / "png/images/a.png").write_bytes(blob)
     ds = data.build_dataset("folder", tmp_path / "png", num_classes=2)
-    assert "bad header checksum" in error(data.check_dataset, ds, values=True, log=None)
+    assert "bad header checksum" in error(datafiles.check_dataset, ds, values=True, log=None)
 
 
 def test_check_dataset_val_values_in_full_train_sampled(tmp_path):
@@ -125,12 +127,12 @@ def test_check_dataset_val_values_in_full_train_sampled(tmp_path):
     assert msg.split(";")[0] in error(check, root)  # i1 first ...
     assert error(check, root).endswith("[1 more pairs fail the check]")  # ... and one more counted
     sub = torch.utils.data.Subset(data.build_dataset("folder", root, num_classes=2), [0, 2, 4])
-    assert data.check_dataset(sub, values=True, log=None) == 3
-    assert data.check_dataset(data.build_dataset("synthetic"), values=True) == 0
+    assert datafiles.check_dataset(sub, values=True, log=None) == 3
+    assert datafiles.check_dataset(data.build_dataset("synthetic"), values=True) == 0
 
 
 def test_check_dataset_prints_summary(tmp_path, capsys):
-    data.check_dataset(data.build_dataset("folder", folder_set(tmp_path, n=3), num_classes=2), name="val")
+    datafiles.check_dataset(data.build_dataset("folder", folder_set(tmp_path, n=3), num_classes=2), name="val")
     assert re.fullmatch(r"data check val: 3 pairs OK \(headers\) in \d+\.\d s\n", capsys.readouterr().out)
 
 
@@ -151,12 +153,12 @@ def test_read_image_16bit_png_and_tiff_scaled_by_range(tmp_path):
     ramp = np.array([[1000, 2000], [3000, 5000]], np.uint16)  # a 12-bit sensor's values
     expect = [[0, 64], [128, 255]]  # (v - 1000) / 4000 * 255
     for name in ("a.png", "a.tif", "a.TIFF"):
-        rgb = data.read_image(save_image(tmp_path / name, ramp))
+        rgb = datafiles.read_image(save_image(tmp_path / name, ramp))
         assert Image.open(tmp_path / name).mode == "I;16" and rgb.dtype == np.uint8 and rgb.shape == (2, 2, 3)
         assert rgb[..., 0].tolist() == expect and (rgb == rgb[..., :1]).all()
-    assert data.read_image(save_image(tmp_path / "f.tif", ramp.astype(np.float32)))[..., 1].tolist() == expect
-    assert data.read_image(save_image(tmp_path / "c.png", np.full((2, 2), 7, np.uint16))).max() == 0  # constant
-    assert data.read_image(save_image(tmp_path / "g.png", np.full((2, 2), 7)))[0, 0].tolist() == [7, 7, 7]  # 8-bit as is
+    assert datafiles.read_image(save_image(tmp_path / "f.tif", ramp.astype(np.float32)))[..., 1].tolist() == expect
+    assert datafiles.read_image(save_image(tmp_path / "c.png", np.full((2, 2), 7, np.uint16))).max() == 0  # constant
+    assert datafiles.read_image(save_image(tmp_path / "g.png", np.full((2, 2), 7)))[0, 0].tolist() == [7, 7, 7]  # 8-bit as is
 
 
 def test_folder_extensions_any_case_and_tiff(tmp_path):
@@ -166,7 +168,7 @@ def test_folder_extensions_any_case_and_tiff(tmp_path):
     (tmp_path / "images/notes.txt").write_text("not an image")
     ds = data.build_dataset("folder", tmp_path, num_classes=2)
     assert [ds[i]["name"] for i in range(len(ds))] == ["a", "b", "c", "d"]
-    assert all(ds[i]["label"].eq(1).all() for i in range(4)) and data.check_dataset(ds, True, log=None) == 4
+    assert all(ds[i]["label"].eq(1).all() for i in range(4)) and datafiles.check_dataset(ds, True, log=None) == 4
 
 
 def test_folder_duplicate_names_and_jpeg_masks_refused(tmp_path):
@@ -187,7 +189,7 @@ def test_folder_binary_masks_hint_and_opt_in(tmp_path):
     msg = error(check, root)
     assert msg.startswith("binary masks in") and "--binary-masks" in msg
     ds = data.build_dataset("folder", root, num_classes=2, binary_masks=True)
-    assert data.check_dataset(ds, True, log=None) == 3 and ds[0]["label"][0].tolist() == [0, 0, 1, 1, 0, 0]
+    assert datafiles.check_dataset(ds, True, log=None) == 3 and ds[0]["label"][0].tolist() == [0, 0, 1, 1, 0, 0]
     assert check(root, binary_masks=False) == 3  # 255 really is ignore: accepted as such
     save_image(root / "masks/i1.png", [[0, 1, 255, 255, 0, 0]] * 4)
     assert check(root) == 3  # class 1 present: 255 is ignore, no hint
@@ -204,7 +206,7 @@ def seg_png(raw_ids):
 
 def test_ade20k_full_release_layout(tmp_path):
     root = tmp_path / "ADE20K_2021_17_01"
-    wall, last = data.ADE20K_FULL_RAW_IDS[0], data.ADE20K_FULL_RAW_IDS[846]
+    wall, last = labels.ADE20K_FULL_RAW_IDS[0], labels.ADE20K_FULL_RAW_IDS[846]
     raw = [[wall, last, 0, 1], [wall, wall, 3, last]]  # 0 and 1, 3 (not among the 847) -> ignore
     for split, scene in (("training", "cultural/apse__indoor"), ("validation", "urban/street")):
         d = root / f"images/ADE/{split}/{scene}"
@@ -216,9 +218,9 @@ def test_ade20k_full_release_layout(tmp_path):
     s = ds[0]
     assert s["name"] == "urban/street/ADE_valid_1" and s["label"].dtype == torch.int64
     assert s["label"].tolist() == [[0, 846, -1, -1], [0, 0, -1, 846]]
-    assert data.check_dataset(ds, values=True, log=None) == 1
+    assert datafiles.check_dataset(ds, values=True, log=None) == 1
     save_image(root / "images/ADE/training/cultural/apse__indoor/ADE_train_1_seg.png", np.zeros((2, 4)))
-    assert "expected an RGB _seg.png" in error(data.check_dataset, data.build_dataset("ade20k_full", root), log=None)
+    assert "expected an RGB _seg.png" in error(datafiles.check_dataset, data.build_dataset("ade20k_full", root), log=None)
 
 
 def test_ade20k_full_maskformer_layout_preferred(tmp_path):
@@ -377,14 +379,14 @@ def jpeg(path, h=32, w=48, **kw):
 
 def test_damaged_or_cut_jpeg_is_an_error_naming_the_file_not_grey_rows(tmp_path):
     for kw in ({}, {"progressive": True}, {"restart_marker_blocks": 1}):
-        assert data.read_image(jpeg(tmp_path / "ok.jpg", **kw)).shape == (32, 48, 3)   # intact files read
+        assert datafiles.read_image(jpeg(tmp_path / "ok.jpg", **kw)).shape == (32, 48, 3)   # intact files read
     blob = jpeg(tmp_path / "a.jpg", restart_marker_blocks=1).read_bytes()
     bad = {"cut": blob[:len(blob) // 2],                                    # cut short
            "cut_eoi": blob[:len(blob) // 2] + b"\xff\xd9",                 # cut, then an end marker (PIL: grey rows)
            "junk": blob[:len(blob) // 2] + b"\xff\x13" + blob[len(blob) // 2 + 2:]}   # damaged scan data
     for name, b in bad.items():
         (tmp_path / f"{name}.jpg").write_bytes(b)
-        msg = error(data.read_image, tmp_path / f"{name}.jpg")
+        msg = error(datafiles.read_image, tmp_path / f"{name}.jpg")
         assert f"{name}.jpg" in msg and re.match(r"(damaged|truncated|unreadable) image in", msg), msg
 
 
@@ -394,7 +396,7 @@ def test_exif_orientation_applied_to_images_and_a_mask_that_then_misfits_names_t
     a = np.zeros((4, 6, 3), np.uint8)
     a[0, 0] = 255                                                        # top-left as stored
     save_image(tmp_path / "images/p.jpg", a, exif=exif, quality=100)
-    upright = data.read_image(tmp_path / "images/p.jpg")
+    upright = datafiles.read_image(tmp_path / "images/p.jpg")
     assert upright.shape == (6, 4, 3) and upright[0, -1, 0] > 128      # stored top-left ends top-right
     save_image(tmp_path / "masks/p.png", np.zeros((6, 4)))                   # drawn on the rotated view: fits
     assert check(tmp_path) == 1

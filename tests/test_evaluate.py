@@ -14,6 +14,7 @@ from PIL import Image
 import checkpoints
 import data
 import evaluate
+import labels
 import predict
 import settings
 import train
@@ -81,7 +82,7 @@ def cityscapes_scripts_scores(pred_ids, gt_ids, inst):
 def test_cityscapes_iiou_and_categories_equal_a_transcription_of_cityscapesscripts():
     gt_ids = np.array(Image.open(SAMPLE / f"gtFine/{FRAME}_gtFine_labelIds.png"))
     inst = np.array(Image.open(SAMPLE / f"gtFine/{FRAME}_gtFine_instanceIds.png")).astype(np.int64)
-    gt = data.CITYSCAPES_LUT[gt_ids]
+    gt = labels.CITYSCAPES_LUT[gt_ids]
     rng = np.random.default_rng(0)
     pred = np.where(rng.random(gt.shape) < 0.3, rng.integers(0, 19, gt.shape), np.maximum(gt, 0))
     pred[40:80, 100:180] = 11                                      # a block called person, over cars and others
@@ -119,13 +120,13 @@ def test_official_checkpoint_evaluates_and_predicts_through_both_scripts(tmp_pat
                     "--workers", "0"])
     assert m["images"] == 1 and 0 <= m["miou"] <= 1 and "mean_iiou" in m
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())   # --out-dir DIR: DIR/eval/
-    assert set(report["classes"]) == set(data.CITYSCAPES_CLASSES) and "category_iou" in report
+    assert set(report["classes"]) == set(labels.CITYSCAPES_CLASSES) and "category_iou" in report
     out = tmp_path / "results"
     predict.main(["--checkpoint", str(path), str(SAMPLE / "leftImg8bit/val"), "--labelids", "--out", str(out)])
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert written == ["frankfurt/frankfurt_000000_000294_leftImg8bit.png"]         # one labelId PNG per frame
     ids = np.array(Image.open(out / written[0]))
-    assert ids.shape == (128, 256) and set(np.unique(ids)) <= set(data.CITYSCAPES_LABEL_IDS)
+    assert ids.shape == (128, 256) and set(np.unique(ids)) <= set(labels.CITYSCAPES_LABEL_IDS)
 
 
 # ----------------------------------------------------------------------------- this project's checkpoints

@@ -6,7 +6,9 @@ import torch
 from PIL import Image
 
 import data
+import datafiles
 import evaluate
+import labels
 import predict
 from checkpoints import load_model
 from conftest import save_image, tiny_checkpoint
@@ -33,10 +35,10 @@ def test_predict_writes_pictures_and_skips_broken_images(tmp_path, capsys):
             img = Image.open(out / f"{path.stem}_{kind}.png")
             assert img.size == (w, h) and img.mode == "RGB"
         with torch.no_grad():                                      # the synthetic preset's test: whole image, RGB
-            pred = evaluate.predict_scores(model, data.normalize(data.read_image(path))[None], 5).argmax(1)[0]
+            pred = evaluate.predict_scores(model, data.normalize(datafiles.read_image(path))[None], 5).argmax(1)[0]
         assert len(pred.unique()) > 1                              # a picture of one colour would prove little
         np.testing.assert_array_equal(np.asarray(Image.open(out / f"{path.stem}_pred.png")),
-                                      data.SYNTHETIC_PALETTE[pred.numpy()])
+                                      labels.SYNTHETIC_PALETTE[pred.numpy()])
     assert not (out / "broken_pred.png").exists()
 
 
