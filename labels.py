@@ -1,6 +1,6 @@
 """Label tables: class names, palettes and raw label value -> train id, copied from the official releases.
 
-data.map_labels is the one place that applies them; raw values that are neither a class nor ignore are INVALID
+datafiles.map_labels is the one place that applies them; raw values that are neither a class nor ignore are INVALID
 (an error in the data, reported with the file). Sources: tests/testdata/README.md.
 """
 import numpy as np

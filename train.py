@@ -287,6 +287,9 @@ def main(argv=None, progress=None):
             with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
                 json.dump(dataclasses.asdict(cfg), f, indent=1)
         model, raw_model = build(cfg, ckpt, device, log)
+        if device.type == "cpu" and not cfg.eval_only and cfg.backbone != "hrnet_tiny":
+            log(f"note: --backbone {cfg.backbone} trains slowly on a CPU; a CPU-sized run: --backbone hrnet_tiny --crop "
+                "128 --batch-size 8 --optimizer adamw --lr 3e-3 --weight-decay 1e-4 (USAGE.md, 'Your data on a CPU')")
         if not cfg.eval_only:
             log.open(cfg, ckpt["iter"] if ckpt and "iter" in ckpt else 0)
         seconds = 0.0 if cfg.eval_only else train(cfg, model, raw_model, train_set, val_set, ckpt, log, progress)

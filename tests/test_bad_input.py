@@ -1,6 +1,6 @@
-"""Bad data on disk (issue 12) and ADE20K-Full (issue 14): every user error is one DatasetError line
+"""Bad data on disk (ADE20K-Full's included): every user error is one DatasetError line
 `<what> in <file>: <found>, expected <rule>; <how to fix>`, found by check_dataset before training where it can be,
-and nothing is read silently wrong. Round two (issue 23): flags, paths, a finished run, stops (Ctrl-C, SIGTERM, a
+and nothing is read silently wrong. Then train.py's flags, paths, a finished run, stops (Ctrl-C, SIGTERM, a
 lost peer, out of memory) and decoding, each one `error:` line (a broken checkpoint: test_checkpoints.py; a stale
 lock: test_runs.py). Tiny files only."""
 import json
@@ -245,7 +245,7 @@ def test_wide_labels_through_transforms():
     assert data.EvalTransform()(image, [label])[1][0].tolist() == label.tolist()
 
 
-# ---- round two (issue 23): flags, paths, checkpoints, stops, decoding ------------------------------------
+# ---- train.py: flags, paths, checkpoints, stops, decoding ------------------------------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 QUICK = TINY + ["--crop", "32", "--batch-size", "2"]   # for the runs that are stopped midway (later flags win)

@@ -1,11 +1,15 @@
-"""runs.py: one run per output folder (run.lock, an earlier run kept, a stale lock taken over or named), and a
-DataLoader worker's wrapped error reported as its own one line. (The stop lines, Ctrl-C, SIGTERM, a lost peer and
+"""runs.py: one run per output folder (run.lock, an earlier run kept, a stale lock taken over or named), the
+training curves drawn from log.jsonl, and a DataLoader worker's wrapped error reported as its own one line. (The stop lines, Ctrl-C, SIGTERM, a lost peer and
 out of memory, are checked from the command line in test_bad_input.py.)"""
+import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
+from PIL import Image
 
+import draw
 import runs
 import settings
 import train
@@ -44,3 +48,20 @@ def test_worker_wrapped_data_error_becomes_its_own_line():
     wrapped = ("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                '  File "x.py", line 1, in f\ndata.DatasetError: label values [7] in a.png: neither a class nor ignore')
     assert runs.one_line(ValueError(wrapped)) == "label values [7] in a.png: neither a class nor ignore"
+
+
+def test_curves_png_has_a_panel_per_logged_term_and_one_for_val_miou(tmp_path):
+    """curves.png: one panel per term log.jsonl holds (loss, ce, ppc, ppd, lr; aux when logged) and, in its own
+    colour, one for the val mIoU of the evaluations; 3 panels a row; written whole (no temporary file left)."""
+    w, h = draw.titled(draw.line_chart([(0, 0), (1, 1)]), "t").size
+    def drawn(rows):
+        (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        img = Image.open(runs.write_curves(str(tmp_path))).convert("RGB")
+        assert sorted(os.listdir(tmp_path)) == ["curves.png", "log.jsonl"]
+        return img.size, (np.asarray(img) == (200, 60, 30)).all(-1).any()
+    terms = [{"iter": i, "loss": 2 / i, "ce": 1 / i, "ppc": 5 / i, "ppd": 0.5 / i, "lr": 0.01 * (1 - i / 10)}
+             for i in range(1, 10)]
+    final = {"iter": 9, "final": {"miou": 0.5}}
+    assert drawn([{"iter": i, "ce": 1 / i, "lr": 0.01} for i in range(1, 4)]) == ((2 * w + 10, h), False)
+    assert drawn(terms + [{"iter": 5, "val": {"miou": 0.3}}, final]) == ((3 * w + 20, 2 * h + 10), True)
+    assert drawn([dict(r, aux=0.1) for r in terms] + [final]) == ((3 * w + 20, 3 * h + 20), True)

@@ -42,6 +42,7 @@ def test_command_line_runs_end_to_end(tmp_path):
     assert set(m["classes"]) == {"background", "alpha", "beta", "gamma", "delta"} and 0 <= m["miou"] <= 1
     assert {"iou", "acc", "purity", "prototypes_in_use"} <= set(m["classes"]["alpha"]) and "macc" in m
     assert json.loads((tmp_path / "config.json").read_text())["iters"] == 2
+    assert out.stdout.startswith("settings (all in") and f"wrote {tmp_path / 'curves.png'}" in out.stdout
     ckpt = state(tmp_path / "last.pt")
     assert ckpt["iter"] == 2 and ckpt["config"]["backbone"] == "hrnet_tiny"
     assert ckpt["model"]["head.prototypes"].shape == (5, 3, 120)   # D = 8+16+32+64

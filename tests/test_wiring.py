@@ -1,4 +1,4 @@
-"""Tests of the wiring: how ProtoSegHead and seg_loss connect the equation functions (issue 16).
+"""Tests of the wiring: how ProtoSegHead and seg_loss connect the equation functions.
 
 The equation functions are tested in test_protoseg.py. Here every expected value is computed independently of
 the head's code path: Eq. 10 by calling sinkhorn() per class (or, end to end, by a float64 transcription of
