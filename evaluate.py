@@ -193,17 +193,17 @@ def _progress(log, done, total, t0, world):
         f"ETA {(total - done * world) / max(rate, 1e-9) / 60:.1f} min", flush=True)
 
 
-def scores_and_embed(net, image, num_classes, label_size, cfg, with_embed):
+def scores_and_embed(raw_model, image, num_classes, label_size, cfg, with_embed):
     """Class scores (1, C, H, W) at the label's size by cfg's test protocol (eval_crop, eval_stride, eval_scales,
     eval_flip), and for a prototype head the embeddings (1, h, w, D) of the image at scale 1 (else None)."""
     if cfg.eval_crop[0] or tuple(cfg.eval_scales) != (1.0,) or cfg.eval_flip or not with_embed:
-        scores = predict_scores(net, image, num_classes, cfg.eval_crop, cfg.eval_scales, cfg.eval_flip,
+        scores = predict_scores(raw_model, image, num_classes, cfg.eval_crop, cfg.eval_scales, cfg.eval_flip,
                                 stride=cfg.eval_stride, size=label_size)
-        return scores, net.embed(image) if with_embed else None
-    embed = net.head.embed_map(net.features(image))                   # one pass gives scores and embeddings
-    scores = upsample(net.head.classify(embed)[0], image.shape[-2:], net.align_corners).float()
+        return scores, raw_model.embed(image) if with_embed else None
+    embed = raw_model.head.embed_map(raw_model.features(image))         # one pass gives scores and embeddings
+    scores = upsample(raw_model.head.classify(embed)[0], image.shape[-2:], raw_model.align_corners).float()
     if scores.shape[-2:] != label_size:                               # back to the label (mmseg)
-        scores = upsample(scores, label_size, net.align_corners)
+        scores = upsample(scores, label_size, raw_model.align_corners)
     return scores, embed.permute(0, 2, 3, 1)
 
 
@@ -213,14 +213,14 @@ def evaluate(model, dataset, cfg, log=print):
     dict. The test protocol and loader come from cfg (eval_crop, eval_stride, eval_scales, eval_flip, amp,
     workers). Adds prototype use (and purity, when the dataset gives modes) for a head with prototypes, and the
     Cityscapes category / iIoU scores when instanceIds maps sit beside the labels."""
-    net = getattr(model, "module", model)
-    device, (rank, world) = next(net.parameters()).device, rank_and_world()
-    was_training = net.training
-    net.eval()
+    raw_model = getattr(model, "module", model)
+    device, (rank, world) = next(raw_model.parameters()).device, rank_and_world()
+    was_training = raw_model.training
+    raw_model.eval()
     C, n = dataset.num_classes, min(cfg.val_size or len(dataset), len(dataset))
     items = _Items(dataset, list(range(rank, n, world)))
     loader = torch.utils.data.DataLoader(items, batch_size=None, num_workers=cfg.workers)
-    protos = net.head.unit_prototypes() if hasattr(net.head, "prototypes") else None
+    protos = raw_model.head.unit_prototypes() if hasattr(raw_model.head, "prototypes") else None
     conf = torch.zeros(C, C, dtype=torch.long, device=device)
     counts = torch.zeros(C, protos.shape[1] if protos is not None else 1, NUM_MODES, dtype=torch.long, device=device)
     inst = torch.zeros(2, 19 + 2, dtype=torch.float64)
@@ -228,7 +228,7 @@ def evaluate(model, dataset, cfg, log=print):
     for done, item in enumerate(loader, 1):
         image, label = item["image"][None].to(device), item["label"].to(device)
         with autocast(cfg.amp, device):
-            scores, embed = scores_and_embed(net, image, C, label.shape, cfg, protos is not None)
+            scores, embed = scores_and_embed(raw_model, image, C, label.shape, cfg, protos is not None)
         pred = scores.argmax(1)[0]
         conf += confusion_matrix(pred, label, C)
         if protos is not None:
@@ -243,7 +243,7 @@ def evaluate(model, dataset, cfg, log=print):
             last = time.time()
     flags = all_reduce(torch.tensor([float(has_modes), float(has_inst)], device=device))
     conf, counts, inst = all_reduce(conf).cpu(), all_reduce(counts).cpu(), all_reduce(inst.to(device)).cpu()
-    net.train(was_training)
+    raw_model.train(was_training)
     out = metrics_from_confusion(conf)
     out.update(images=n, seconds=time.time() - t0)
     if protos is not None:
