@@ -9,7 +9,7 @@ import data
 import evaluate
 import predict
 from checkpoints import load_model
-from conftest import save_image, tiny_checkpoint
+from conftest import save_image, tiny_checkpoint, user_error
 
 
 def test_predict_writes_pictures_and_skips_broken_images(tmp_path, capsys):
@@ -54,15 +54,16 @@ def test_val_index_puts_the_synthetic_scene_on_disk_and_a_strip_with_its_legend(
     strip = Image.open(tmp_path / "out/val_000003_strip.png")
     assert strip.width >= 3 * scene.shape[1] and strip.height > 2 * scene.shape[0]      # three panels + legend
     assert "note: the map of" in capsys.readouterr().err                               # random prototypes: dark
-    with pytest.raises(SystemExit, match="outside the synthetic val set"):
-        predict.main(["--checkpoint", str(ckpt), "--val-index", "100", "--out", str(tmp_path / "out")])
+    assert "outside the synthetic val set" in user_error(
+        capsys, predict.main, ["--checkpoint", str(ckpt), "--val-index", "100", "--out", str(tmp_path / "out")])
 
 
-def test_dark_note_only_when_the_class_barely_resembles_its_prototypes():
+def test_dark_note_when_the_class_barely_resembles_its_prototypes_or_is_not_predicted():
     mask = torch.tensor([True, True, False])
     assert predict.dark_note(torch.tensor([0.05, 0.1, 0.9]), mask, "alpha").startswith("note: the map of alpha")
     assert predict.dark_note(torch.tensor([0.8, 0.7, 0.0]), mask, "alpha") is None
-    assert predict.dark_note(torch.tensor([0.0, 0.0, 0.0]), ~mask & False, "alpha") is None   # class absent
+    absent = predict.dark_note(torch.tensor([0.9, 0.9, 0.9]), mask & False, "alpha")     # an all-black map
+    assert absent.startswith("note: the map of alpha is dark: no pixel of this image is predicted as alpha")
 
 
 def test_predict_names_every_output_uniquely(tmp_path):
