@@ -21,6 +21,7 @@ or not at all; Ctrl-C / SIGTERM end in one line saying what was written (exit 13
 import argparse
 import html
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -320,9 +321,16 @@ def main(argv=None, outputs=None):
     name, val = val_set(cfg, args)
     names, palette = class_table({**cfg, "dataset": name})
     n = min(args.val_images or len(val), len(val))
+    shown = [0.0]
+
+    def reading(i, n):                                          # what a stop message says; a line every 10 s
+        outputs.doing = f"while reading the val images ({i} of {n} done)"
+        if i and time.time() - shown[0] > 10:
+            print(f"atlas: {i} of {n} val images read", flush=True)
+            shown[0] = time.time()
+    reading(0, n)
     print(f"atlas of {args.checkpoint}: one pass over {n} val images of {name}", flush=True)
-    found = collect(model, val, args.device, n, args.gallery,
-                    at=lambda i, n: setattr(outputs, "doing", f"while reading val image {i + 1} of {n}"))
+    found = collect(model, val, args.device, n, args.gallery, at=reading)
     classes = class_stats(model, found, names)
     files = write_pictures(model, val, found, classes, names, palette, args, outputs)
     report = {"checkpoint": str(args.checkpoint), "dataset": name, "images": found["images"],

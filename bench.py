@@ -207,9 +207,10 @@ def main(argv=None, progress=None):
         rows.append((label, value, ratio))
         print(f"{label:<62s} {value:>22s} {ratio}", flush=True)
 
-    print(f"device: {name}; torch {torch.__version__}; {'quick' if args.quick else 'full'} sizes")
     steps = [("f", vocab)] if args.only == "vocab" else \
         [("a, b", sinkhorn_rows)] + ([] if args.only else [("c", inference_rows), ("d", train_rows), ("e", param_rows)])
+    progress["row"] = steps[0][0]
+    print(f"device: {name}; torch {torch.__version__}; {'quick' if args.quick else 'full'} sizes", flush=True)
     for which, rows_of in steps:
         progress["row"] = which
         rows_of(args, row)

@@ -222,7 +222,7 @@ def main(argv=None, outputs=None):
             continue
         written += 1
         print(f"{path} -> {outputs.folder / stem}{'.png' if args.labelids else '_*.png'}", flush=True)
-    print(f"wrote {written} image(s) to {args.out}" + (f"; {failed} could not be read" if failed else ""))
+    print(f"wrote {written} image(s) to {args.out}" + (f"; {failed} skipped (see above)" if failed else ""))
     if failed or not written:
         raise SystemExit(1)
     return written, failed
