@@ -71,3 +71,13 @@ def test_predict_names_every_output_uniquely(tmp_path):
         save_image(tmp_path / "in" / name, np.zeros((4, 4, 3)))
     names = predict.output_names([str(tmp_path / "in")])
     assert sorted(str(s) for _, s in names) == ["a_jpg", "a_png", "sub/b"]
+
+
+def test_classes_without_a_table_are_named_as_training_names_them(tmp_path):
+    """A folder dataset's classes (and an official file's with other than 19 classes): as train.py prints them."""
+    save_image(tmp_path / "images/a.png", np.zeros((4, 4, 3)))
+    save_image(tmp_path / "masks/a.png", np.zeros((4, 4)))
+    trained = data.build_dataset("folder", tmp_path, num_classes=3)
+    names, palette = predict.class_table({"dataset": "folder", "num_classes": 3})
+    assert names == trained.class_names == ["class0", "class1", "class2"]
+    np.testing.assert_array_equal(palette, trained.palette)
