@@ -96,7 +96,8 @@ def collect(model, dataset, device, limit=0, gallery=8, samples=1500, seed=0, at
             for k in range(K):                                           # this image's best pixel for p_ck
                 s = sim[c, k].where(mask, torch.tensor(-2.0))
                 j = int(s.argmax())
-                best[c][k].append((float(s.flatten()[j]), i, j // w, j % w, -1 if mod is None else int(mod.flatten()[j])))
+                m = -1 if mod is None else int(mod.flatten()[j])
+                best[c][k].append((float(s.flatten()[j]), i, j // w, j % w, m))
             idx = torch.nonzero(mask.flatten()).squeeze(1).numpy()
             pick = rng.choice(idx, min(per_image, len(idx)), replace=False)
             pool[c].append((emb.flatten(0, 1)[pick].float().cpu(), None if mod is None else mod.flatten()[pick].long()))
@@ -264,15 +265,16 @@ def parse_args(argv):
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file, expected a folder (created if missing)")
     if args.data_root and not Path(args.data_root).is_dir():
-        p.error(f"--data-root {args.data_root}: {'a file' if Path(args.data_root).exists() else path_problem(args.data_root)}"
-                ", expected the dataset's folder")
+        found = "a file" if Path(args.data_root).exists() else path_problem(args.data_root)
+        p.error(f"--data-root {args.data_root}: {found}, expected the dataset's folder")
     return args
 
 
 def val_set(cfg, args):
     name = args.dataset or cfg.get("dataset", "synthetic")
     if name == "folder" and not args.dataset:
-        fail(f"{args.checkpoint} has {cfg['num_classes']} classes and no dataset name; pass --dataset (and --data-root)")
+        fail(f"{args.checkpoint} has {cfg['num_classes']} classes and no dataset name; pass --dataset (and "
+             "--data-root)")
     kw = dict(num_classes=cfg["num_classes"], ignore_value=cfg.get("ignore_value", 255)) if name == "folder" else {}
     kw.update(seed=cfg.get("seed", 0))
     try:

@@ -265,8 +265,8 @@ def train_rows(args, row):
     size = (128, 256) if args.quick else (512, 1024)
     for backbone in backbones(args):
         (tp, ts), ((mp_, _), (ms, _)), _ = head_pair(backbone, size, device, 19, 3 if device.type == "cpu" else 10)
-        row(f"(d) train step {backbone}, 2x{size[0]}x{size[1]}: ProtoSeg / softmax", f"{tp * 1e3:.0f} / {ts * 1e3:.0f} ms",
-            f"ratio {tp / ts:.3f}")
+        row(f"(d) train step {backbone}, 2x{size[0]}x{size[1]}: ProtoSeg / softmax",
+            f"{tp * 1e3:.0f} / {ts * 1e3:.0f} ms", f"ratio {tp / ts:.3f}")
         row(f"    peak memory ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})",
             f"{mp_:.2f} / {ms:.2f} GB", f"ratio {mp_ / ms:.3f}")
 

@@ -89,7 +89,8 @@ def read_checkpoint(path):
                               "or the official ProtoSeg release")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes), expected a file written by train.py "
-                              "(runs/*/last.pt) or the official ProtoSeg release; it was cut off while written or copied")
+                              "(runs/*/last.pt) or the official ProtoSeg release; it was cut off while written or "
+                              "copied")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

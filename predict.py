@@ -243,9 +243,9 @@ def predict_one(model, cfg, read, outputs, stem, names, palette, cls, args, path
         if not isinstance(e, MemoryError) and not NO_MEMORY.search(text):
             raise
         size = f"{rgb.shape[1]}x{rgb.shape[0]} (WxH) " if rgb is not None else ""
-        asked = asked_for(text)
+        asked = f" (tried to allocate {asked_for(text)})" if asked_for(text) else ""
         return (f"out of memory at {size}with --eval-scales {' '.join(map(str, args.eval_scales))}, --eval-crop "
-                f"{' '.join(map(str, args.eval_crop))} on {args.device}{' (tried to allocate ' + asked + ')' if asked else ''}"
+                f"{' '.join(map(str, args.eval_crop))} on {args.device}{asked}"
                 "; expected an image that fits this device: a sliding window (--eval-crop 512), smaller --eval-scales "
                 "or --eval-resize LONG SHORT")
     return None

@@ -83,7 +83,8 @@ def test_pretrained_backbone_weights_that_are_not_numbers_are_refused(tmp_path, 
 
 
 def test_official_format_file_with_nan_is_refused_by_its_own_key_names(tmp_path):
-    sd = {"prototypes": torch.zeros(2, 1, 4), "cls_head.0.weight": torch.zeros(1), "backbone.conv1.weight": torch.zeros(1)}
+    sd = {"prototypes": torch.zeros(2, 1, 4), "cls_head.0.weight": torch.zeros(1),
+          "backbone.conv1.weight": torch.zeros(1)}                # the official layout's marks, no more
     sd["prototypes"][0, 0, 0] = float("nan")
     torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, tmp_path / "release.pth")
     with pytest.raises(checkpoints.CheckpointError, match=r"release.pth: prototypes holds 1 NaN"):
@@ -184,8 +185,9 @@ def test_a_full_disk_is_one_line_naming_folder_and_errno_and_leaves_no_half_file
                           "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
                          preexec_fn=limit, timeout=120)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
-    failed = re.match(rf"error: cannot write to {re.escape(str(tmp_path / 'out'))} \((noise_\w+\.png)\): File too large "
-                      r"\(EFBIG\) while predicting .*noise.png \(image 1 of 1\); ", out.stderr)
+    folder = re.escape(str(tmp_path / "out"))
+    failed = re.match(rf"error: cannot write to {folder} \((noise_\w+\.png)\): File too large \(EFBIG\) while "
+                      r"predicting .*noise.png \(image 1 of 1\); ", out.stderr)
     assert failed and not (tmp_path / "out" / failed[1]).exists(), out.stderr
     kept = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert f"; {len(kept)} file(s) written" in out.stderr or not kept and "; nothing written to" in out.stderr
