@@ -213,6 +213,7 @@ def run_command(main, stopped, out_of_memory=None, peer_lost=None):
     "error: " + out_of_memory(text) and, under torchrun, a lost peer in "error: " + peer_lost(text) (exit 1), each
     with the DataLoader workers stopped, never a stack trace. main's own exit (a user error: 1) is kept."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    threading.excepthook = _quiet_fd_sharing
     code = 0
     try:
         main()
@@ -235,6 +236,16 @@ def run_command(main, stopped, out_of_memory=None, peer_lost=None):
         else:
             raise
     sys.exit(code)
+
+
+def _quiet_fd_sharing(args, default=threading.excepthook):
+    """multiprocessing's fd-sharing thread (DataLoader workers fetch tensors' file descriptors through it) fails with
+    a closed connection when a worker dies mid-handshake, as workers do while a stopped run unwinds, before _release
+    (on a busy machine, or a lost torchrun peer): not an error of the run, so not printed. Any other is."""
+    files = [f.filename for f in traceback.extract_tb(args.exc_traceback)]
+    if issubclass(args.exc_type, (ConnectionError, EOFError)) and any("resource_sharer" in f for f in files):
+        return
+    default(args)
 
 
 def _release(e):

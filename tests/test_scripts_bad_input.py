@@ -12,7 +12,9 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
+from multiprocessing import resource_sharer
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ import bench
 import checkpoints
 import datafiles
 import predict
+import runs
 import toy2d
 import train
 from conftest import TINY, save_image, tiny_checkpoint, user_error
@@ -242,6 +245,25 @@ def test_an_image_too_large_for_memory_is_skipped_naming_it_and_the_flags_that_f
 
 
 # ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
+
+def test_a_closed_fd_sharing_connection_is_not_printed_other_thread_errors_are():
+    """multiprocessing's resource_sharer thread fails when a DataLoader worker dies mid-handshake (a stopped run)."""
+    def raised(error, filename):
+        def fn():
+            raise error
+        fn.__code__ = fn.__code__.replace(co_filename=filename)      # a frame of that file, as the thread has
+        try:
+            fn()
+        except Exception as e:
+            return threading.ExceptHookArgs([type(e), e, e.__traceback__, None])
+
+    printed = []
+    for error, filename in ((ConnectionResetError(104, "reset"), resource_sharer.__file__),
+                            (EOFError(), resource_sharer.__file__), (ValueError("a bug"), resource_sharer.__file__),
+                            (ConnectionResetError(104, "elsewhere"), __file__)):
+        runs._quiet_fd_sharing(raised(error, filename), default=printed.append)
+    assert [str(a.exc_value) for a in printed] == ["a bug", "[Errno 104] elsewhere"]
+
 
 def start(args):
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
