@@ -13,7 +13,7 @@ from conftest import save_image, tiny_checkpoint, user_error
 
 
 def test_predict_writes_pictures_and_skips_broken_images(tmp_path, capsys):
-    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", num_prototypes=3, num_classes=5)
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", num_prototypes=3, num_classes=5, backbone="hrnet_tiny")
     rng = np.random.default_rng(0)
     good = [tmp_path / "a.png", tmp_path / "b.jpg"]
     Image.fromarray(rng.integers(0, 255, (45, 61, 3), dtype=np.uint8)).save(good[0])
