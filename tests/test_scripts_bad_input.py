@@ -4,7 +4,6 @@ out of range, an output folder that cannot take the files, Ctrl-C and SIGTERM. E
 naming the file or flag and what was expected (exit 1, or 130 / 143 when stopped), and no file is left half-written.
 Tiny models and images; the stops are sent once the script has reached the state they test."""
 import errno
-import json
 import os
 import pathlib
 import re
