@@ -1,25 +1,27 @@
 """An atlas of a trained ProtoSeg model: what each prototype takes, whether the K of a class collapsed, what they see.
 
-    python atlas.py --checkpoint runs/synthetic/last.pt --out atlas            # synthetic val set (the default)
-    python atlas.py --checkpoint hrnet_w48_proto_cityscapes.pth --data-root /data/cityscapes --out atlas
-    python atlas.py --checkpoint runs/synthetic/last.pt --out atlas --compare runs/softmax/metrics.json
+    python atlas.py --checkpoint runs/synthetic/last.pt                # synthetic val set, into runs/atlas
+    python atlas.py --checkpoint hrnet_w48_proto_cityscapes.pth --data-root /data/cityscapes --out runs/atlas_city
+    python atlas.py --checkpoint runs/synthetic/last.pt --compare runs/softmax/metrics.json
 
 Writes DIR/atlas.json, DIR/index.html (a plain page linking the pictures) and PNGs:
   class_<c>_<name>.png   the share of the class's val pixels each of its K prototypes takes (nearest prototype of
                          the class, on its labelled pixels), the K x K cosine matrix of its prototypes and the
                          collapse score (mean off-diagonal cosine: 1 = all K the same vector), and a 2-D PCA of
-                         sampled pixel embeddings of the class, coloured by nearest prototype (and by the true mode
-                         on the synthetic set), prototypes marked with crosses
-  gallery_<c>_<name>.png for each prototype, the N val patches whose pixel is most similar to it
+                         sampled pixel embeddings of the class on its first two principal axes, coloured by nearest
+                         prototype (and by the true mode on the synthetic set), prototypes marked with crosses
+  gallery_<c>_<name>.png for each prototype, the N val patches whose pixel is most similar to it, each captioned
+                         with the cosine and the pixel's true class (and mode on the synthetic set)
   maps_<i>.png           Fig. 3 maps of every predicted class on the first --images val images, with a legend
   compare.png            --compare: per-class IoU of this model (on the images the atlas saw) and of another run
 The checkpoint is train.py's or the official release (checkpoints.load_model); the dataset is the checkpoint's
-unless --dataset says otherwise (an official file with C != 19 classes needs --dataset).
+unless --dataset says otherwise (an official file with C != 19 classes needs --dataset). Every file is written whole
+or not at all; Ctrl-C / SIGTERM end in one line saying what was written (exit 130 / 143).
 """
 import argparse
 import html
 import json
-import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +31,13 @@ from PIL import Image, ImageDraw
 
 import data
 import draw
+from datafiles import path_problem
 from evaluate import confusion_matrix, metrics_from_confusion, prototype_counts, prototype_summary, strict_json
 from labels import IGNORE_INDEX
 from layers import upsample
 from predict import class_similarity, class_table, dark_note, open_model, prototype_map
-from settings import Parser
+from runs import Outputs, default_device, device_flag, fail, number_flag, run_command
+from settings import PRESETS, Parser
 
 IN_USE = 0.05       # a prototype is "in use" when it takes >= 5 % of its class's pixels (evaluate.prototype_summary)
 NUM_MODES = 16      # mode ids kept apart by prototype_counts (the synthetic set has 3 per class)
@@ -54,10 +58,11 @@ def collapse_score(prototypes):
 # ----------------------------------------------------------------------------- one pass over the val set
 
 @torch.no_grad()
-def collect(model, dataset, device, limit=0, gallery=8, samples=1500, seed=0):
+def collect(model, dataset, device, limit=0, gallery=8, samples=1500, seed=0, at=lambda i, n: None):
     """Everything the pictures need, from one forward per val image (the first `limit`; 0 = all):
     counts (C, K, M) as evaluate.prototype_counts, the confusion matrix, per prototype the `gallery` best
-    (cosine, image, y, x) of its class's labelled pixels (one per image), and per class sampled embeddings."""
+    (cosine, image, y, x, true mode or -1) of its class's labelled pixels (one per image), and per class sampled
+    embeddings. at(i, n): called before image i of n."""
     protos = model.head.unit_prototypes()
     C, K, D = protos.shape
     n = min(limit or len(dataset), len(dataset))
@@ -69,6 +74,7 @@ def collect(model, dataset, device, limit=0, gallery=8, samples=1500, seed=0):
     per_image = max(4, samples // max(n, 1))
     has_modes = False
     for i in range(n):
+        at(i, n)
         item = dataset[i]
         image, label = item["image"][None].to(device), item["label"].to(device)
         embed = model.head.embed_map(model.features(image))              # (1, D, h, w) unit vectors
@@ -90,7 +96,8 @@ def collect(model, dataset, device, limit=0, gallery=8, samples=1500, seed=0):
             for k in range(K):                                           # this image's best pixel for p_ck
                 s = sim[c, k].where(mask, torch.tensor(-2.0))
                 j = int(s.argmax())
-                best[c][k].append((float(s.flatten()[j]), i, j // w, j % w))
+                m = -1 if mod is None else int(mod.flatten()[j])
+                best[c][k].append((float(s.flatten()[j]), i, j // w, j % w, m))
             idx = torch.nonzero(mask.flatten()).squeeze(1).numpy()
             pick = rng.choice(idx, min(per_image, len(idx)), replace=False)
             pool[c].append((emb.flatten(0, 1)[pick].float().cpu(), None if mod is None else mod.flatten()[pick].long()))
@@ -118,13 +125,15 @@ def class_stats(model, found, names):
 # ----------------------------------------------------------------------------- pictures
 
 def pca_2d(x, extra):
-    """Project rows of x (n, D) and extra (m, D) onto x's two principal axes, scaled into [-0.95, 0.95]."""
+    """Project rows of x (n, D) and extra (m, D) onto x's two principal axes, scaled into [-0.95, 0.95] (one scale
+    for both axes); also the share of x's variance each axis holds."""
     mean = x.mean(0, keepdim=True)
-    _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
+    _, sv, v = torch.linalg.svd(x - mean, full_matrices=False)
     axes = v[:2].T                                                        # (D, 2)
     a, b = (x - mean) @ axes, (extra - mean) @ axes
     scale = torch.cat([a, b]).abs().max().clamp(min=1e-8) / 0.95
-    return (a / scale).numpy(), (b / scale).numpy()
+    shares = (sv[:2] ** 2 / (sv ** 2).sum().clamp(min=1e-12)).tolist()
+    return (a / scale).numpy(), (b / scale).numpy(), shares + [0.0] * (2 - len(shares))
 
 
 def class_picture(model, stats, found, c, name):
@@ -144,16 +153,20 @@ def class_picture(model, stats, found, c, name):
         x = torch.cat([e for e, _ in found["pool"][c]])
         p = model.head.unit_prototypes()[c].float().cpu()
         nearest = (x @ p.T).argmax(1).numpy()
-        xy, pxy = pca_2d(x, p)
+        xy, pxy, shares = pca_2d(x, p)
+        axes = [f"PC{j + 1} ({100 * v:.0f} %)" for j, v in enumerate(shares)]
         marks = [(pxy[k], hues[k]) for k in range(K)]
-        panels.append(draw.titled(draw.scatter(xy, hues[nearest], marks=marks), "PCA of embeddings: nearest prototype"))
+        panel = draw.titled(draw.scatter(xy, hues[nearest], marks=marks, axes=axes),
+                            "PCA of embeddings: nearest prototype")
+        panels.append(draw.column([panel, draw.legend([(hues[k], f"p{k}") for k in range(K)], panel.width,
+                                                      "dot: pixel, x: prototype;")], 2))
         if found["pool"][c][0][1] is not None:
             modes = torch.cat([m for _, m in found["pool"][c]]).numpy()
             mode_hues = draw.prototype_colours(max(int(modes.max()) + 1, 3))[::-1]
-            panels.append(draw.titled(draw.scatter(xy, mode_hues[modes], marks=[(q, (0, 0, 0)) for q in pxy]),
-                                      "the same points: true mode"))
-            panels[-1] = draw.column([panels[-1], draw.legend([(mode_hues[m], f"mode {m}") for m in
-                                                                sorted(set(modes.tolist()))], panels[-1].width)], 2)
+            panel = draw.titled(draw.scatter(xy, mode_hues[modes], marks=[(q, (0, 0, 0)) for q in pxy], axes=axes),
+                                "the same points: true mode")
+            panels.append(draw.column([panel, draw.legend([(mode_hues[m], f"mode {m}") for m in
+                                                           sorted(set(modes.tolist()))], panel.width)], 2))
     body = draw.row(panels, gap=12)
     return draw.column([draw.text_panel(head, body.width), body])
 
@@ -173,15 +186,20 @@ def patch(rgb, y, x, feature_size, size=64):
 
 
 def gallery_picture(dataset, found, c, name, K, stats):
+    """Per prototype of class c, its best val patches, each captioned: cosine, the pixel's true class (the gallery
+    takes only pixels labelled c) and, on the synthetic set, its true mode."""
     hues = draw.prototype_colours(K)
     rows = []
     share = stats["prototype_share"] or [0.0] * K
     for k in range(K):
-        tiles = [draw.titled(patch(dataset.load(i)[0], y, x, found["feature_size"]), f"{s:.2f}")
-                 for s, i, y, x in found["best"][c][k]]
+        tiles = [draw.column([draw.text_panel([f"{s:.2f}", f"{name[:10]}{f' m{m}' if m >= 0 else ''}"], 64),
+                              patch(dataset.load(i)[0], y, x, found["feature_size"])], 0)
+                 for s, i, y, x, m in found["best"][c][k]]
         label = draw.legend([(hues[k], f"p{k} {100 * share[k]:.0f}%")], 80)
         rows.append(draw.row([label] + tiles, gap=4))
-    title = f"{name}: for each prototype, the val patches whose pixel (outlined) is most similar to it (cosine)"
+    title = (f"{name}: for each prototype, the val patches whose pixel (outlined) is most similar to it; each "
+             "captioned with the cosine and the pixel's true class" + (" and mode (m)" if any(
+                 t[4] >= 0 for b in found["best"][c] for t in b) else ""))
     body = draw.column(rows, gap=4)
     return draw.column([draw.text_panel([title], max(body.width, 400)), body])
 
@@ -233,99 +251,131 @@ def compare_picture(ours, other, names, other_name):
 def parse_args(argv):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="train.py's last.pt or an official ProtoSeg checkpoint")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--dataset", default=None, help="val set to use (default: the checkpoint's)")
+    p.add_argument("--out", default="runs/atlas", help="output folder (default: runs/atlas)")
+    p.add_argument("--dataset", type=str.lower, choices=list(PRESETS), default=None,
+                   help="val set to use (default: the checkpoint's)")
     p.add_argument("--data-root", default=None, help="the dataset's folder (not for synthetic)")
-    p.add_argument("--images", type=int, default=6, help="val images with Fig. 3 maps (default 6)")
-    p.add_argument("--gallery", type=int, default=8, help="patches per prototype (default 8)")
-    p.add_argument("--val-images", type=int, default=0, help="val images to count over (default 0: all)")
+    p.add_argument("--images", type=number_flag(int, ">= 0"), default=6, help="val images with Fig. 3 maps (default 6)")
+    p.add_argument("--gallery", type=number_flag(int, ">= 0"), default=8, help="patches per prototype (default 8)")
+    p.add_argument("--val-images", type=number_flag(int, ">= 0"), default=0,
+                   help="val images to count over (default 0: all)")
     p.add_argument("--compare", default=None, help="another run's metrics.json: per-class IoU side by side")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_flag, default=default_device(), help="cpu, cuda or cuda:N")
     args = p.parse_args(argv)
-    for flag in ("images", "gallery", "val_images"):
-        if getattr(args, flag) < 0:
-            sys.exit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)}: expected a count >= 0")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file, expected a folder (created if missing)")
+    if args.data_root and not Path(args.data_root).is_dir():
+        found = "a file" if Path(args.data_root).exists() else path_problem(args.data_root)
+        p.error(f"--data-root {args.data_root}: {found}, expected the dataset's folder")
     return args
 
 
 def val_set(cfg, args):
     name = args.dataset or cfg.get("dataset", "synthetic")
     if name == "folder" and not args.dataset:
-        sys.exit(f"error: {args.checkpoint} has {cfg['num_classes']} classes and no dataset name; pass --dataset "
-                 "(and --data-root)")
+        fail(f"{args.checkpoint} has {cfg['num_classes']} classes and no dataset name; pass --dataset (and "
+             "--data-root)")
     kw = dict(num_classes=cfg["num_classes"], ignore_value=cfg.get("ignore_value", 255)) if name == "folder" else {}
     kw.update(seed=cfg.get("seed", 0))
     try:
         val = data.build_dataset(name, args.data_root, "val", data.EvalTransform(), **kw)
     except data.DatasetError as e:
-        sys.exit(f"error: {' '.join(str(e).split())}")
+        fail(" ".join(str(e).split()))
     if val.num_classes != cfg["num_classes"]:
-        sys.exit(f"error: --dataset {name} has {val.num_classes} classes; {args.checkpoint} has {cfg['num_classes']}")
+        fail(f"--dataset {name} has {val.num_classes} classes; {args.checkpoint} has {cfg['num_classes']}")
     return name, val
 
 
 def read_metrics(path):
     """{class name: IoU} from a metrics.json (train.py's strict JSON)."""
+    found = path_problem(path)
+    if found != "found":
+        fail(f"--compare {path}: {found}, expected the metrics.json of a train.py run")
     try:
         m = json.loads(Path(path).read_text())
         return {name: row.get("iou") for name, row in m["classes"].items()}
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-        sys.exit(f"error: --compare {path}: cannot read per-class IoU ({type(e).__name__}: {e}); expected the "
-                 "metrics.json of a train.py run")
+        fail(f"--compare {path}: cannot read per-class IoU ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+             "expected the metrics.json of a train.py run")
 
 
-def write_index(out, files, classes):
+def index_page(files, classes):
+    """index.html: the per-class numbers and every picture."""
     rows = "".join(f"<tr><td>{html.escape(n)}</td><td>{s['prototypes_in_use']}</td><td>"
                    f"{fmt(s['collapse'])}</td></tr>" for n, s in classes.items())
     imgs = "".join(f'<h3>{html.escape(f)}</h3><p><a href="{f}"><img src="{f}"></a></p>\n' for f in files)
-    (out / "index.html").write_text(
-        "<!doctype html><meta charset=utf-8><title>ProtoSeg atlas</title><h1>ProtoSeg atlas</h1>"
-        "<p>numbers: <a href=atlas.json>atlas.json</a></p><table border=1 cellpadding=3><tr><th>class</th>"
-        f"<th>prototypes in use</th><th>collapse score</th></tr>{rows}</table>\n{imgs}")
+    return ("<!doctype html><meta charset=utf-8><title>ProtoSeg atlas</title><h1>ProtoSeg atlas</h1>"
+            "<p>numbers: <a href=atlas.json>atlas.json</a></p><table border=1 cellpadding=3><tr><th>class</th>"
+            f"<th>prototypes in use</th><th>collapse score</th></tr>{rows}</table>\n{imgs}")
 
 
-def main(argv=None):
+def main(argv=None, outputs=None):
+    """The atlas (see the module's docstring); returns atlas.json's content. outputs: the runs.Outputs that records
+    what is written (cli reads it when the command is stopped)."""
     args = parse_args(argv)
-    device = torch.device(args.device)
-    model, cfg = open_model(args.checkpoint, device)
+    outputs = outputs or Outputs()
+    outputs.folder = Path(args.out)
+    outputs.doing = f"while loading {args.checkpoint}"
+    model, cfg = open_model(args.checkpoint, args.device)
     if cfg["head"] != "protoseg":
-        sys.exit(f"error: {args.checkpoint} has a {cfg['head']!r} head; the atlas needs a ProtoSeg head (prototypes)")
+        fail(f"{args.checkpoint} has a {cfg['head']!r} head; the atlas needs a ProtoSeg head (prototypes)")
     other = read_metrics(args.compare) if args.compare else None
     name, val = val_set(cfg, args)
     names, palette = class_table({**cfg, "dataset": name})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    found = collect(model, val, device, args.val_images, args.gallery)
+    n = min(args.val_images or len(val), len(val))
+    shown = [0.0]
+
+    def reading(i, n):                                          # what a stop message says; a line every 10 s
+        outputs.doing = f"while reading the val images ({i} of {n} done)"
+        if i and time.time() - shown[0] > 10:
+            print(f"atlas: {i} of {n} val images read", flush=True)
+            shown[0] = time.time()
+    reading(0, n)
+    print(f"atlas of {args.checkpoint}: one pass over {n} val images of {name}", flush=True)
+    found = collect(model, val, args.device, n, args.gallery, at=reading)
     classes = class_stats(model, found, names)
-    K, files = model.head.prototypes.shape[1], []
-
-    def save(img, fname):
-        img.save(out / fname)
-        files.append(fname)
-
-    for c, n in enumerate(names):
-        safe = "".join(ch if ch.isalnum() else "_" for ch in n)
-        save(class_picture(model, classes[n], found, c, n), f"class_{c}_{safe}.png")
-        if found["best"][c][0]:
-            save(gallery_picture(val, found, c, n, K, classes[n]), f"gallery_{c}_{safe}.png")
-    for i in range(min(args.images, found["images"])):
-        save(maps_picture(model, val, i, names, palette, device), f"maps_{i}.png")
+    files = write_pictures(model, val, found, classes, names, palette, args, outputs)
     report = {"checkpoint": str(args.checkpoint), "dataset": name, "images": found["images"],
-              "prototypes_per_class": K, "in_use_threshold": IN_USE, "classes": classes}
+              "prototypes_per_class": model.head.prototypes.shape[1], "in_use_threshold": IN_USE, "classes": classes}
     if other is not None:
         ours = {n: classes[n]["iou"] for n in names}
         report["compare"] = {"other": str(args.compare), "iou": {n: {"this": ours[n], "other": other.get(n)}
                                                                  for n in names}}
-        save(compare_picture(ours, other, names, Path(args.compare).parent.name or "other"), "compare.png")
-    report = strict_json(report)                                       # strict JSON: NaN -> null
-    (out / "atlas.json").write_text(json.dumps(report, indent=1))
-    write_index(out, files, classes)
+        outputs.doing = "while drawing compare.png"
+        outputs.save(compare_picture(ours, other, names, Path(args.compare).parent.name or "other"), "compare.png")
+        files.append("compare.png")
+    report = strict_json(report)                                  # strict JSON: NaN -> null
+    outputs.doing = "while writing atlas.json and index.html"
+    outputs.text("atlas.json", json.dumps(report, indent=1))
+    outputs.text("index.html", index_page(files, classes))
     for n, s in classes.items():
         print(f"{n[:20]:>20s}: prototypes in use {s['prototypes_in_use']} | collapse "
               f"{fmt(s['collapse'])}")
-    print(f"wrote {len(files)} pictures, atlas.json and index.html to {out}")
+    print(f"wrote {len(files)} pictures, atlas.json and index.html to {outputs.folder}")
     return report
 
 
+def write_pictures(model, val, found, classes, names, palette, args, outputs):
+    """class_*, gallery_* and maps_* pictures; returns their file names."""
+    K, files = model.head.prototypes.shape[1], []
+    for c, n in enumerate(names):
+        safe = "".join(ch if ch.isalnum() else "_" for ch in n)
+        outputs.doing = f"while drawing class {c} of {len(names)} ({n})"
+        files.append(outputs.save(class_picture(model, classes[n], found, c, n), f"class_{c}_{safe}.png").name)
+        if found["best"][c][0]:
+            files.append(outputs.save(gallery_picture(val, found, c, n, K, classes[n]), f"gallery_{c}_{safe}.png").name)
+    for i in range(min(args.images, found["images"])):
+        outputs.doing = f"while drawing the maps of val image {i}"
+        files.append(outputs.save(maps_picture(model, val, i, names, palette, args.device), f"maps_{i}.png").name)
+    return files
+
+
+def cli(argv=None):
+    """main() as a command: Ctrl-C / SIGTERM end in one line saying what was written (exit 130 / 143)."""
+    outputs = Outputs()
+    run_command(lambda: main(argv, outputs), outputs.stopped,
+                out_of_memory=lambda text: outputs.out_of_memory(text, "fewer --val-images, or --device cuda"))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -5,6 +5,9 @@
     python bench.py sinkhorn   # only rows (a) and (b)
     python bench.py vocab      # only row (f); --quick: hrnet18_small_v2 on the CPU in a few minutes
 
+It writes no file. Ctrl-C / SIGTERM end in one line naming the row it stopped in (the rows above are complete),
+exit 130 / 143.
+
 (a) Sinkhorn clustering of 10K pixels into 10 prototypes, D = 720, similarities included (paper: 2.5 ms, GPU)
 (b) one prototype step (clustering + PPC/PPD losses with backward + Eq. 14 update), 2 x 128 x 256 pixels,
     19 classes, K = 10, D = 720: this implementation vs a per-class Python loop (the official code's structure)
@@ -18,6 +21,7 @@ import argparse
 import multiprocessing
 import os
 import re
+import signal
 import statistics
 import time
 
@@ -27,6 +31,8 @@ import torch.nn.functional as F
 from models import build_model
 from protoseg import (HEADS, ppc_loss, ppd_loss, prototype_losses, seg_loss,
                       similarity_map, sinkhorn_targets, update_prototypes)
+from runs import default_device, device_flag, number_flag, run_command
+from settings import Parser
 from sinkhorn import sinkhorn
 
 
@@ -122,6 +128,7 @@ def train_step(backbone, head, size, device, num_classes=19):
 def train_step_child(queue, backbone, head, size, device_name, num_classes=19):
     """Training steps measured in a fresh process, so the peak is this configuration's own.
     Puts (median step seconds, peak GB, peak GB above the weights and inputs)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's to report; it ends this process
     device = torch.device(device_name)
     torch.set_flush_denormal(True)
     model, step = train_step(backbone, head, size, device, num_classes)
@@ -137,7 +144,7 @@ def run_child(*args, exact_rss=False):
     freed (a fixed mmap threshold), so the resident set follows the live tensors (CPU memory, not timing)."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=train_step_child, args=(queue, *args))
+    p = ctx.Process(target=train_step_child, args=(queue, *args), daemon=True)   # ended with the parent
     env = dict(os.environ)
     if exact_rss:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
@@ -176,14 +183,22 @@ def vocab(args, row):
             "", f"time ratio {tp / ts:.3f} memory ratio {mp_ / ms:.3f}")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("only", nargs="?", choices=["sinkhorn", "vocab"], help="only rows (a)-(b), or only (f)")
     p.add_argument("--quick", action="store_true", help="smaller inputs for a CPU")
-    p.add_argument("--repeats", type=int, default=5, help="(f): interleaved timed steps per head and C")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    device = torch.device(args.device)
+    p.add_argument("--repeats", type=number_flag(int, "> 0"), default=5,
+                   help="(f): interleaved timed steps per head and C (default 5)")
+    p.add_argument("--device", type=device_flag, default=default_device(), help="cpu, cuda or cuda:N")
+    return p.parse_args(argv)
+
+
+def main(argv=None, progress=None):
+    """The table, row by row (printed as each is measured); returns its rows (label, value, ratio).
+    progress: {"row": the row being measured} for the line of a stopped run (cli)."""
+    args = parse_args(argv)
+    progress = {} if progress is None else progress
+    device = args.device
     torch.set_flush_denormal(True)            # untrained HRNet features are tiny; denormals slow the CPU down
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     rows = []
@@ -192,16 +207,24 @@ def main():
         rows.append((label, value, ratio))
         print(f"{label:<62s} {value:>22s} {ratio}", flush=True)
 
-    print(f"device: {name}; torch {torch.__version__}; {'quick' if args.quick else 'full'} sizes")
-    if args.only == "vocab":
-        return vocab(args, row)
-    # (a)
+    steps = [("f", vocab)] if args.only == "vocab" else \
+        [("a, b", sinkhorn_rows)] + ([] if args.only else [("c", inference_rows), ("d", train_rows), ("e", param_rows)])
+    progress["row"] = steps[0][0]
+    print(f"device: {name}; torch {torch.__version__}; {'quick' if args.quick else 'full'} sizes", flush=True)
+    for which, rows_of in steps:
+        progress["row"] = which
+        rows_of(args, row)
+    return rows
+
+
+def sinkhorn_rows(args, row):
+    """(a) Sinkhorn alone; (b) one prototype step, ours vs the per-class loop."""
+    device = args.device
     g = torch.Generator(device="cpu").manual_seed(0)
     x = F.normalize(torch.randn(10_000, 720, generator=g), dim=1).to(device)
     prototypes = F.normalize(torch.randn(10, 720, generator=g), dim=1).to(device)
     t = timeit(lambda: sinkhorn(x @ prototypes.T), device, repeats=50)
-    row("(a) Sinkhorn, 10K pixels -> 10 prototypes, D=720", f"{t * 1e3:.2f} ms", f"(paper, GPU: 2.5 ms)")
-    # (b)
+    row("(a) Sinkhorn, 10K pixels -> 10 prototypes, D=720", f"{t * 1e3:.2f} ms", "(paper, GPU: 2.5 ms)")
     n = 2 * 128 * 256
     embed = F.normalize(torch.randn(2, 720, 128, 256, generator=g), dim=1).to(device).requires_grad_()
     labels = torch.randint(0, 19, (2, 128, 256), generator=g).to(device)
@@ -212,12 +235,17 @@ def main():
     row("(b) prototype step, 65,536 px, C=19, K=10, D=720: ours", f"{t_ours * 1e3:.1f} ms")
     row("    same math, per-class loop (official structure)", f"{t_loop * 1e3:.1f} ms",
         f"loop/ours = {t_loop / t_ours:.2f}x")
-    if args.only:
-        return
-    # (c)
+
+
+def backbones(args):
+    return ["hrnet18_small_v2", "mit_b0", "swin_tiny"] + ([] if args.quick else ["hrnet48"])
+
+
+def inference_rows(args, row):
+    """(c) inference time, ProtoSeg head vs softmax head on the same backbone."""
+    device = args.device
     size = (256, 512) if args.quick else (512, 1024)
-    backbones = ["hrnet18_small_v2", "mit_b0", "swin_tiny"] + ([] if args.quick else ["hrnet48"])
-    for backbone in backbones:
+    for backbone in backbones(args):
         times = {}
         for head in ("protoseg", "softmax"):
             torch.manual_seed(0)
@@ -229,15 +257,22 @@ def main():
         row(f"(c) inference {backbone} {size[0]}x{size[1]}: ProtoSeg / softmax",
             f"{times['protoseg'] * 1e3:.0f} / {times['softmax'] * 1e3:.0f} ms",
             f"ratio {times['protoseg'] / times['softmax']:.3f}")
-    # (d)
+
+
+def train_rows(args, row):
+    """(d) one training step and its peak memory, ProtoSeg vs softmax, interleaved as (f)."""
+    device = args.device
     size = (128, 256) if args.quick else (512, 1024)
-    for backbone in backbones:                                                 # interleaved, as (f)
+    for backbone in backbones(args):
         (tp, ts), ((mp_, _), (ms, _)), _ = head_pair(backbone, size, device, 19, 3 if device.type == "cpu" else 10)
-        row(f"(d) train step {backbone}, 2x{size[0]}x{size[1]}: ProtoSeg / softmax", f"{tp * 1e3:.0f} / {ts * 1e3:.0f} ms",
-            f"ratio {tp / ts:.3f}")
+        row(f"(d) train step {backbone}, 2x{size[0]}x{size[1]}: ProtoSeg / softmax",
+            f"{tp * 1e3:.0f} / {ts * 1e3:.0f} ms", f"ratio {tp / ts:.3f}")
         row(f"    peak memory ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})",
             f"{mp_:.2f} / {ms:.2f} GB", f"ratio {mp_ / ms:.3f}")
-    # (e)
+
+
+def param_rows(args, row):
+    """(e) learnable parameters of the head for 19, 150 and 847 classes."""
     for backbone, d in (("hrnet48", 720), ("mit_b0", 256), ("swin_tiny", 512)):  # D: the neck's width
         for c in (19, 150, 847):
             count = {h: sum(q.numel() for q in HEADS[h](d, c, **kw).parameters())
@@ -246,5 +281,15 @@ def main():
                 f"{count['protoseg']:,} / {count['softmax']:,}", f"diff {count['softmax'] - count['protoseg']:+,}")
 
 
+def cli(argv=None):
+    """main() as a command: Ctrl-C / SIGTERM and out of memory end in one line naming the row (exit 130 / 143 / 1)."""
+    progress = {}
+    where = lambda: f"in row ({progress['row']})" if progress.get("row") else "before the first row"
+    run_command(lambda: main(argv, progress),
+                lambda: f"interrupted {where()}; the rows printed above are complete; nothing written",
+                out_of_memory=lambda text: f"out of memory {where()}; the rows printed above are complete; expected "
+                                           "sizes that fit this device: --quick, or a device with more memory")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -5,16 +5,17 @@
     the official release tfzhou/ProtoSeg's {"state_dict": ...} (openseg layout): load_checkpoint converts it
                          (official_to_project) and switches on the official departures it computes with
     ImageNet backbones   load_pretrained: HRNet-seg, torchvision, NVlabs MiT and microsoft Swin files, strictly
-Every file is read with torch.load(weights_only=True); every problem is one CheckpointError naming the file.
+Every file is read with torch.load(weights_only=True) and only from a regular file; weights or buffers that are not
+numbers (NaN, Inf) are refused by every loader; every problem is one CheckpointError naming the file.
 """
 import dataclasses
 import fnmatch
 import os
 import pickle
-from pathlib import Path
 
 import torch
 
+from datafiles import path_problem
 from models import model_from_config
 from runs import fail, last_good
 
@@ -42,12 +43,19 @@ def atomic_save(obj, path):
             os.remove(tmp)
 
 
+def not_finite(name, t):
+    """'<name> holds N NaN and M Inf of its T values' when the tensor t holds values that are not numbers, else None."""
+    if not (torch.is_tensor(t) and t.is_floating_point()) or torch.isfinite(t).all():
+        return None
+    return f"{name} holds {int(t.isnan().sum())} NaN and {int(t.isinf().sum())} Inf of its {t.numel()} values"
+
+
 def unhealthy(net):
     """The first parameter or buffer that is non-finite or above DIVERGED, as text; None when all are fine."""
     for name, t in net.state_dict().items():
         if t.is_floating_point():
-            if not torch.isfinite(t).all():
-                return f"{name} is not finite"
+            if not_finite(name, t):
+                return not_finite(name, t)
             if t.abs().max() > DIVERGED:
                 return f"{name} reached |w| = {t.abs().max().item():.3g} (> {DIVERGED:g})"
     return None
@@ -72,20 +80,41 @@ def save_checkpoint(cfg, net, opt, scaler, it, saved_it):
 
 
 def read_checkpoint(path):
-    """torch.load with weights_only (never unpickles code); every failure is one CheckpointError naming the file."""
+    """torch.load with weights_only (never unpickles code) of a regular file (a named pipe would block the read);
+    every failure is one CheckpointError naming the file."""
     path = str(path)
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint {path} not found; expected a file written by train.py (runs/*/last.pt) "
+    found = path_problem(path)
+    if found != "found":
+        raise CheckpointError(f"checkpoint {path}: {found}, expected a file written by train.py (runs/*/last.pt) "
                               "or the official ProtoSeg release")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes), expected a file written by train.py "
+                              "(runs/*/last.pt) or the official ProtoSeg release; it was cut off while written or "
+                              "copied")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain containers "
-                              f"({str(e).splitlines()[0][:160]}); it was not loaded, since unpickling could run "
-                              "code. Re-save only its state_dict with torch.save where you trust the file") from None
+                              f"({_first_line(e)}); it was not loaded, since unpickling could run code. Re-save only "
+                              "its state_dict with torch.save where you trust the file") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:160]}; the file is "
-                              "truncated or not a PyTorch checkpoint") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(e)}; the file is truncated or not a "
+                              "PyTorch checkpoint") from None
+
+
+def _first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0][:160] if lines else type(error).__name__
+
+
+def check_finite(state, path):
+    """Refuse weights and buffers that are not numbers: the first NaN / Inf tensor of a state dict, named with the
+    file, is one CheckpointError (such a model predicts garbage, and PCA or training on it fails further on)."""
+    for name, t in state.items():
+        problem = not_finite(name, t)
+        if problem:
+            raise CheckpointError(f"checkpoint {path}: {problem}, expected finite weights; the run that wrote it "
+                                  "diverged or the file was damaged: use an earlier checkpoint")
 
 
 HEAD_KEYS = ("head.prototypes", "head.classifier.weight", "head.queries")
@@ -99,6 +128,7 @@ def load_checkpoint(path):
     if isinstance(sd, dict):
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if is_official(sd):
+        check_finite(sd, path)                                 # named by the file's own keys
         model, cfg = official_to_project(sd)
         return {"model": model, "config": cfg, "official": True}
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("config"), dict)):
@@ -107,6 +137,7 @@ def load_checkpoint(path):
                               "official ProtoSeg {'state_dict': {'prototypes', 'backbone.*', ...}}. For ImageNet "
                               "backbone weights use train.py --pretrained")
     _check_content(ckpt, path)
+    check_finite(ckpt["model"], path)
     if not ckpt["config"].get("num_classes"):                  # older checkpoints: read it off the head
         head = {k: v for k, v in ckpt["model"].items() if k in HEAD_KEYS}
         ckpt["config"]["num_classes"] = next(iter(head.values())).shape[0]
@@ -216,6 +247,7 @@ def load_pretrained(backbone, path):
     problem = backbone.check_checkpoint(sd) if hasattr(backbone, "check_checkpoint") else None
     if problem:
         raise ValueError(f"{path}: {problem}")
+    check_finite(sd, path)
     own = backbone.state_dict()
     own_only = getattr(backbone, "own_keys", {})
     kept = [k for k in own if k not in sd and any(fnmatch.fnmatchcase(k, p) for p in own_only)]

@@ -9,6 +9,7 @@
 """
 import errno
 import os
+import stat
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -43,17 +44,25 @@ LOSSY = ("lossy compression changes ids along every edge, expected a lossless PN
 _ENDS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}  # the last chunk / marker of a complete file
 
 
+KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
 def path_problem(path):
-    """Why `path` cannot be opened, in words: a symlink loop, a link to a missing target, or not found."""
+    """Why `path` cannot be read as a file, in words: a symlink loop, a link to a missing target, not found, or
+    what it is when not a regular file (a folder, a named pipe, whose read would wait for a writer forever, a
+    device); "found" for a regular file."""
     try:
-        os.stat(path)
+        mode = os.stat(path).st_mode
     except OSError as e:
         if e.errno == errno.ELOOP:
             return "a symlink loop"
         if os.path.islink(path):
             return f"a broken link to {os.readlink(path)}"
         return "not found"
-    return "found"
+    if stat.S_ISREG(mode):
+        return "found"
+    return next((f"{kind}, not a regular file" for test, kind in KINDS if test(mode)), "not a regular file")
 
 
 def _unreadable(path, what, e):
@@ -62,8 +71,17 @@ def _unreadable(path, what, e):
                         f"re-download or re-export it")
 
 
+def _regular(path, what):
+    """Only regular files are read: a named pipe would wait for a writer forever, a device never end."""
+    found = path_problem(path)
+    if found.endswith("not a regular file"):
+        raise DatasetError(f"unreadable {what} in {path}: {found}, expected a{'n' if what == 'image' else ''} "
+                           f"{what} file; replace it by the file itself")
+
+
 def _open(path, what):
     """PIL image with only its header read."""
+    _regular(path, what)
     try:
         return Image.open(path)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # missing, foreign, broken, huge
@@ -108,6 +126,7 @@ def read_image(path):
     """Image file -> HxWx3 uint8 RGB (datasets and predict.py). One-channel 16-bit, 32-bit or float images (PNG
     I;16, TIFF) are stretched from their own min..max to 0..255: convert("RGB") would clip them to white, and the
     bit depth does not say the range used (a 12-bit sensor fills 0..4095). 16-bit RGB PNGs keep the high byte."""
+    _regular(path, "image")
     if str(path).lower().endswith((".jpg", ".jpeg")):
         _check_jpeg(path)
     with _open(path, "image") as im, warnings.catch_warnings(record=True) as seen:

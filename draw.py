@@ -130,14 +130,21 @@ def scale_bar(width, hue=(1.0, 1.0, 1.0), label="similarity to the nearest proto
     return out
 
 
-def scatter(points, colours, size=220, radius=2, marks=None, outline=None, circle=False, bg=WHITE):
+def scatter(points, colours, size=220, radius=2, marks=None, outline=None, circle=False, axes=None, bg=WHITE):
     """Points (N, 2) in [-1, 1]^2 (y up) as dots; marks: [(xy, colour)] drawn as large outlined crosses;
-    outline: (N,) colour per dot's rim or None; circle: draw the unit circle."""
+    outline: (N,) colour per dot's rim or None; circle: draw the unit circle; axes: (x name, y name) drawn as grey
+    lines through 0 with their names at the ends."""
     img = Image.new("RGB", (size, size), bg)
     d = ImageDraw.Draw(img)
     to_px = lambda p: ((p[0] + 1) * (size - 1) / 2, (1 - p[1]) * (size - 1) / 2)
     if circle:
         d.ellipse([0, 0, size - 1, size - 1], outline=(200, 200, 200))
+    if axes:
+        mid = (size - 1) / 2
+        d.line([0, mid, size - 1, mid], fill=(200, 200, 200))
+        d.line([mid, 0, mid, size - 1], fill=(200, 200, 200))
+        d.text((size - 3 - text_width(axes[0]), mid + 2), axes[0], fill=GREY, font=font())
+        d.text((mid + 3, 1), axes[1], fill=GREY, font=font())
     for i, (p, c) in enumerate(zip(np.asarray(points, np.float64), colours)):
         x, y = to_px(p)
         d.ellipse([x - radius, y - radius, x + radius, y + radius], fill=rgb(c),

@@ -1,7 +1,7 @@
 """Pictures and submissions from a checkpoint: coloured prediction, overlay, the paper's Fig. 3 prototype map.
 
-    python predict.py --checkpoint runs/synthetic/last.pt img1.png img2.jpg --out pictures
-    python predict.py --checkpoint runs/synthetic/last.pt --val-index 0 3 --out pictures
+    python predict.py --checkpoint runs/synthetic/last.pt img1.png img2.jpg             # into runs/predict
+    python predict.py --checkpoint runs/synthetic/last.pt --val-index 0 3 --out runs/synthetic/pictures
     python predict.py --checkpoint runs/cityscapes/last.pt /data/cityscapes/leftImg8bit/test --labelids --out results
 
 Inputs are image files and folders (walked recursively; names keep their sub-folders). For each image IMG it writes
@@ -13,7 +13,9 @@ The three single files are the raw maps at the image's size, without legend. --v
 dataset's val images by index instead of files (a synthetic checkpoint) and also writes val_I_image.png.
 --labelids writes only IMG.png holding Cityscapes labelIds, one file per frame: the folder cityscapesScripts'
 evaluator takes as CITYSCAPES_RESULTS and the format of the test server. The checkpoint may be train.py's or the
-official ProtoSeg release. Exit code 1 when an input could not be read or nothing was written.
+official ProtoSeg release. Every file is written whole or not at all. An input that cannot be read (not an image, not
+a regular file) or does not fit the device's memory is skipped with a line naming it; exit code 1 when one was
+skipped or nothing was written, 130 / 143 on Ctrl-C / SIGTERM (one line saying what was written).
 """
 import argparse
 import math
@@ -31,15 +33,16 @@ import draw
 from draw import prototype_colours  # noqa: F401 (predict.prototype_colours)
 from evaluate import predict_scores
 from labels import CLASS_TABLES, IMAGE_EXTS
+from runs import NO_MEMORY, Outputs, asked_for, default_device, device_flag, fail, number_flag, run_command
 from settings import Parser, number  # flag errors as train.py's: one line; its ranges
 
 
-
 def class_table(cfg):
-    """(class names, palette (C, 3) uint8) of the checkpoint's dataset; numbered names otherwise."""
+    """(class names, palette (C, 3) uint8) of the checkpoint's dataset; otherwise the names train.py gives a folder
+    dataset's classes (class0, class1, ...)."""
     names, palette = CLASS_TABLES.get(cfg.get("dataset"), (None, None))
     if names is None or len(names) != cfg["num_classes"]:
-        return [str(i) for i in range(cfg["num_classes"])], data.default_palette(cfg["num_classes"])
+        return [f"class{i}" for i in range(cfg["num_classes"])], data.default_palette(cfg["num_classes"])
     return list(names), np.asarray(palette, np.uint8)
 
 
@@ -47,8 +50,8 @@ def output_names(inputs):
     """[(image path, output stem relative to --out)]: folders walked; a stem two inputs share keeps its suffix."""
     found = []
     for arg in map(Path, inputs):
-        if arg.is_dir():
-            files = sorted(p for p in arg.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        if arg.is_dir():               # anything named like an image but a folder is read, and refused if not a file
+            files = sorted(p for p in arg.rglob("*") if p.suffix.lower() in IMAGE_EXTS and not p.is_dir())
             if not files:
                 print(f"warning: no images in folder {arg}", file=sys.stderr)
             found += [(p, p.relative_to(arg).with_suffix("")) for p in files]
@@ -87,10 +90,11 @@ DARK = 0.2   # mean cosine below which a prototype map is too dark to read
 
 
 def dark_note(best, mask, name):
-    """A line saying why the map is dark when the class's pixels barely resemble its prototypes, else None.
-    Prototypes start random (cosine ~0 to every embedding) and Eq. 14 moves them by (1 - mu) a step."""
+    """A line saying why the map is dark: no pixel is predicted as the class, or its pixels barely resemble its
+    prototypes (they start random, cosine ~0 to every embedding, and Eq. 14 moves them by 1 - mu a step); else None."""
     if not mask.any():
-        return None
+        return (f"note: the map of {name} is dark: no pixel of this image is predicted as {name}; choose a class "
+                "the prediction shows with --class")
     mean = float(best[mask].mean())
     if mean >= DARK:
         return None
@@ -104,7 +108,7 @@ def panel_size(h, w, low=200, high=512):
     return max(1, round(h * f)), max(1, round(w * f))
 
 
-def strip(rgb, pred, names, palette, proto=None, note=None):
+def strip_picture(rgb, pred, names, palette, proto=None, note=None):
     """image | prediction | prototype map, with the legend underneath (the README's pictures).
     proto: (picture, k (H, W) nearest prototype of class c, K, c) or None (no prototype head)."""
     pred = pred.cpu().numpy()
@@ -133,10 +137,10 @@ def strip(rgb, pred, names, palette, proto=None, note=None):
 def parse_args(argv):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="*", help="image files and/or folders of images")
-    p.add_argument("--val-index", nargs="+", type=int, default=[], metavar="I",
+    p.add_argument("--val-index", nargs="+", type=number_flag(int, ">= 0"), default=[], metavar="I",
                    help="synthetic val images by index (a synthetic checkpoint; the scenes of its --seed)")
     p.add_argument("--checkpoint", required=True, help="train.py's last.pt or an official ProtoSeg checkpoint")
-    p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
     p.add_argument("--class", dest="cls", default=None,
                    help="class (name or index) for the prototype map (default: the most predicted non-first class)")
     p.add_argument("--eval-crop", nargs="+", type=number(int, "eval_crop"), default=None,
@@ -146,24 +150,27 @@ def parse_args(argv):
     p.add_argument("--eval-resize", nargs="+", type=number(int, "eval_resize"), default=None,
                    help="rescale to fit LONG SHORT keeping the ratio, labels at the image's size (0: none; default: "
                         "the checkpoint's)")
-    p.add_argument("--eval-scales", nargs="+", type=number(float, "eval_scales"), default=[1.0], help="test-time scales (default: 1)")
+    p.add_argument("--eval-scales", nargs="+", type=number(float, "eval_scales"), default=[1.0],
+                   help="test-time scales (default: 1)")
     p.add_argument("--eval-flip", action="store_true", help="add the horizontally flipped image")
     p.add_argument("--channel-order", choices=["rgb", "bgr"], default=None,
                    help="model input channel order (default: the checkpoint's; bgr for the official release)")
     p.add_argument("--labelids", action="store_true", help="only Cityscapes labelId PNGs (a submission folder)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_flag, default=default_device(), help="cpu, cuda or cuda:N")
     args = p.parse_args(argv)
     if not args.images and not args.val_index:
         p.error("give image files / folders or --val-index I ...")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file, expected a folder (created if missing)")
     for name in ("eval_crop", "eval_stride", "eval_resize"):
         v = getattr(args, name)
-        if v is not None and (len(v) > 2 or min(v) < 0):
-            p.error(f"--{name.replace('_', '-')} takes N or H W (>= 0), got {v}")
+        if v is not None and len(v) > 2:
+            p.error(f"--{name.replace('_', '-')} takes N or H W, got {len(v)} numbers")
         setattr(args, name, None if v is None else tuple((v * 2)[:2]))
     return args
 
 
-def test_protocol(args, cfg):
+def protocol_from_checkpoint(args, cfg):
     """The flags not given take the checkpoint's settings (its recipe's test protocol); older checkpoints: none."""
     for name, default in (("eval_crop", (0, 0)), ("eval_stride", (0, 0)), ("eval_resize", (0, 0)),
                           ("channel_order", "rgb")):
@@ -174,45 +181,74 @@ def test_protocol(args, cfg):
 
 
 def open_model(path, device):
-    """(model, config) of any checkpoint evaluate.load_model reads; a bad file is one `error:` line."""
+    """(model, config) of any checkpoint checkpoints.load_model reads; a bad file is one `error:` line."""
     try:
         return load_model(path, device)
     except CheckpointError as e:
-        sys.exit(f"error: {e}")
+        fail(str(e))
 
 
-def main(argv=None):
+def chosen_class(args, names):
+    """--class as an index, or None (the most predicted non-first class of each image)."""
+    if args.cls is None:
+        return None
+    cls = int(args.cls) if args.cls.isdigit() else (names.index(args.cls) if args.cls in names else None)
+    if cls is None or not 0 <= cls < len(names):
+        fail(f"--class {args.cls!r} is not one of {names} (or their indices 0..{len(names) - 1})")
+    return cls
+
+
+def main(argv=None, outputs=None):
+    """Every input's pictures (see the module's docstring); (written, skipped), or exit 1 when one was skipped.
+    outputs: the runs.Outputs that records what is written (cli reads it when the command is stopped)."""
     args = parse_args(argv)
-    device = torch.device(args.device)
-    model, cfg = open_model(args.checkpoint, device)
+    outputs = outputs or Outputs()
+    outputs.folder = Path(args.out)
+    outputs.doing = f"while loading {args.checkpoint}"
+    model, cfg = open_model(args.checkpoint, args.device)
     names, palette = class_table(cfg)
-    test_protocol(args, cfg)
+    protocol_from_checkpoint(args, cfg)
     if args.labelids and cfg.get("dataset") != "cityscapes":
-        sys.exit(f"error: --labelids needs a Cityscapes checkpoint; {args.checkpoint} is {cfg.get('dataset')!r}")
-    cls = None
-    if args.cls is not None:
-        cls = int(args.cls) if args.cls.isdigit() else (names.index(args.cls) if args.cls in names else None)
-        if cls is None or not 0 <= cls < len(names):
-            sys.exit(f"error: --class {args.cls!r} is not one of {names}")
+        fail(f"--labelids needs a Cityscapes checkpoint; {args.checkpoint} is {cfg.get('dataset')!r}")
+    cls = chosen_class(args, names)
+    found = inputs(args, cfg)
     written, failed = 0, 0
-    for path, stem, read in inputs(args, cfg):
-        try:
-            rgb = read()                                        # 16-bit images scaled by their range
-        except data.DatasetError as e:                          # report, go on with the rest
-            print(f"skipping {path}: cannot read it as an image ({' '.join(str(e).split())[:200]})", file=sys.stderr)
+    for i, (path, stem, read) in enumerate(found):
+        outputs.doing = f"while predicting {path} (image {i + 1} of {len(found)})"
+        problem = predict_one(model, cfg, read, outputs, stem, names, palette, cls, args, path)
+        if problem:                                             # report, go on with the rest
+            print(f"skipping {path}: {problem}", file=sys.stderr, flush=True)
             failed += 1
             continue
-        out = Path(args.out) / stem
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if not isinstance(path, Path):                          # a synthetic val scene: put the image on disk too
-            Image.fromarray(rgb).save(f"{out}_image.png")
-        write_outputs(model, cfg, rgb, out, names, palette, cls, args, device)
         written += 1
-        print(f"{path} -> {out}{'.png' if args.labelids else '_*.png'}", flush=True)
-    print(f"wrote {written} image(s) to {args.out}" + (f"; {failed} could not be read" if failed else ""))
+        print(f"{path} -> {outputs.folder / stem}{'.png' if args.labelids else '_*.png'}", flush=True)
+    print(f"wrote {written} image(s) to {args.out}" + (f"; {failed} skipped (see above)" if failed else ""))
     if failed or not written:
         raise SystemExit(1)
     return written, failed
+
+
+def predict_one(model, cfg, read, outputs, stem, names, palette, cls, args, path):
+    """One input's pictures; None, or why it was skipped: unreadable, or too large for the device's memory."""
+    rgb = None
+    try:
+        rgb = read()                                            # 16-bit images scaled by their range
+        if not isinstance(path, Path):                          # a synthetic val scene: put the image on disk too
+            outputs.save(Image.fromarray(rgb), f"{stem}_image.png")
+        write_outputs(model, cfg, rgb, outputs, stem, names, palette, cls, args)
+    except data.DatasetError as e:
+        return f"cannot read it as an image ({' '.join(str(e).split())[:200]})"
+    except (MemoryError, RuntimeError) as e:
+        text = " ".join(str(e).split())
+        if not isinstance(e, MemoryError) and not NO_MEMORY.search(text):
+            raise
+        size = f"{rgb.shape[1]}x{rgb.shape[0]} (WxH) " if rgb is not None else ""
+        asked = f" (tried to allocate {asked_for(text)})" if asked_for(text) else ""
+        return (f"out of memory at {size}with --eval-scales {' '.join(map(str, args.eval_scales))}, --eval-crop "
+                f"{' '.join(map(str, args.eval_crop))} on {args.device}{asked}"
+                "; expected an image that fits this device: a sliding window (--eval-crop 512), smaller --eval-scales "
+                "or --eval-resize LONG SHORT")
+    return None
 
 
 def inputs(args, cfg):
@@ -220,42 +256,51 @@ def inputs(args, cfg):
     found = [(p, stem, lambda p=p: data.read_image(p)) for p, stem in output_names(args.images)]
     if args.val_index:
         if not str(cfg.get("dataset", "")).startswith("synthetic"):
-            sys.exit(f"error: --val-index takes the synthetic dataset's val images; {args.checkpoint} was trained "
-                     f"on {cfg.get('dataset')!r}: give its image files instead")
+            fail(f"--val-index takes the synthetic dataset's val images; {args.checkpoint} was trained on "
+                 f"{cfg.get('dataset')!r}: give its image files instead")
         val = data.SyntheticDataset("val", seed=cfg.get("seed", 0))
         bad = [i for i in args.val_index if not 0 <= i < len(val)]
         if bad:
-            sys.exit(f"error: --val-index {bad[0]} is outside the synthetic val set (0..{len(val) - 1})")
+            fail(f"--val-index {bad[0]} is outside the synthetic val set (0..{len(val) - 1})")
         found += [(f"val {i}", Path(f"val_{i:06d}"), lambda i=i: val.load(i)[0]) for i in args.val_index]
     return found
 
 
-def write_outputs(model, cfg, rgb, out, names, palette, cls, args, device):
+@torch.no_grad()
+def write_outputs(model, cfg, rgb, outputs, stem, names, palette, cls, args):
+    """The pictures of one image (rgb HxWx3 uint8) as outputs' files stem_pred.png, ... (or stem.png: --labelids)."""
     transform = data.EvalTransform(args.channel_order, args.eval_resize, args.eval_divisor)
-    image = transform(rgb, [])[0][None].to(device)
+    image = transform(rgb, [])[0][None].to(args.device)
     scores = predict_scores(model, image, len(names), args.eval_crop, tuple(args.eval_scales), args.eval_flip,
                             stride=args.eval_stride, size=rgb.shape[:2])
     pred = scores.argmax(1)[0]
     if args.labelids:
-        Image.fromarray(data.trainid_to_labelid(pred)).save(f"{out}.png")
+        outputs.save(Image.fromarray(data.trainid_to_labelid(pred)), f"{stem}.png")
         return
     coloured = data.colorize(pred, palette)
-    coloured.save(f"{out}_pred.png")
-    Image.blend(Image.fromarray(rgb), coloured, 0.5).save(f"{out}_overlay.png")
+    outputs.save(coloured, f"{stem}_pred.png")
+    outputs.save(Image.blend(Image.fromarray(rgb), coloured, 0.5), f"{stem}_overlay.png")
     proto, note = None, None
     if cfg["head"] == "protoseg":
         counts = torch.bincount(pred.flatten(), minlength=len(names))
-        c = cls if cls is not None else int(counts[1:].argmax()) + 1
+        c = cls if cls is not None else int(counts[1:].argmax()) + 1 if len(names) > 1 else 0
         embed = model.embed(image)                              # (1, h, w, D), once for both
         k, best = class_similarity(model, image, pred.shape, c, embed)
         picture = prototype_map(model, image, pred, c, embed)
-        picture.save(f"{out}_protos.png")
+        outputs.save(picture, f"{stem}_protos.png")
         note = dark_note(best, pred == c, names[c])
         if note:
             print(note, file=sys.stderr)
         proto = (picture, k.cpu().numpy(), model.head.prototypes.shape[1], c)
-    strip(rgb, pred, names, palette, proto, note).save(f"{out}_strip.png")
+    outputs.save(strip_picture(rgb, pred, names, palette, proto, note), f"{stem}_strip.png")
+
+
+def cli(argv=None):
+    """main() as a command: Ctrl-C / SIGTERM end in one line saying what was written (exit 130 / 143)."""
+    outputs = Outputs()
+    run_command(lambda: main(argv, outputs), outputs.stopped,
+                out_of_memory=lambda text: outputs.out_of_memory(text, "--eval-crop 512, smaller --eval-scales"))
 
 
 if __name__ == "__main__":
-    main()
+    cli()

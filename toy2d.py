@@ -1,7 +1,7 @@
 """ProtoSeg on points: the method's steps, with this project's own functions, where every pixel can be seen.
 
-    python toy2d.py --out toy            # unit circle (D = 2), seconds on a CPU
-    python toy2d.py --out toy --dim 3    # unit sphere (D = 3), drawn in projection (back half paler)
+    python toy2d.py                               # unit circle (D = 2), seconds on a CPU, into runs/toy2d
+    python toy2d.py --out runs/toy3d --dim 3      # unit sphere (D = 3), drawn in projection (back half paler)
 
 3 classes, each a mixture of 3 sub-clusters of unequal size in the plane; a tiny MLP embeds a point into a unit
 vector (the "pixel embedding"); K = 3 prototypes per class; class scores = LayerNorm of max_k cosine (train.py's
@@ -16,6 +16,7 @@ protoseg.momentum_update (Eq. 14). Pictures:
                   assigned prototype (what PPD minimises)
   train.gif       the embedding and prototypes during CE + PPC + PPD training
   toy2d.json      the numbers in the pictures
+Every file is written whole or not at all; Ctrl-C / SIGTERM end in one line saying what was written (exit 130 / 143).
 """
 import argparse
 import json
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 
 import draw
 from protoseg import l2_normalize, momentum_update, seg_loss
+from runs import Outputs, number_flag, run_command
+from settings import Parser
 from sinkhorn import sinkhorn_batched
 
 C, K = 3, 3
@@ -221,32 +224,40 @@ def path_view(path, emb, labels, dim, size=260):
     return img
 
 
-def main(argv=None):
+def parse_args(argv):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/toy2d", help="output folder (default: runs/toy2d)")
+    p.add_argument("--dim", type=int, default=2, choices=(2, 3), help="2: the circle, 3: the sphere")
+    p.add_argument("--steps", type=number_flag(int, "> 0"), default=300, help="training steps (default 300)")
+    args = p.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file, expected a folder (created if missing)")
+    return args
+
+
+def main(argv=None, outputs=None):
+    """The pictures and toy2d.json; returns the numbers. outputs: the runs.Outputs that records what is written."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                                                   # tiny tensors: threads only wait
     try:
-        return run(argv)
+        return run(parse_args(argv), outputs or Outputs())
     finally:
         torch.set_num_threads(threads)
 
 
-def run(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--dim", type=int, default=2, choices=(2, 3), help="2: the circle, 3: the sphere")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def run(args, outputs):
+    outputs.folder = Path(args.out)
     report = {}
+    outputs.doing = "while drawing panel (a)"
     img, report["a_counts"] = panel_a(args.dim)
-    img.save(out / "a_assign.png")
+    outputs.save(img, "a_assign.png")
+    outputs.doing = "while drawing panel (b)"
     img, report["b_mean_max_L"] = panel_b(args.dim)
-    img.save(out / "b_kappa.png")
+    outputs.save(img, "b_kappa.png")
     x, labels, _ = points()
-    legend = draw.legend([(CLASS_COLOURS[c], f"class {c}") for c in range(C)], 400, "points coloured by class:")
     panels = []
     for mu in (0.999, 0.9):
+        outputs.doing = f"while training with mu = {mu} for panel (c)"
         net, path, _ = train(x, labels, args.dim, 1.0, 1.0, mu, args.steps)
         with torch.no_grad():
             emb = net(x)
@@ -254,11 +265,23 @@ def run(argv):
         report[f"c_mu_{mu}_mean_1_minus_cos_start_end"] = moved
         panels.append(draw.titled(path_view(path, emb, labels, args.dim),
                                   f"mu = {mu}: prototypes moved 1 - cos = {moved:.2f}"))
-    draw.column([draw.row(panels, 12), draw.text_panel(
-        ["Eq. 14 paths over training (dots: where each prototype ends; faint: the final embedding)"], 540)]).save(
-        out / "c_momentum.png")
+    outputs.save(draw.column([draw.row(panels, 12), draw.text_panel(
+        ["Eq. 14 paths over training (dots: where each prototype ends; faint: the final embedding)"], 540)]),
+        "c_momentum.png")
+    frames = panel_d(x, labels, args, report, outputs)
+    outputs.doing = "while writing train.gif and toy2d.json"
+    outputs.save(frames[0], "train.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    outputs.text("toy2d.json", json.dumps(report, indent=1))
+    print(json.dumps(report))
+    print(f"wrote a_assign.png b_kappa.png c_momentum.png d_losses.png train.gif toy2d.json to {args.out}")
+    return report
+
+
+def panel_d(x, labels, args, report, outputs):
+    """CE only vs CE + PPC + PPD (d_losses.png); returns the frames of the second training (train.gif)."""
     panels = []
     for name, lam in (("CE only", 0.0), ("CE + PPC + PPD", 1.0)):
+        outputs.doing = f"while training {name} for panel (d)"
         net, path, frames = train(x, labels, args.dim, lam, lam, 0.99, args.steps, every=10 if lam else 0)
         spread, in_use, acc = compactness(net, x, labels, path[-1])
         report[f"d_{name}"] = {"mean_1_minus_cos_assigned": spread, "prototypes_in_use": in_use, "accuracy": acc}
@@ -269,13 +292,16 @@ def run(argv):
     note = (f"{args.steps} Adam steps, mu = 0.99, lambda1 = lambda2 = 1 (the paper's 0.01 / 0.001 need longer runs); "
             "crosses: prototypes")
     body = draw.row(panels, 12)
-    draw.column([body, legend, draw.text_panel([note], body.width)]).save(out / "d_losses.png")
-    frames[0].save(out / "train.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    (out / "toy2d.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report))
-    print(f"wrote a_assign.png b_kappa.png c_momentum.png d_losses.png train.gif toy2d.json to {out}")
-    return report
+    legend = draw.legend([(CLASS_COLOURS[c], f"class {c}") for c in range(C)], 400, "points coloured by class:")
+    outputs.save(draw.column([body, legend, draw.text_panel([note], body.width)]), "d_losses.png")
+    return frames
+
+
+def cli(argv=None):
+    """main() as a command: Ctrl-C / SIGTERM end in one line saying what was written (exit 130 / 143)."""
+    outputs = Outputs()
+    run_command(lambda: main(argv, outputs), outputs.stopped)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

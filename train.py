@@ -15,15 +15,10 @@ Exact resume: dropout is reseeded from (seed, rank, iteration) every step, data 
 functions of (seed, epoch, index), so a resumed run replays the same stream.
 """
 import dataclasses
-import gc
 import json
 import os
 import resource
-import signal
-import sys
-import threading
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -37,9 +32,8 @@ from evaluate import evaluate, format_metrics, metrics_report
 from labels import CITYSCAPES_CLASS_WEIGHTS
 from models import family, model_from_config
 from protoseg import data_prototypes, momentum_at, seg_loss, update_prototypes
-from runs import (NO_MEMORY, PEER_LOST, RunLog, claim_out_dir, fail, first_to_report, interrupted_line, last_good,
-                  one_line, out_of_memory_line, peer_lost_line, run_complete, signals_deferred, stop_if_any_rank_failed,
-                  write_curves)
+from runs import (RunLog, claim_out_dir, fail, interrupted_line, last_good, one_line, out_of_memory_line,
+                  peer_lost_line, run_command, run_complete, signals_deferred, stop_if_any_rank_failed, write_curves)
 from settings import RECIPE_FILES, parse_args, resolve
 
 # ----------------------------------------------------------------------------- set-up
@@ -349,57 +343,13 @@ def finish(cfg, metrics, class_names, log):
 
 # ----------------------------------------------------------------------------- the command
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler, torchrun, docker stop), handled as Ctrl-C is."""
-
-
-def _on_sigterm(signum, frame, owner=os.getpid()):
-    if os.getpid() != owner:                # a forked DataLoader worker (kill -TERM to the group): leave quietly,
-        os._exit(0)                         # exit 0 so torch's SIGCHLD check does not report it as a failure
-    raise Terminated()
-
-
 def cli(argv=None):
-    """main() as a command: Ctrl-C / SIGTERM, a torchrun peer's death and an allocation failure end in one line
-    (exit 130 / 143 / 1) with the lock removed and the DataLoader workers stopped, never a stack trace."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    progress, code = {}, 0
-    try:
-        main(argv, progress)
-    except KeyboardInterrupt as e:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)            # a second Ctrl-C must not break the clean-up
-        code = 143 if isinstance(e, Terminated) else 130
-        _release(e)
-        _say(interrupted_line(progress))
-    except (MemoryError, RuntimeError) as e:
-        text = " ".join(str(e).split())
-        if isinstance(e, MemoryError) or NO_MEMORY.search(text):
-            code = 1
-            _release(e)
-            _say("error: " + out_of_memory_line(progress, text))
-        elif PEER_LOST.search(text) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            code = 1
-            _release(e)
-            if first_to_report():
-                _say("error: " + peer_lost_line(progress, text))
-        else:
-            raise
-    sys.exit(code)
-
-
-def _release(e):
-    """Drop the frames the exception holds (the data stream and its DataLoader workers), so they shut down now,
-    quietly: a worker killed by the same signal is no failure (torch's SIGCHLD check), nor is a worker's socket
-    closing under multiprocessing's fd-sharing thread."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    threading.excepthook = lambda args: None
-    traceback.clear_frames(e.__traceback__)
-    gc.collect()
-
-
-def _say(line):
-    if int(os.environ.get("RANK", "0")) == 0 or line.startswith("error: rank"):
-        print(line, file=sys.stderr, flush=True)
+    """main() as a command (runs.run_command): Ctrl-C / SIGTERM, a torchrun peer's death and an allocation failure
+    end in one line (exit 130 / 143 / 1) with the lock removed and the DataLoader workers stopped."""
+    progress = {}
+    run_command(lambda: main(argv, progress), lambda: interrupted_line(progress),
+                out_of_memory=lambda text: out_of_memory_line(progress, text),
+                peer_lost=lambda text: peer_lost_line(progress, text))
 
 
 if __name__ == "__main__":

@@ -95,3 +95,26 @@ def test_atlas_of_a_release_format_file_shows_collapsed_prototypes(tmp_path):
     torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, path)
     report = check_atlas(path, tmp_path / "atlas", ["--dataset", "synthetic"])
     assert report["classes"]["beta"]["collapse"] > 0.99 > max(report["classes"][n]["collapse"] for n in ("alpha", "delta"))
+
+
+def test_pca_axes_carry_their_share_of_the_variance():
+    x = torch.randn(400, 6) * torch.tensor([5.0, 2.0, 1.0, 0.5, 0.5, 0.5])
+    xy, extra, shares = atlas.pca_2d(x, x[:3])
+    np.testing.assert_allclose(xy[:3], extra, atol=1e-6)                   # the prototypes on the same axes
+    variance = torch.linalg.eigvalsh(torch.cov(x.T)).flip(0)
+    np.testing.assert_allclose(shares, (variance[:2] / variance.sum()).numpy(), rtol=1e-4)
+
+
+def test_gallery_patches_carry_the_true_mode_of_their_pixel(tmp_path):
+    cfg = {**vars(train.Config()), "backbone": "hrnet_tiny", "num_classes": 5, "num_prototypes": 2}
+    torch.manual_seed(0)
+    model = model_from_config(cfg).eval()
+    val = data.SyntheticDataset("val", data.EvalTransform())
+    found = atlas.collect(model, val, torch.device("cpu"), limit=1, gallery=1)
+    h, w = found["feature_size"]
+    for c, per_class in enumerate(found["best"]):
+        for _, i, y, x, mode in (t for b in per_class for t in b):
+            item = val[i]
+            H, W = item["label"].shape
+            pixel = (int(y * H / h), int(x * W / w))                        # nearest-neighbour downsampling
+            assert item["label"][pixel] == c and item["modes"][pixel] == mode

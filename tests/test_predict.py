@@ -11,11 +11,11 @@ import evaluate
 import labels
 import predict
 from checkpoints import load_model
-from conftest import save_image, tiny_checkpoint
+from conftest import save_image, tiny_checkpoint, user_error
 
 
 def test_predict_writes_pictures_and_skips_broken_images(tmp_path, capsys):
-    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", num_prototypes=3, num_classes=5)
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", num_prototypes=3, num_classes=5, backbone="hrnet_tiny")
     rng = np.random.default_rng(0)
     good = [tmp_path / "a.png", tmp_path / "b.jpg"]
     Image.fromarray(rng.integers(0, 255, (45, 61, 3), dtype=np.uint8)).save(good[0])
@@ -56,15 +56,16 @@ def test_val_index_puts_the_synthetic_scene_on_disk_and_a_strip_with_its_legend(
     strip = Image.open(tmp_path / "out/val_000003_strip.png")
     assert strip.width >= 3 * scene.shape[1] and strip.height > 2 * scene.shape[0]      # three panels + legend
     assert "note: the map of" in capsys.readouterr().err                               # random prototypes: dark
-    with pytest.raises(SystemExit, match="outside the synthetic val set"):
-        predict.main(["--checkpoint", str(ckpt), "--val-index", "100", "--out", str(tmp_path / "out")])
+    assert "outside the synthetic val set" in user_error(
+        capsys, predict.main, ["--checkpoint", str(ckpt), "--val-index", "100", "--out", str(tmp_path / "out")])
 
 
-def test_dark_note_only_when_the_class_barely_resembles_its_prototypes():
+def test_dark_note_when_the_class_barely_resembles_its_prototypes_or_is_not_predicted():
     mask = torch.tensor([True, True, False])
     assert predict.dark_note(torch.tensor([0.05, 0.1, 0.9]), mask, "alpha").startswith("note: the map of alpha")
     assert predict.dark_note(torch.tensor([0.8, 0.7, 0.0]), mask, "alpha") is None
-    assert predict.dark_note(torch.tensor([0.0, 0.0, 0.0]), ~mask & False, "alpha") is None   # class absent
+    absent = predict.dark_note(torch.tensor([0.9, 0.9, 0.9]), mask & False, "alpha")     # an all-black map
+    assert absent.startswith("note: the map of alpha is dark: no pixel of this image is predicted as alpha")
 
 
 def test_predict_names_every_output_uniquely(tmp_path):
@@ -72,3 +73,13 @@ def test_predict_names_every_output_uniquely(tmp_path):
         save_image(tmp_path / "in" / name, np.zeros((4, 4, 3)))
     names = predict.output_names([str(tmp_path / "in")])
     assert sorted(str(s) for _, s in names) == ["a_jpg", "a_png", "sub/b"]
+
+
+def test_classes_without_a_table_are_named_as_training_names_them(tmp_path):
+    """A folder dataset's classes (and an official file's with other than 19 classes): as train.py prints them."""
+    save_image(tmp_path / "images/a.png", np.zeros((4, 4, 3)))
+    save_image(tmp_path / "masks/a.png", np.zeros((4, 4)))
+    trained = data.build_dataset("folder", tmp_path, num_classes=3)
+    names, palette = predict.class_table({"dataset": "folder", "num_classes": 3})
+    assert names == trained.class_names == ["class0", "class1", "class2"]
+    np.testing.assert_array_equal(palette, trained.palette)
