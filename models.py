@@ -314,7 +314,7 @@ def build_model(backbone="hrnet48", head="protoseg", num_classes=19, output_stri
 
 
 def model_from_config(cfg):
-    """The model a config describes (a dict or train.Config): backbone, head, classes and the head's switches."""
+    """The model a config describes (a dict or settings.Config): backbone, head, classes and the head's switches."""
     cfg = cfg if isinstance(cfg, dict) else vars(cfg)
     kw = dict(dropout=cfg.get("dropout", 0.1))
     if cfg["head"] == "protoseg":

@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoints import CheckpointError, load_model
 import data
 import draw
-from draw import prototype_colours  # noqa: F401 (predict.prototype_colours)
+from checkpoints import CheckpointError, load_model
+from datafiles import read_image
 from evaluate import predict_scores
-from labels import CLASS_TABLES, IMAGE_EXTS
+from labels import CLASS_TABLES, IMAGE_EXTS, default_palette
 from runs import NO_MEMORY, Outputs, asked_for, default_device, device_flag, fail, number_flag, run_command
 from settings import Parser, number  # flag errors as train.py's: one line; its ranges
 
@@ -42,7 +42,7 @@ def class_table(cfg):
     dataset's classes (class0, class1, ...)."""
     names, palette = CLASS_TABLES.get(cfg.get("dataset"), (None, None))
     if names is None or len(names) != cfg["num_classes"]:
-        return [f"class{i}" for i in range(cfg["num_classes"])], data.default_palette(cfg["num_classes"])
+        return [f"class{i}" for i in range(cfg["num_classes"])], default_palette(cfg["num_classes"])
     return list(names), np.asarray(palette, np.uint8)
 
 
@@ -80,7 +80,7 @@ def class_similarity(model, image, size, class_index, embed=None):
 def prototype_map(model, image, pred, class_index, embed=None):
     """Fig. 3: pixels predicted as class c coloured by argmax_k i^T p_ck, brightness = that similarity."""
     k, best = class_similarity(model, image, pred.shape, class_index, embed)
-    colours = prototype_colours(model.head.prototypes.shape[1])[k.cpu().numpy()]   # (H, W, 3)
+    colours = draw.prototype_colours(model.head.prototypes.shape[1])[k.cpu().numpy()]   # (H, W, 3)
     brightness = best.clamp(0, 1).cpu().numpy()[..., None]
     out = colours * brightness * (pred.cpu().numpy() == class_index)[..., None]
     return Image.fromarray((out * 255).astype(np.uint8))
@@ -124,7 +124,7 @@ def strip_picture(rgb, pred, names, palette, proto=None, note=None):
     parts = [top, draw.legend([(palette[i], names[i]) for i in present], top.width, "classes:")]
     if proto is not None:
         mask = pred == c
-        hues = prototype_colours(K)
+        hues = draw.prototype_colours(K)
         shares = np.bincount(k[mask], minlength=K) / max(mask.sum(), 1)
         parts.append(draw.legend([(hues[j], f"p{j} {100 * s:.0f}%") for j, s in enumerate(shares)], top.width,
                                  f"{names[c]}'s prototypes (share of its pixels):"))
@@ -253,7 +253,7 @@ def predict_one(model, cfg, read, outputs, stem, names, palette, cls, args, path
 
 def inputs(args, cfg):
     """[(path or 'val I', output stem, read() -> HxWx3 uint8)]: the files, then the synthetic val scenes."""
-    found = [(p, stem, lambda p=p: data.read_image(p)) for p, stem in output_names(args.images)]
+    found = [(p, stem, lambda p=p: read_image(p)) for p, stem in output_names(args.images)]
     if args.val_index:
         if not str(cfg.get("dataset", "")).startswith("synthetic"):
             fail(f"--val-index takes the synthetic dataset's val images; {args.checkpoint} was trained on "

@@ -300,6 +300,7 @@ class Terminated(KeyboardInterrupt):
 def _on_sigterm(signum, frame, owner=os.getpid()):
     if os.getpid() != owner:                # a forked DataLoader worker (kill -TERM to the group): leave quietly,
         os._exit(0)                         # exit 0 so torch's SIGCHLD check does not report it as a failure
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # once: a second SIGTERM must not interrupt the unwinding
     raise Terminated()
 
 
@@ -313,7 +314,8 @@ def run_command(main, stopped, out_of_memory=None, peer_lost=None):
     try:
         main()
     except KeyboardInterrupt as e:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)            # a second Ctrl-C must not break the clean-up
+        signal.signal(signal.SIGINT, signal.SIG_IGN)            # a second Ctrl-C or SIGTERM must not break the
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)           # clean-up
         code = 143 if isinstance(e, Terminated) else 130
         _release(e)
         _say(stopped())

@@ -11,7 +11,6 @@ import atlas
 import data
 import labels
 import settings
-import train
 from checkpoints import load_model
 from models import model_from_config
 
@@ -106,7 +105,7 @@ def test_pca_axes_carry_their_share_of_the_variance():
 
 
 def test_gallery_patches_carry_the_true_mode_of_their_pixel(tmp_path):
-    cfg = {**vars(train.Config()), "backbone": "hrnet_tiny", "num_classes": 5, "num_prototypes": 2}
+    cfg = {**vars(settings.Config()), "backbone": "hrnet_tiny", "num_classes": 5, "num_prototypes": 2}
     torch.manual_seed(0)
     model = model_from_config(cfg).eval()
     val = data.SyntheticDataset("val", data.EvalTransform())

@@ -7,6 +7,7 @@ from PIL import Image
 
 import data
 import datafiles
+import draw
 import evaluate
 import labels
 import predict
@@ -43,7 +44,7 @@ def test_predict_writes_pictures_and_skips_broken_images(tmp_path, capsys):
 
 
 def test_prototype_colours_are_distinct():
-    colours = predict.prototype_colours(10)                         # re-exported from draw.py
+    colours = draw.prototype_colours(10)
     assert len({tuple(c) for c in colours.round(3)}) == 10
 
 

@@ -24,8 +24,10 @@ import atlas
 import bench
 import checkpoints
 import datafiles
+import models
 import predict
 import runs
+import settings
 import toy2d
 import train
 from conftest import TINY, save_image, tiny_checkpoint, user_error
@@ -75,7 +77,7 @@ def test_every_model_loader_refuses_nan_or_inf_weights_naming_file_and_tensor(tm
 
 
 def test_pretrained_backbone_weights_that_are_not_numbers_are_refused(tmp_path, capsys):
-    model = train.model_from_config({**vars(train.Config()), "backbone": "hrnet_tiny", "num_classes": 5})
+    model = models.model_from_config({**vars(settings.Config()), "backbone": "hrnet_tiny", "num_classes": 5})
     sd = model.backbone.state_dict()
     sd["conv1.weight"].view(-1)[0] = float("inf")
     torch.save(sd, tmp_path / "imagenet.pth")
@@ -106,7 +108,7 @@ def test_an_empty_or_non_regular_checkpoint_is_one_line_naming_it(tmp_path, caps
     assert "is empty (0 bytes)" in user_error(capsys, atlas.main, ["--checkpoint", str(tmp_path / "zero.pt")])
     msg = user_error(capsys, train.main, ["--eval-only", "--resume", str(tmp_path / "pipe.pt")])
     assert f"--resume {tmp_path / 'pipe.pt'}: a named pipe (FIFO)" in msg
-    msg = user_error(capsys, train.parse_args, ["--pretrained", str(tmp_path / "pipe.pt")])
+    msg = user_error(capsys, settings.parse_args, ["--pretrained", str(tmp_path / "pipe.pt")])
     assert "a named pipe (FIFO), not a regular file, expected a weights file" in msg
 
 
