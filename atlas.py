@@ -36,8 +36,8 @@ from evaluate import confusion_matrix, metrics_from_confusion, prototype_counts,
 from labels import IGNORE_INDEX
 from layers import upsample
 from predict import class_similarity, class_table, dark_note, open_model, prototype_map
-from runs import Outputs, default_device, device_flag, fail, number_flag, run_command
-from settings import PRESETS, Parser
+from commands import Outputs, Parser, default_device, device_flag, fail, ranged, run_command
+from settings import PRESETS
 
 IN_USE = 0.05       # a prototype is "in use" when it takes >= 5 % of its class's pixels (evaluate.prototype_summary)
 NUM_MODES = 16      # mode ids kept apart by prototype_counts (the synthetic set has 3 per class)
@@ -255,9 +255,9 @@ def parse_args(argv):
     p.add_argument("--dataset", type=str.lower, choices=list(PRESETS), default=None,
                    help="val set to use (default: the checkpoint's)")
     p.add_argument("--data-root", default=None, help="the dataset's folder (not for synthetic)")
-    p.add_argument("--images", type=number_flag(int, ">= 0"), default=6, help="val images with Fig. 3 maps (default 6)")
-    p.add_argument("--gallery", type=number_flag(int, ">= 0"), default=8, help="patches per prototype (default 8)")
-    p.add_argument("--val-images", type=number_flag(int, ">= 0"), default=0,
+    p.add_argument("--images", type=ranged(int, ">= 0"), default=6, help="val images with Fig. 3 maps (default 6)")
+    p.add_argument("--gallery", type=ranged(int, ">= 0"), default=8, help="patches per prototype (default 8)")
+    p.add_argument("--val-images", type=ranged(int, ">= 0"), default=0,
                    help="val images to count over (default 0: all)")
     p.add_argument("--compare", default=None, help="another run's metrics.json: per-class IoU side by side")
     p.add_argument("--device", type=device_flag, default=default_device(), help="cpu, cuda or cuda:N")
@@ -310,7 +310,7 @@ def index_page(files, classes):
 
 
 def main(argv=None, outputs=None):
-    """The atlas (see the module's docstring); returns atlas.json's content. outputs: the runs.Outputs that records
+    """The atlas (see the module's docstring); returns atlas.json's content. outputs: the commands.Outputs that records
     what is written (cli reads it when the command is stopped)."""
     args = parse_args(argv)
     outputs = outputs or Outputs()

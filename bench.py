@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from models import build_model
 from protoseg import (HEADS, ppc_loss, ppd_loss, prototype_losses, seg_loss,
                       similarity_map, sinkhorn_targets, update_prototypes)
-from runs import default_device, device_flag, number_flag, run_command
-from settings import Parser
+from commands import Parser, default_device, device_flag, ranged, run_command
 from sinkhorn import sinkhorn
 
 
@@ -187,7 +186,7 @@ def parse_args(argv):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("only", nargs="?", choices=["sinkhorn", "vocab"], help="only rows (a)-(b), or only (f)")
     p.add_argument("--quick", action="store_true", help="smaller inputs for a CPU")
-    p.add_argument("--repeats", type=number_flag(int, "> 0"), default=5,
+    p.add_argument("--repeats", type=ranged(int, "> 0"), default=5,
                    help="(f): interleaved timed steps per head and C (default 5)")
     p.add_argument("--device", type=device_flag, default=default_device(), help="cpu, cuda or cuda:N")
     return p.parse_args(argv)

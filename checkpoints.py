@@ -17,7 +17,8 @@ import torch
 
 from datafiles import path_problem
 from models import model_from_config
-from runs import fail, last_good
+from commands import fail
+from runs import last_good
 
 
 class CheckpointError(ValueError):

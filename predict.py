@@ -33,8 +33,9 @@ from checkpoints import CheckpointError, load_model
 from datafiles import read_image
 from evaluate import predict_scores
 from labels import CLASS_TABLES, IMAGE_EXTS, default_palette
-from runs import NO_MEMORY, Outputs, asked_for, default_device, device_flag, fail, number_flag, run_command
-from settings import Parser, number  # flag errors as train.py's: one line; its ranges
+from commands import (NO_MEMORY, Outputs, Parser, asked_for, default_device, device_flag, fail, ranged,
+                      run_command)
+from settings import number      # the ranges of train.py's settings of the same name
 
 
 def class_table(cfg):
@@ -137,7 +138,7 @@ def strip_picture(rgb, pred, names, palette, proto=None, note=None):
 def parse_args(argv):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="*", help="image files and/or folders of images")
-    p.add_argument("--val-index", nargs="+", type=number_flag(int, ">= 0"), default=[], metavar="I",
+    p.add_argument("--val-index", nargs="+", type=ranged(int, ">= 0"), default=[], metavar="I",
                    help="synthetic val images by index (a synthetic checkpoint; the scenes of its --seed)")
     p.add_argument("--checkpoint", required=True, help="train.py's last.pt or an official ProtoSeg checkpoint")
     p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
@@ -200,7 +201,7 @@ def chosen_class(args, names):
 
 def main(argv=None, outputs=None):
     """Every input's pictures (see the module's docstring); (written, skipped), or exit 1 when one was skipped.
-    outputs: the runs.Outputs that records what is written (cli reads it when the command is stopped)."""
+    outputs: the commands.Outputs that records what is written (cli reads it when the command is stopped)."""
     args = parse_args(argv)
     outputs = outputs or Outputs()
     outputs.folder = Path(args.out)

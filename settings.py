@@ -6,7 +6,6 @@ published recipe over it), then (when resuming or evaluating) the checkpoint's, 
 """
 import argparse
 import dataclasses
-import math
 import os
 import sys
 import textwrap
@@ -16,9 +15,9 @@ import segformer
 import swin
 from checkpoints import CheckpointError, load_checkpoint
 from collectives import is_master
-from datafiles import path_problem
+from commands import Parser, fail, ranged
 from models import backbone_names, family
-from runs import checkpoint_path, fail
+from runs import check_paths, checkpoint_path
 
 SYNTHETIC = dict(backbone="hrnet_tiny", iters=700, optimizer="adamw", lr=3e-3, weight_decay=1e-4, batch_size=16,
                  ckpt_every=100, log_every=25)
@@ -118,9 +117,8 @@ class Config:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Config))
-# What each setting is for. MODEL: the network (a resumed or evaluated checkpoint must agree). COMMAND: this command
-# only, never taken from a checkpoint. FREE: files, logging and evaluation (may change on resume). TRAJECTORY: every
-# other setting changes what training computes (a resumed run refuses a new value unless --allow-changes).
+# MODEL: the network (a resumed or evaluated checkpoint must agree); COMMAND: this command's, never a checkpoint's;
+# FREE: files, logging, evaluation; TRAJECTORY: the rest (a resumed run refuses a new value but with --allow-changes)
 MODEL = ("num_classes", "backbone", "head", "num_prototypes", "class_layernorm", "embed_layernorm", "normalize_width")
 COMMAND = ("resume", "eval_only", "overwrite", "allow_changes")
 FREE = ("data_root", "pretrained", "out_dir", "workers", "log_every", "eval_every", "ckpt_every", "eval_crop",
@@ -140,39 +138,13 @@ NON_NEGATIVE = ("num_classes", "ignore_value", "lr_power", "warmup_iters", "aux_
                 "eval_stride", "eval_resize", "eval_divisor", "val_size")
 
 
-
-def allowed(name):
-    """The range of a number setting (each number of a tuple): (words, test)."""
-    if name == "dropout":                                   # p = 1 would drop every channel
-        return "in [0, 1)", lambda v: 0 <= v < 1
-    if name in FRACTIONS:
-        return "in [0, 1]", lambda v: 0 <= v <= 1
-    if name in NON_NEGATIVE:
-        return ">= 0", lambda v: v >= 0
-    return "> 0", lambda v: v > 0                           # every other number: sizes, counts, rates
-
-
 # ----------------------------------------------------------------------------- the command line
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):                                   # a flag error is a user error like any other
-        fail(f"{message} (python {self.prog} --help lists every setting)")
-
-
 def number(kind, name):
-    """argparse type: int/float in the range `allowed(name)`, named in the error; inf and nan refused."""
-    words, ok = allowed(name)
-
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            v = None
-        if v is None or not math.isfinite(v) or not ok(v):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}"
-                                             if v is None else f"{text} must be a finite number {words}")
-        return v
-    return parse
+    """argparse type of the number setting `name` (each number of a tuple), in its range (dropout: p = 1 would drop
+    every channel; every number not listed above is a size, count or rate: > 0)."""
+    return ranged(kind, "in [0, 1)" if name == "dropout" else "in [0, 1]" if name in FRACTIONS else
+                  ">= 0" if name in NON_NEGATIVE else "> 0")
 
 
 def flag(name):
@@ -249,14 +221,12 @@ def parse_args(argv=None):
     p = make_parser(dataset, backbone)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     for name in HW:
-        if name in given:
-            if len(given[name]) > 2:
-                p.error(f"{flag(name)} takes N or H W, got {len(given[name])} numbers")
-            given[name] = given[name] * (3 - len(given[name]))
+        if len(given.get(name, ())) > 2:
+            p.error(f"{flag(name)} takes N or H W, got {len(given[name])} numbers")
     if "scale" in given and (len(given["scale"]) != 2 or given["scale"][0] > given["scale"][1]):
         p.error(f"argument --scale: {' '.join(map(str, given['scale']))}, expected two numbers MIN MAX with "
                 "0 < MIN <= MAX (e.g. 0.5 2)")
-    given = {k: tuple(v[:2] if k in HW else v) if isinstance(v, list) else v for k, v in given.items()}
+    given = {k: tuple(v * 2 if k in HW and len(v) == 1 else v) if isinstance(v, list) else v for k, v in given.items()}
     cfg = Config(**{**preset(dataset, backbone), **given})
     if cfg.eval_only and not cfg.resume:
         p.error("--eval-only needs --resume CHECKPOINT")
@@ -285,18 +255,6 @@ def check_combinations(cfg, given):
              "--data-root (or --dataset folder / cityscapes / ...)")
     if cfg.optimizer == "adamw" and "momentum" in given:
         fail("--momentum: an SGD setting; --optimizer adamw keeps its betas (0.9, 0.999)")
-
-
-def check_paths(cfg):
-    """The kind of each path flag before anything runs: a folder where a folder is meant, a file where a file is."""
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        fail(f"--out-dir {cfg.out_dir} is a file, expected a folder (created if missing)")
-    if cfg.data_root and not os.path.isdir(cfg.data_root):
-        found = "a file" if os.path.exists(cfg.data_root) else path_problem(cfg.data_root)
-        fail(f"--data-root {cfg.data_root}: {found}, expected the dataset's folder")
-    if cfg.pretrained and not os.path.isfile(cfg.pretrained):
-        found = "a folder" if os.path.isdir(cfg.pretrained) else path_problem(cfg.pretrained)
-        fail(f"--pretrained {cfg.pretrained}: {found}, expected a weights file (.pth, or a run's last.pt)")
 
 
 # ----------------------------------------------------------------------------- resuming and evaluating

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 
 import draw
 from protoseg import l2_normalize, momentum_update, seg_loss
-from runs import Outputs, number_flag, run_command
-from settings import Parser
+from commands import Outputs, Parser, ranged, run_command
 from sinkhorn import sinkhorn_batched
 
 C, K = 3, 3
@@ -228,7 +227,7 @@ def parse_args(argv):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/toy2d", help="output folder (default: runs/toy2d)")
     p.add_argument("--dim", type=int, default=2, choices=(2, 3), help="2: the circle, 3: the sphere")
-    p.add_argument("--steps", type=number_flag(int, "> 0"), default=300, help="training steps (default 300)")
+    p.add_argument("--steps", type=ranged(int, "> 0"), default=300, help="training steps (default 300)")
     args = p.parse_args(argv)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file, expected a folder (created if missing)")
@@ -236,7 +235,7 @@ def parse_args(argv):
 
 
 def main(argv=None, outputs=None):
-    """The pictures and toy2d.json; returns the numbers. outputs: the runs.Outputs that records what is written."""
+    """The pictures and toy2d.json; returns the numbers. outputs: the commands.Outputs that records what is written."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                                                   # tiny tensors: threads only wait
     try:

@@ -32,8 +32,9 @@ from evaluate import evaluate, format_metrics, metrics_report
 from labels import CITYSCAPES_CLASS_WEIGHTS
 from models import family, model_from_config
 from protoseg import data_prototypes, momentum_at, seg_loss, update_prototypes
-from runs import (RunLog, claim_out_dir, fail, interrupted_line, last_good, one_line, out_of_memory_line,
-                  peer_lost_line, run_command, run_complete, signals_deferred, stop_if_any_rank_failed, write_curves)
+from commands import fail, run_command, signals_deferred
+from runs import (RunLog, claim_out_dir, interrupted_line, last_good, one_line, out_of_memory_line, peer_lost_line,
+                  run_complete, stop_if_any_rank_failed, write_curves)
 from settings import RECIPE_FILES, parse_args, resolve
 
 # ----------------------------------------------------------------------------- set-up
@@ -344,7 +345,7 @@ def finish(cfg, metrics, class_names, log):
 # ----------------------------------------------------------------------------- the command
 
 def cli(argv=None):
-    """main() as a command (runs.run_command): Ctrl-C / SIGTERM, a torchrun peer's death and an allocation failure
+    """main() as a command (commands.run_command): Ctrl-C / SIGTERM, a torchrun peer's death and an allocation failure
     end in one line (exit 130 / 143 / 1) with the lock removed and the DataLoader workers stopped."""
     progress = {}
     run_command(lambda: main(argv, progress), lambda: interrupted_line(progress),

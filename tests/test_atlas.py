@@ -73,7 +73,7 @@ def test_atlas_of_a_train_py_checkpoint_writes_its_files_and_shares_equal_a_dire
            "num_prototypes": 3}
     torch.manual_seed(0)
     path = tmp_path / "last.pt"
-    torch.save({"model": model_from_config(cfg).state_dict(), "config": cfg, "iter": 2}, path)   # runs.save_checkpoint's keys
+    torch.save({"model": model_from_config(cfg).state_dict(), "config": cfg, "iter": 2}, path)   # checkpoints.save_checkpoint's keys
     other = tmp_path / "other" / "metrics.json"
     other.parent.mkdir()
     other.write_text(json.dumps({"classes": {n: {"iou": 0.5} for n in labels.SYNTHETIC_CLASSES}}))

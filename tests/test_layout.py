@@ -52,3 +52,15 @@ def test_root_shows_the_method_and_the_tests_live_in_tests():
     assert [f for f in root if f.startswith(("test_", "conftest")) and f != "test_protoseg.py"] == []
     assert "test_protoseg.py" in root and "testdata" not in root
     assert os.path.isdir(os.path.join(ROOT, "tests", "testdata"))
+
+
+def test_every_function_of_the_scripts_fits_on_a_screen():
+    """No function or method of the scripts at the root is longer than 60 lines (decorators included)."""
+    long = []
+    for f in FILES:
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, f + ".py")).read())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1 + len(node.decorator_list)
+                if lines > 60:
+                    long.append(f"{f}.py:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long

@@ -23,10 +23,10 @@ from PIL import Image
 import atlas
 import bench
 import checkpoints
+import commands
 import datafiles
 import models
 import predict
-import runs
 import settings
 import toy2d
 import train
@@ -40,7 +40,7 @@ def tiny(path, **config):
 
 
 def left_behind(folder):
-    """Temporary files of an interrupted or failed write (runs.Outputs: .NAME.part.EXT)."""
+    """Temporary files of an interrupted or failed write (commands.Outputs: .NAME.part.EXT)."""
     return [p.name for p in pathlib.Path(folder).rglob(".*.part*")]
 
 
@@ -262,7 +262,7 @@ def test_a_closed_fd_sharing_connection_is_not_printed_other_thread_errors_are()
     for error, filename in ((ConnectionResetError(104, "reset"), resource_sharer.__file__),
                             (EOFError(), resource_sharer.__file__), (ValueError("a bug"), resource_sharer.__file__),
                             (ConnectionResetError(104, "elsewhere"), __file__)):
-        runs._quiet_fd_sharing(raised(error, filename), default=printed.append)
+        commands._quiet_fd_sharing(raised(error, filename), default=printed.append)
     assert [str(a.exc_value) for a in printed] == ["a bug", "[Errno 104] elsewhere"]
 
 
