@@ -15,6 +15,7 @@ TABLE below is the one list of what can be blanked; the README's equation table 
 """
 import argparse
 import ast
+import importlib.util
 import json
 import os
 import re
@@ -22,7 +23,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import xml.etree.ElementTree as ET
+from collections import namedtuple
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -36,7 +39,7 @@ class Entry:
     what: str               # what the student writes
     blanks: tuple           # "file.py:function" or "file.py:Class.method"
     tests: tuple            # the grading tests: "file.py::test_name", or a whole test file
-    note: str = ""          # why these functions are blanked together
+    note: str = ""          # why these functions (a fast one is blanked with the transcription it is tested against)
     needs: tuple = ()       # entries whose functions the grading tests also call: graded once those are written
     train: tuple = ()       # flags with which `python train.py` reaches the blank; None: training never calls it
     also: str = ""          # what else stops at the blank
@@ -46,55 +49,49 @@ class Entry:
         return test_id in self.tests or test_id.split("::")[0] in self.tests
 
 
-P, W, S = "test_protoseg.py::", "tests/test_wiring.py::", "tests/test_sinkhorn.py"
+P, W = "test_protoseg.py::", "tests/test_wiring.py::"
+TRAINING = "every training step of a ProtoSeg head (train.py, toy2d.py) and the tests that take one"
 TABLE = (
     Entry("1-2", "the parametric baselines: softmax classifier (Eq. 1) and pixel queries (Eq. 2)",
           ("protoseg.py:SoftmaxHead.forward", "protoseg.py:QueryHead.forward"),
           (P + "test_eq1_eq4_softmax_head_is_unified_view_with_weights_as_prototypes",
            P + "test_eq2_eq4_query_head_is_unified_view_with_queries_as_prototypes"),
-          train=("--head", "softmax"),
-          also="training and evaluation with --head softmax / query; the model tests of those heads"),
-    Entry("5", "the prediction: the class of the nearest prototype (Eq. 3, 5)",
-          ("protoseg.py:nearest_prototype",),
+          train=("--head", "softmax"), also="--head softmax / query anywhere, and the tests that build those heads "
+                                            "(test_models, test_segformer, test_swin)"),
+    Entry("5", "the prediction: the class of the nearest prototype (Eq. 3, 5)", ("protoseg.py:nearest_prototype",),
           (P + "test_eq3_eq5_nearest_prototype_matches_loop",
            P + "test_eq5_head_scores_argmax_is_nearest_prototype_class"),
-          note="the transcription the head's prediction (the argmax of the Eq. 6 scores) is tested against",
+          note="the transcription the head's prediction is tested against; training predicts by the argmax of the "
+               "Eq. 6 scores",
           needs=("6-7",), train=None, also="nothing else: training and evaluation take the argmax of the scores"),
     Entry("6-7", "the pixel-class distance s and its cross-entropy (Eq. 6, 7)",
           ("protoseg.py:cross_entropy", "protoseg.py:ProtoSegHead.classify", "protoseg.py:class_distance"),
           (P + "test_eq6_class_distance_matches_loop",
            W + "test_head_eq5_eq6_scores_are_cosines_of_unit_norm_embeddings",
            P + "test_eq7_cross_entropy_is_mean_over_labelled_pixels_without_sync"),
-          note="the head's classify and the transcription class_distance it is tested against",
-          needs=("8-10",),
-          also="every forward of a ProtoSeg model (training, evaluation, predict.py, atlas.py) and every loss "
-               "(training with any head); most of the suite"),
+          note="both: the head's classify is tested against the transcription class_distance", needs=("8-10",),
+          also="every ProtoSeg forward (training, evaluation, predict.py, atlas.py), every loss: most test files"),
     Entry("8-10", "the within-class online clustering by Sinkhorn-Knopp",
-          ("sinkhorn.py:sinkhorn", "sinkhorn.py:sinkhorn_batched"),
-          (S,),
-          note="training's batched sinkhorn_batched and the one-class transcription sinkhorn it is tested against",
-          also="every training step of a ProtoSeg head, --proto-init data, toy2d.py; the tests that train one"),
+          ("sinkhorn.py:sinkhorn", "sinkhorn.py:sinkhorn_batched"), ("tests/test_sinkhorn.py",),
+          note="both: training's sinkhorn_batched is tested against the one-class transcription sinkhorn",
+          also=TRAINING + "; --proto-init data; the Sinkhorn panel of toy2d.py"),
     Entry("11-12", "the pixel-prototype contrast PPC (Eq. 11) and distance PPD (Eq. 12)",
           ("protoseg.py:PrototypeLosses.forward", "protoseg.py:PrototypeLosses.backward",
            "protoseg.py:prototype_losses", "protoseg.py:ppc_loss", "protoseg.py:ppd_loss"),
           (P + "test_eq11_ppc_matches_transcription_and_is_ce_over_scaled_similarities",
            P + "test_eq12_ppd_matches_transcription",
            P + "test_eq11_eq12_fused_losses_equal_transcription_values_and_gradients"),
-          note="one entry: training's prototype_losses computes both in one autograd node (PrototypeLosses) and "
-               "is tested against the transcriptions ppc_loss and ppd_loss",
-          also="every training step of a ProtoSeg head, toy2d.py; the tests that train one"),
-    Entry("13", "the total loss L_CE + lambda1 L_PPC + lambda2 L_PPD",
-          ("protoseg.py:seg_loss",),
-          (W + "test_seg_loss_passes_tau_class_weight_lambdas_and_ignore_index_on",),
-          needs=("6-7", "11-12"),
-          also="every training step (any head), toy2d.py; the tests that train"),
-    Entry("14", "the momentum update of the prototypes",
-          ("protoseg.py:momentum_update",),
+          note="all five: training's prototype_losses computes both losses in one autograd node (PrototypeLosses) "
+               "and is tested against the transcriptions ppc_loss and ppd_loss", also=TRAINING),
+    Entry("13", "the total loss L_CE + lambda1 L_PPC + lambda2 L_PPD", ("protoseg.py:seg_loss",),
+          (W + "test_seg_loss_passes_tau_class_weight_lambdas_and_ignore_index_on",), needs=("6-7", "11-12"),
+          also="every training step, of any head (train.py, toy2d.py), and the tests that take one"),
+    Entry("14", "the momentum update of the prototypes", ("protoseg.py:momentum_update",),
           (P + "test_eq14_momentum_update_matches_transcription",),
-          also="every training step of a ProtoSeg head, --proto-init data, toy2d.py; the tests that train one"),
+          also=TRAINING + "; --proto-init data"),
 )
 ENTRIES = {e.eq: e for e in TABLE}
-BLANK = re.compile(r"NotImplementedError: Eq\. ([\d-]+): write (\w+)")   # the message of a blank
+BLANK = re.compile(r"NotImplementedError: Eq\. ([\d-]+): write ([\w.]+)")   # the message of a blank
 
 
 def fail(message):
@@ -103,20 +100,32 @@ def fail(message):
     raise SystemExit(1)
 
 
-def entries(names):
-    """The entries named on the command line ("8-10", or one number of it, "9"), in table order."""
-    picked = set()
-    for name in names:
-        found = [e for e in TABLE if name == e.eq or name in numbers(e.eq)]
-        if not found:
-            fail(f"--blank {name}: not an equation that can be blanked; expected one of {', '.join(ENTRIES)}")
-        picked.add(found[0].eq)
-    return [e for e in TABLE if e.eq in picked]
-
-
 def numbers(eq):
     first, _, last = eq.partition("-")
     return [str(n) for n in range(int(first), int(last or first) + 1)]
+
+
+def entries(names):
+    """The entries named on the command line ("8-10", or one number of it: "9"), in table order."""
+    for name in names:
+        if not any(name == e.eq or name in numbers(e.eq) for e in TABLE):
+            fail(f"--blank {name}: not an equation that can be blanked; expected one of {', '.join(ENTRIES)}")
+    return [e for e in TABLE if any(name == e.eq or name in numbers(e.eq) for name in names)]
+
+
+def blanks_by_file(chosen):
+    """{file: [(entry, qualname), ...]} of the chosen entries' blanks."""
+    out = {}
+    for e in chosen:
+        for item in e.blanks:
+            path, name = item.split(":")
+            out.setdefault(path, []).append((e, name))
+    return out
+
+
+def where(entry):
+    """'protoseg.py: f, g; sinkhorn.py: h'"""
+    return "; ".join(f"{path}: {', '.join(n for _, n in todo)}" for path, todo in blanks_by_file([entry]).items())
 
 
 # ----------------------------------------------------------------------------- blanking a function's body
@@ -153,7 +162,7 @@ def blank(text, entry_and_names):
     """text with each (entry, qualname)'s body replaced by raise NotImplementedError("Eq. N: write name, ...")."""
     bodies = {}
     for entry, name in entry_and_names:
-        message = json.dumps(f"Eq. {entry.eq}: write {name.split('.')[-1]}, {entry.what}")     # a "..." literal
+        message = json.dumps(f"Eq. {entry.eq}: write {name}, {entry.what}")                   # a "..." literal
         bodies[name] = [f"{body_span(text, name)[2]}raise NotImplementedError({message})\n"]
     return replace_bodies(text, bodies)
 
@@ -192,12 +201,7 @@ def write_copy(out, chosen, root=ROOT):
     for path in files:
         os.makedirs(os.path.join(out, os.path.dirname(path)), exist_ok=True)
         shutil.copy2(os.path.join(root, path), os.path.join(out, path))
-    by_file = {}
-    for e in chosen:
-        for item in e.blanks:
-            path, name = item.split(":")
-            by_file.setdefault(path, []).append((e, name))
-    for path, todo in by_file.items():
+    for path, todo in blanks_by_file(chosen).items():
         with open(os.path.join(root, path)) as f:
             text = blank(f.read(), todo)
         with open(os.path.join(out, path), "w") as f:
@@ -206,17 +210,13 @@ def write_copy(out, chosen, root=ROOT):
         json.dump({"blanked": [e.eq for e in chosen]}, f)
         f.write("\n")
     for e in chosen:
-        print(f"Eq. {e.eq}: blanked {', '.join(b.replace(':', ' ') for b in e.blanks)}")
+        print(f"Eq. {e.eq}: blanked {where(e)}")
     print(f"done: check the work with  python coursework.py --check {out}")
 
 
 # ----------------------------------------------------------------------------- the check
 
-@dataclass
-class Result:
-    test: str               # file::name, parameters dropped
-    outcome: str            # passed / failed / skipped
-    message: str = ""       # the first line of the failure
+Result = namedtuple("Result", "test outcome message")   # file::name (no parameters), passed / failed / skipped, why
 
 
 def run_tests(folder, tests, timeout=600):
@@ -229,7 +229,9 @@ def run_tests(folder, tests, timeout=600):
             proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return [], f"the tests ran past {timeout} s"
-        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+        lines = (proc.stdout + proc.stderr).strip().splitlines() or [""]
+        errors = [m.group(1) for m in map(re.compile(r"^E\s+(\w*(Error|Exception)\b.*)").match, lines) if m]
+        tail = (errors or lines)[0 if errors else -1]                           # the first exception raised
         if not os.path.exists(report):
             return [], tail
         results = []
@@ -260,23 +262,29 @@ def grade(entry, results, tail=""):
     return f"passed ({len(mine)} test{'s' * (len(mine) > 1)})"
 
 
+def recorded(folder):
+    """The entries blanked in a copy (its coursework.json); every entry where nothing is recorded."""
+    path = os.path.join(folder, RECORD)
+    if not os.path.exists(path):
+        return list(TABLE)
+    try:
+        with open(path) as f:
+            return [ENTRIES[eq] for eq in json.load(f)["blanked"]] or list(TABLE)
+    except (ValueError, KeyError, TypeError):
+        fail(f"--check {folder}: {path} is not what --blank writes; expected {{\"blanked\": [EQ, ...]}}, EQ among "
+             f"{', '.join(ENTRIES)}")
+
+
 def check(folder):
     """Print one line per recorded entry (every entry when none is recorded); True when all passed."""
     if not os.path.isdir(folder):
         fail(f"--check {folder}: not a folder; expected a copy written by --blank (or the project itself)")
-    record, recorded = os.path.join(folder, RECORD), []
-    try:
-        if os.path.exists(record):
-            with open(record) as f:
-                recorded = json.load(f)["blanked"]
-        chosen = [ENTRIES[eq] for eq in recorded] or list(TABLE)
-    except (ValueError, KeyError, TypeError):
-        fail(f"--check {folder}: {record} is not a record of this coursework.py; expected {{\"blanked\": [...]}} "
-             f"with equations among {', '.join(ENTRIES)}")
+    if importlib.util.find_spec("pytest") is None:
+        fail("--check runs the tests with pytest, which is not installed: pip install pytest")
+    chosen = recorded(folder)
     tests = sorted({t for e in chosen for t in e.tests})
-    missing = [t for t in tests if not os.path.isfile(os.path.join(folder, t.split("::")[0]))]
-    if missing:
-        fail(f"--check {folder}: no {missing[0].split('::')[0]} in it; expected a copy of this project")
+    for path in {t.split("::")[0] for t in tests if not os.path.isfile(os.path.join(folder, t.split("::")[0]))}:
+        fail(f"--check {folder}: no {path} in it; expected a copy of this project")
     print(f"running {len(tests)} grading tests of Eq. {', '.join(e.eq for e in chosen)} in {folder} ...",
           file=sys.stderr, flush=True)
     results, tail = run_tests(folder, tests)
@@ -289,20 +297,14 @@ def table_text():
     """The table as --list prints it."""
     out = []
     for e in TABLE:
-        files = {}
-        for item in e.blanks:
-            path, name = item.split(":")
-            files.setdefault(path, []).append(name)
+        reach = "never reaches it" if e.train is None else "stops at the blank" + " with " * bool(e.train)
+        rows = [("writes", where(e)), ("why", e.note)]
+        rows += [("graded" * (i == 0), t + " (all)" * ("::" not in t)) for i, t in enumerate(e.tests)]
+        rows += [("needs", e.needs and f"Eq. {', '.join(e.needs)}, where blanked too: the grading tests call them"),
+                 ("train.py", reach + " ".join(e.train or ())), ("also", e.also)]
         out.append(f"Eq. {e.eq}: {e.what}")
-        out.append("  writes   " + "; ".join(f"{p}: {', '.join(n)}" for p, n in files.items()))
-        if e.note:
-            out.append(f"           (blanked together: {e.note})")
-        out += [f"  {'' if i else 'graded':8} {t}{'' if '::' in t else ' (all)'}" for i, t in enumerate(e.tests)]
-        if e.needs:
-            out.append(f"  needs    Eq. {', '.join(e.needs)} (its tests call them too)")
-        flags = " with " + " ".join(e.train) if e.train else ""
-        out.append(f"  train.py {'never reaches it' if e.train is None else 'stops at the blank' + flags}")
-        out.append(f"  also     {e.also}")
+        out += [textwrap.fill(text, 118, initial_indent=f"  {label:8} ", subsequent_indent=" " * 11)
+                for label, text in rows if text]
     return "\n".join(out)
 
 

@@ -29,19 +29,9 @@ def source(path, root=ROOT):
         return f.read()
 
 
-def by_file(entries):
-    """{file: [(entry, qualname), ...]} of the entries' blanks."""
-    out = {}
-    for e in entries:
-        for item in e.blanks:
-            path, name = item.split(":")
-            out.setdefault(path, []).append((e, name))
-    return out
-
-
 def paste_back(copy, entries):
     """Put the project's own bodies of the entries' functions back into the copy's files."""
-    for path, todo in by_file(entries).items():
+    for path, todo in coursework.blanks_by_file(entries).items():
         original, lines = source(path), source(path).splitlines(keepends=True)
         bodies = {name: lines[slice(*coursework.body_span(original, name)[:2])] for _, name in todo}
         text = coursework.replace_bodies(source(path, copy), bodies)
@@ -81,7 +71,7 @@ def test_table_names_documented_functions_and_existing_disjoint_tests():
 
 
 def test_blank_keeps_decorators_signature_docstring_and_pasting_back_gives_the_file():
-    for path, todo in by_file(coursework.TABLE).items():
+    for path, todo in coursework.blanks_by_file(coursework.TABLE).items():
         text = source(path)
         blanked = coursework.blank(text, todo)
         before, after = ast.parse(text), ast.parse(blanked)
@@ -93,7 +83,7 @@ def test_blank_keeps_decorators_signature_docstring_and_pasting_back_gives_the_f
             raise_ = new.body[-1]
             assert len(new.body) == 2 and isinstance(raise_, ast.Raise), name
             assert raise_.exc.func.id == "NotImplementedError"
-            assert raise_.exc.args[0].value.startswith(f"Eq. {e.eq}: write {name.split('.')[-1]}, ")
+            assert raise_.exc.args[0].value.startswith(f"Eq. {e.eq}: write {name}, ")
         lines = text.splitlines(keepends=True)
         bodies = {name: lines[slice(*coursework.body_span(text, name)[:2])] for _, name in todo}
         assert coursework.replace_bodies(blanked, bodies) == text, path
