@@ -211,6 +211,8 @@ def write_copy(out, chosen, root=ROOT):
         f.write("\n")
     for e in chosen:
         print(f"Eq. {e.eq}: blanked {where(e)}")
+    if os.path.abspath(out).startswith(root + os.sep):
+        print(f"note: {out} is inside the project, so `python -m pytest` in {root} would collect its tests too")
     print(f"done: check the work with  python coursework.py --check {out}")
 
 
