@@ -10,8 +10,6 @@ it is, so `python train.py` in the copy stops at the first blank training reache
 compare a fast function with a slow transcription, the entry blanks both: the transcription would give the answer
 away. The copy records what was blanked in coursework.json; --check runs the grading tests of those equations in the
 copy (of every equation where nothing is recorded) and exits 1 unless all passed.
-
-TABLE below is the one list of what can be blanked; the README's equation table is checked against it by a test.
 """
 import argparse
 import ast
@@ -49,6 +47,8 @@ class Entry:
         return test_id in self.tests or test_id.split("::")[0] in self.tests
 
 
+# The one list of what can be blanked, with the tests that grade it (tests/test_coursework.py checks the README's
+# equation table against it).
 P, W = "test_protoseg.py::", "tests/test_wiring.py::"
 TRAINING = "every training step of a ProtoSeg head (train.py, toy2d.py) and the tests that take one"
 TABLE = (
