@@ -47,8 +47,12 @@ def similarity_map(embed, prototypes):
 
 
 def cross_entropy(scores, labels, class_weight=None, ignore_index=IGNORE_INDEX):
-    """Eq. 7, L_CE = -log p(c_i | i), averaged over the labelled pixels (weighted as F.cross_entropy does);
-    0 when there is none, without asking the device whether there is (no host sync)."""
+    """Eq. 7: L_CE = -log p(c_i | i) with p(c|i) = softmax_c(scores[:, c]) (Eq. 6: scores = -s), averaged over the
+    labelled pixels; with class_weight w, weighted as F.cross_entropy does: sum w_{c_i} L_i / sum w_{c_i}.
+
+    scores: (B, C, H, W) logits; labels: (B, H, W) class ids, ignore_index where unlabelled; class_weight: (C,) or
+    None. Returns a float32 scalar, 0 when no pixel is labelled, without asking the device whether there is one
+    (no host sync: no .item(), no data-dependent branch)."""
     loss = F.cross_entropy(scores.float(), labels, weight=class_weight, ignore_index=ignore_index, reduction="sum")
     valid = labels != ignore_index
     count = valid.sum() if class_weight is None else (class_weight[labels.clamp(min=0)] * valid).sum()
@@ -88,6 +92,11 @@ class PrototypeLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, proto_sim, target, tau, ignore_index):
+        """Returns (L_PPC, L_PPD), two float32 scalars. With s = proto_sim[:, t] = i^T p_{c_i, k_i}, t = c_i*K + k_i:
+        Eq. 11: L_PPC = mean over labelled pixels of log sum_{C*K} exp(i^T p / tau) - s / tau;
+        Eq. 12: L_PPD = mean over labelled pixels of (1 - s)^2; both 0 when no pixel is labelled.
+        proto_sim: (B, C*K, h, w); target: (B, h, w), ignore_index where unlabelled. Saves in ctx what backward
+        needs; reads proto_sim in blocks of CHANNEL_BLOCK channels (no other C*K-sized tensor)."""
         valid = target != ignore_index
         t = target.clamp(min=0).unsqueeze(1)                                        # (B, 1, h, w)
         s_t = proto_sim.gather(1, t).squeeze(1).float()                             # i^T p_{c_i, k_i}
@@ -106,6 +115,9 @@ class PrototypeLosses(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_ppc, g_ppd):
+        """Returns d(g_ppc L_PPC + g_ppd L_PPD) / d proto_sim, (B, C*K, h, w), and None for target, tau, ignore_index.
+        At a labelled pixel (n of them): g_ppc / (n tau) (softmax_{C*K}(proto_sim / tau) - onehot(t)) from Eq. 11,
+        plus -2 g_ppd (1 - s) / n at the target channel t from Eq. 12; 0 at unlabelled pixels."""
         proto_sim, t, valid, s_t, lse, n = ctx.saved_tensors
         tau = ctx.tau
         w = valid / n                                                               # d mean / d pixel
@@ -117,7 +129,9 @@ class PrototypeLosses(torch.autograd.Function):
 
 
 def prototype_losses(proto_sim, target, tau=0.1, ignore_index=IGNORE_INDEX):
-    """(L_PPC, L_PPD) of Eq. 11-12: ppc_loss and ppd_loss in one autograd node, lean in memory."""
+    """(L_PPC, L_PPD) of Eq. 11-12, equal in value and gradient to (ppc_loss, ppd_loss): here in one autograd
+    node (PrototypeLosses), lean in memory. proto_sim: (B, C*K, h, w) similarities i^T p_ck, channel c*K + k;
+    target: (B, h, w) c_i*K + k_i, ignore_index where unlabelled. Returns two float32 scalars."""
     return PrototypeLosses.apply(proto_sim, target, tau, ignore_index)
 
 
@@ -146,12 +160,14 @@ def seg_loss(out, labels, lambda_ppc=0.01, lambda_ppd=0.001, tau=0.1, class_weig
 
 @torch.no_grad()
 def momentum_update(prototypes, embed, labels, assign, momentum=0.999, distributed=True):
-    """Eq. 14: p_ck <- normalise(mu p_ck + (1 - mu) normalise(mean of the pixels assigned to p_ck)).
+    """Eq. 14: p_ck <- normalise(mu p_ck + (1 - mu) i-bar_ck), i-bar_ck = normalise(mean of the pixels assigned
+    to p_ck).
 
     prototypes: (C, K, D) unit vectors; embed: (N, D); labels, assign: (N,) class and prototype of each
     pixel, labels < 0 (IGNORE_INDEX) for pixels that move nothing. A prototype with no pixel in the (global)
-    batch is left unchanged. Returns new (C, K, D). Under a process group the sums and counts are
-    all-reduced, so every rank gets the same prototypes.
+    batch is left unchanged. Returns new (C, K, D) in the prototypes' dtype (computed in float32). With distributed
+    and a process group the per-prototype sums and counts are all-reduced (collectives.all_reduce, a no-op without
+    one), so every rank gets the same prototypes.
     """
     num_classes, num_prototypes, dim = prototypes.shape
     size = num_classes * num_prototypes
@@ -230,6 +246,8 @@ class SoftmaxHead(nn.Module):
         self.classifier = nn.Conv2d(embed_dim, num_classes, 1, bias=False)       # the C learned w_c
 
     def forward(self, feats, labels=None):
+        """Eq. 1: the logits of p(c|i) = softmax_c(w_c^T i), i = self.trunk(feats) (not normalised), w_c the rows
+        of self.classifier (a 1x1 convolution). feats: (B, Din, h, w) -> {"scores": (B, C, h, w)}."""
         return {"scores": self.classifier(self.trunk(feats))}                  # (B, C, h, w)
 
 
@@ -244,6 +262,8 @@ class QueryHead(nn.Module):
         self.queries = nn.Parameter(torch.randn(num_classes, embed_dim) * 0.02)
 
     def forward(self, feats, labels=None):
+        """Eq. 2: the logits of p(c|i) = softmax_c(e_c * i), '*' the cosine of i = self.trunk(feats) and the query
+        e_c = self.queries[c]. feats: (B, Din, h, w) -> {"scores": (B, C, h, w)}, each in [-1, 1]."""
         embed = F.normalize(self.trunk(feats), dim=1)
         return {"scores": torch.einsum("bdhw,cd->bchw", embed, F.normalize(self.queries, dim=1))}
 
@@ -293,7 +313,11 @@ class ProtoSegHead(nn.Module):
         return F.normalize(self.prototypes, dim=-1)
 
     def classify(self, embed):
-        """Unit embeddings (B, D, h, w) -> (class scores (B, C, h, w), similarities (B, C*K, h, w))."""
+        """Eq. 6: -s_{i,c} = -min_k <i, p_ck> = max_k i^T p_ck, the class scores used as logits.
+
+        embed: (B, D, h, w) unit embeddings i. Returns (scores (B, C, h, w), sim (B, C*K, h, w)): sim = i^T p_ck
+        for the prototypes self.unit_prototypes() at channel c*K + k (similarity_map); scores = -s, or, when
+        self.mask_norm is set (official item 1), that LayerNorm over the C scores of each pixel."""
         sim = similarity_map(embed, self.unit_prototypes())                                    # i^T p  (B, C*K, h, w)
         class_sim = sim.unflatten(1, (self.num_classes, self.num_prototypes)).max(2).values  # -s, Eq. 6 (B, C, h, w)
         scores = class_sim
@@ -369,12 +393,14 @@ def pixel_prototype_similarity(embed, prototypes):
 
 
 def class_distance(embed, prototypes):
-    """Eq. 6: s[n, c] = min_k <i_n, p_ck> = -max_k i_n^T p_ck, in [-1, 1].  (..., D) -> (..., C)"""
+    """Eq. 6: s[n, c] = min_k <i_n, p_ck> = -max_k i_n^T p_ck, in [-1, 1], with <i, p> = -i^T p.
+    embed: (..., D) unit vectors, prototypes: (C, K, D) unit vectors -> s: (..., C)."""
     return -pixel_prototype_similarity(embed, prototypes).amax(-1)
 
 
 def nearest_prototype(embed, prototypes):
-    """Eq. 3/5: (c*, k*) = argmin_(c,k) <i, p_ck>; the pixel's class is c*.  (..., D) -> two (...)"""
+    """Eq. 3/5: (c*, k*) = argmin_(c,k) <i, p_ck> = argmax_(c,k) i^T p_ck over all C*K prototypes; the pixel's
+    class is c* (winner takes all). embed: (..., D), prototypes: (C, K, D) -> (c*, k*), two (...) int64 tensors."""
     sim = pixel_prototype_similarity(embed, prototypes)
     best = sim.flatten(-2).argmax(-1)
     num_prototypes = prototypes.shape[1]
@@ -382,15 +408,19 @@ def nearest_prototype(embed, prototypes):
 
 
 def ppc_loss(proto_sim, target, tau=0.1, ignore_index=IGNORE_INDEX):
-    """Eq. 11: cross-entropy over the C*K cosine similarities / tau, target index c_i*K + k_i, averaged over
-    the labelled pixels (0 when there is none). proto_sim: (N, C*K) or (B, C*K, h, w); target: (N,) or (B, h, w).
-    The transcription; seg_loss uses prototype_losses, equal in value and gradient (tested)."""
+    """Eq. 11: L_PPC = -log [exp(i^T p_{c_i,k_i} / tau) / sum over all C*K prototypes p of exp(i^T p / tau)], i.e.
+    cross-entropy over the C*K cosine similarities / tau with target index c_i*K + k_i, averaged over the labelled
+    pixels (0 when there is none). proto_sim: (N, C*K) or (B, C*K, h, w); target: (N,) or (B, h, w), ignore_index
+    where unlabelled. Returns a float32 scalar. The transcription; seg_loss uses prototype_losses, equal in value
+    and gradient (tested)."""
     loss = F.cross_entropy(proto_sim.float() / tau, target, ignore_index=ignore_index, reduction="sum")
     return loss / (target != ignore_index).sum().clamp(min=1)
 
 
 def ppd_loss(proto_sim, target, ignore_index=IGNORE_INDEX):
-    """Eq. 12: mean over the labelled pixels of (1 - i^T p_{c_i, k_i})^2. Shapes as ppc_loss."""
+    """Eq. 12: L_PPD = (1 - i^T p_{c_i, k_i})^2, averaged over the labelled pixels (0 when there is none).
+    proto_sim, target: shapes as ppc_loss, the target's similarity read at index c_i*K + k_i. Returns a float32
+    scalar."""
     valid = target != ignore_index
     s = proto_sim.float().gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)    # i^T p_{c_i, k_i}
     return ((1 - s).pow(2) * valid).sum() / valid.sum().clamp(min=1)

@@ -23,8 +23,13 @@ from collectives import all_reduce, is_distributed
 
 @torch.no_grad()
 def sinkhorn(scores, kappa=0.05, iters=3, distributed=True):
-    """Eq. 10 for ONE class. scores: (N, K) similarities p_k^T i_n. Returns L: (N, K), rows sum to 1.
+    """Eq. 8-10 for ONE class: L = diag(u) exp(P^T X / kappa) diag(v), stored transposed as (N, K).
 
+    scores: (N, K) similarities p_k^T i_n of the class's N pixels to its K prototypes. Starting from
+    exp(scores / kappa), each of `iters` iterations rescales every prototype's column to sum N/K (equipartition;
+    N and the column sums over the global batch when distributed and under a process group), then every pixel's row
+    to sum 1. Returns L: (N, K) float32 (also under autocast), rows summing to 1 exactly, columns to N/K
+    approximately; finite for small kappa and low-precision scores (work in the log domain).
     A direct transcription kept for reading and for testing the batched version against.
     """
     with torch.autocast(scores.device.type, enabled=False):
@@ -52,11 +57,13 @@ def sinkhorn(scores, kappa=0.05, iters=3, distributed=True):
 
 @torch.no_grad()
 def sinkhorn_batched(scores, labels, num_classes, kappa=0.05, iters=3, distributed=True):
-    """Eq. 10 for every class at once, with segment sums instead of a Python loop over classes.
+    """Eq. 8-10 for every class at once, with segment sums instead of a Python loop over classes.
 
     scores: (N, K) similarity of pixel n to the K prototypes of ITS OWN class labels[n].
-    labels: (N,) class of each pixel in [0, num_classes). Returns L: (N, K), equal to calling
-    sinkhorn() on each class's rows separately.
+    labels: (N,) class of each pixel in [0, num_classes). Returns L: (N, K) float32, equal to calling
+    sinkhorn() on each class's rows separately: per class c, columns rescaled to N_c / K, then rows to 1, `iters`
+    times (N_c and the column sums over the global batch when distributed and under a process group). A class's
+    stabilising maximum is its own, so a class far below the others stays finite at small kappa.
     """
     with torch.autocast(scores.device.type, enabled=False):
         log_l = scores.float() / kappa                                          # (N, K)

@@ -1,0 +1,338 @@
+"""Coursework: a student's copy of this project with chosen equations left blank, and the check of their work.
+
+    python coursework.py --list                        # the equations that can be blanked, their functions and tests
+    python coursework.py --blank 8-10 14 --out hw      # hw/: the whole project with Eq. 8-10 and Eq. 14 blanked
+    python coursework.py --check hw                    # a line per blanked equation: passed / failed / not implemented
+
+A blanked function keeps its decorators, signature and docstring (the equation in the paper's notation, the shapes,
+what it returns); its body becomes one `raise NotImplementedError("Eq. 14: ...")`. Everything else is the project as
+it is, so `python train.py` in the copy stops at the first blank training reaches and nowhere else. Where the tests
+compare a fast function with a slow transcription, the entry blanks both: the transcription would give the answer
+away. The copy records what was blanked in coursework.json; --check runs the grading tests of those equations in the
+copy (of every equation where nothing is recorded) and exits 1 unless all passed.
+"""
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import xml.etree.ElementTree as ET
+from collections import namedtuple
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+RECORD = "coursework.json"                      # in a copy: {"blanked": ["8-10", "14"]}
+SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", "runs"}   # never copied when the source is walked
+
+
+@dataclass(frozen=True)
+class Entry:
+    eq: str                 # the paper's equation numbers, "8-10"
+    what: str               # what the student writes
+    blanks: tuple           # "file.py:function" or "file.py:Class.method"
+    tests: tuple            # the grading tests: "file.py::test_name", or a whole test file
+    note: str = ""          # why these functions (a fast one is blanked with the transcription it is tested against)
+    needs: tuple = ()       # entries whose functions the grading tests also call: graded once those are written
+    train: tuple = ()       # flags with which `python train.py` reaches the blank; None: training never calls it
+    also: str = ""          # what else stops at the blank
+
+    def covers(self, test_id):
+        """Is this pytest id (file::name, parameters dropped) one of the grading tests?"""
+        return test_id in self.tests or test_id.split("::")[0] in self.tests
+
+
+# The one list of what can be blanked, with the tests that grade it (tests/test_coursework.py checks the README's
+# equation table against it).
+P, W = "test_protoseg.py::", "tests/test_wiring.py::"
+TRAINING = "every training step of a ProtoSeg head (train.py, toy2d.py) and the tests that take one"
+TABLE = (
+    Entry("1-2", "the parametric baselines: softmax classifier (Eq. 1) and pixel queries (Eq. 2)",
+          ("protoseg.py:SoftmaxHead.forward", "protoseg.py:QueryHead.forward"),
+          (P + "test_eq1_eq4_softmax_head_is_unified_view_with_weights_as_prototypes",
+           P + "test_eq2_eq4_query_head_is_unified_view_with_queries_as_prototypes"),
+          train=("--head", "softmax"), also="--head softmax / query anywhere, and the tests that build those heads "
+                                            "(test_models, test_segformer, test_swin)"),
+    Entry("5", "the prediction: the class of the nearest prototype (Eq. 3, 5)", ("protoseg.py:nearest_prototype",),
+          (P + "test_eq3_eq5_nearest_prototype_matches_loop",
+           P + "test_eq5_head_scores_argmax_is_nearest_prototype_class"),
+          note="the transcription the head's prediction is tested against; training predicts by the argmax of the "
+               "Eq. 6 scores",
+          needs=("6-7",), train=None, also="nothing else: training and evaluation take the argmax of the scores"),
+    Entry("6-7", "the pixel-class distance s and its cross-entropy (Eq. 6, 7)",
+          ("protoseg.py:cross_entropy", "protoseg.py:ProtoSegHead.classify", "protoseg.py:class_distance"),
+          (P + "test_eq6_class_distance_matches_loop",
+           W + "test_head_eq5_eq6_scores_are_cosines_of_unit_norm_embeddings",
+           P + "test_eq7_cross_entropy_is_mean_over_labelled_pixels_without_sync"),
+          note="both: the head's classify is tested against the transcription class_distance", needs=("8-10",),
+          also="every ProtoSeg forward (training, evaluation, predict.py, atlas.py), every loss: most test files"),
+    Entry("8-10", "the within-class online clustering by Sinkhorn-Knopp",
+          ("sinkhorn.py:sinkhorn", "sinkhorn.py:sinkhorn_batched"), ("tests/test_sinkhorn.py",),
+          note="both: training's sinkhorn_batched is tested against the one-class transcription sinkhorn",
+          also=TRAINING + "; --proto-init data; the Sinkhorn panel of toy2d.py"),
+    Entry("11-12", "the pixel-prototype contrast PPC (Eq. 11) and distance PPD (Eq. 12)",
+          ("protoseg.py:PrototypeLosses.forward", "protoseg.py:PrototypeLosses.backward",
+           "protoseg.py:prototype_losses", "protoseg.py:ppc_loss", "protoseg.py:ppd_loss"),
+          (P + "test_eq11_ppc_matches_transcription_and_is_ce_over_scaled_similarities",
+           P + "test_eq12_ppd_matches_transcription",
+           P + "test_eq11_eq12_fused_losses_equal_transcription_values_and_gradients"),
+          note="all five: training's prototype_losses computes both losses in one autograd node (PrototypeLosses) "
+               "and is tested against the transcriptions ppc_loss and ppd_loss", also=TRAINING),
+    Entry("13", "the total loss L_CE + lambda1 L_PPC + lambda2 L_PPD", ("protoseg.py:seg_loss",),
+          (W + "test_seg_loss_passes_tau_class_weight_lambdas_and_ignore_index_on",), needs=("6-7", "11-12"),
+          also="every training step, of any head (train.py, toy2d.py), and the tests that take one"),
+    Entry("14", "the momentum update of the prototypes", ("protoseg.py:momentum_update",),
+          (P + "test_eq14_momentum_update_matches_transcription",),
+          also=TRAINING + "; --proto-init data"),
+)
+ENTRIES = {e.eq: e for e in TABLE}
+BLANK = re.compile(r"NotImplementedError: Eq\. ([\d-]+): write ([\w.]+)")   # the message of a blank
+
+
+def fail(message):
+    """A user error: one line on stderr, exit code 1."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def numbers(eq):
+    first, _, last = eq.partition("-")
+    return [str(n) for n in range(int(first), int(last or first) + 1)]
+
+
+def entries(names):
+    """The entries named on the command line ("8-10", or one number of it: "9"), in table order."""
+    for name in names:
+        if not any(name == e.eq or name in numbers(e.eq) for e in TABLE):
+            fail(f"--blank {name}: not an equation that can be blanked; expected one of {', '.join(ENTRIES)}")
+    return [e for e in TABLE if any(name == e.eq or name in numbers(e.eq) for name in names)]
+
+
+def blanks_by_file(chosen):
+    """{file: [(entry, qualname), ...]} of the chosen entries' blanks."""
+    out = {}
+    for e in chosen:
+        for item in e.blanks:
+            path, name = item.split(":")
+            out.setdefault(path, []).append((e, name))
+    return out
+
+
+def where(entry):
+    """'protoseg.py: f, g; sinkhorn.py: h'"""
+    return "; ".join(f"{path}: {', '.join(n for _, n in todo)}" for path, todo in blanks_by_file([entry]).items())
+
+
+# ----------------------------------------------------------------------------- blanking a function's body
+
+def function_node(tree, qualname):
+    node = tree
+    for part in qualname.split("."):
+        node = next((n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part), None)
+        if node is None:
+            raise KeyError(f"no {qualname}")
+    return node
+
+
+def body_span(text, qualname):
+    """(first, end, indent): the 0-based line range of the function's body after its docstring, and its indent."""
+    node = function_node(ast.parse(text), qualname)
+    first = node.body[0]
+    has_doc = ast.get_docstring(node, clean=False) is not None
+    start = first.end_lineno if has_doc else first.lineno - 1
+    return start, node.end_lineno, " " * first.col_offset
+
+
+def replace_bodies(text, bodies):
+    """text with each function's body after its docstring replaced: bodies {qualname: list of lines}. Every other
+    line (decorators, signature, docstring, comments between functions) is kept as it is."""
+    lines = text.splitlines(keepends=True)
+    spans = sorted(((body_span(text, name)[:2], new) for name, new in bodies.items()), reverse=True)
+    for (start, end), new in spans:
+        lines[start:end] = new
+    return "".join(lines)
+
+
+def blank(text, entry_and_names):
+    """text with each (entry, qualname)'s body replaced by raise NotImplementedError("Eq. N: write name, ...")."""
+    bodies = {}
+    for entry, name in entry_and_names:
+        message = json.dumps(f"Eq. {entry.eq}: write {name}, {entry.what}")                   # a "..." literal
+        bodies[name] = [f"{body_span(text, name)[2]}raise NotImplementedError({message})\n"]
+    return replace_bodies(text, bodies)
+
+
+# ----------------------------------------------------------------------------- the copy
+
+def project_files(root, out):
+    """The project's files relative to root: git's tracked and not-ignored ones when root is a checkout, else a
+    walk. Never the output folder, nor an earlier copy inside the project (a folder holding coursework.json)."""
+    try:
+        listed = subprocess.run(["git", "-C", root, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                capture_output=True, text=True, check=True).stdout.split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        listed = []
+    if "protoseg.py" not in listed:
+        listed = []
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+            listed += [os.path.relpath(os.path.join(folder, f), root) for f in sorted(files)]
+    out = os.path.abspath(out)
+    copies = {p.split(os.sep)[0] for p in listed if p.endswith(os.sep + RECORD) and p.count(os.sep) == 1}
+
+    def keep(path):
+        full = os.path.abspath(os.path.join(root, path))
+        return (os.path.isfile(full) and path.split(os.sep)[0] not in copies and full != out
+                and not full.startswith(out + os.sep) and path != RECORD)
+    return [p for p in listed if p and keep(p)]
+
+
+def write_copy(out, chosen, root=ROOT):
+    """The project copied to out (a new or empty folder) with the chosen entries' functions blanked."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        fail(f"--out {out}: exists and is not an empty folder; expected a new or empty folder")
+    files = project_files(root, out)
+    print(f"copying {len(files)} files of {root} to {out} ...", flush=True)
+    for path in files:
+        os.makedirs(os.path.join(out, os.path.dirname(path)), exist_ok=True)
+        shutil.copy2(os.path.join(root, path), os.path.join(out, path))
+    for path, todo in blanks_by_file(chosen).items():
+        with open(os.path.join(root, path)) as f:
+            text = blank(f.read(), todo)
+        with open(os.path.join(out, path), "w") as f:
+            f.write(text)
+    with open(os.path.join(out, RECORD), "w") as f:
+        json.dump({"blanked": [e.eq for e in chosen]}, f)
+        f.write("\n")
+    for e in chosen:
+        print(f"Eq. {e.eq}: blanked {where(e)}")
+    if os.path.abspath(out).startswith(root + os.sep):
+        print(f"note: {out} is inside the project, so `python -m pytest` in {root} would collect its tests too")
+    print(f"done: check the work with  python coursework.py --check {out}")
+
+
+# ----------------------------------------------------------------------------- the check
+
+Result = namedtuple("Result", "test outcome message")   # file::name (no parameters), passed / failed / skipped, why
+
+
+def run_tests(folder, tests, timeout=600):
+    """Run pytest on the test ids in folder; (results, the tail of pytest's output)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "report.xml")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", ".",
+               "--junitxml", report, *tests]
+        try:
+            proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return [], f"the tests ran past {timeout} s"
+        lines = (proc.stdout + proc.stderr).strip().splitlines() or [""]
+        errors = [m.group(1) for m in map(re.compile(r"^E\s+(\w*(Error|Exception)\b.*)").match, lines) if m]
+        tail = (errors or lines)[0 if errors else -1]                           # the first exception raised
+        if not os.path.exists(report):
+            return [], tail
+        results = []
+        for case in ET.parse(report).iter("testcase"):
+            test = case.get("classname", "").replace(".", "/") + ".py::" + case.get("name", "").split("[")[0]
+            bad = [c for c in case if c.tag in ("failure", "error")]
+            outcome = "failed" if bad else "skipped" if case.find("skipped") is not None else "passed"
+            message = (bad[0].get("message") or bad[0].text or "").strip().split("\n")[0] if bad else ""
+            results.append(Result(test, outcome, message))
+        return results, tail
+
+
+def grade(entry, results, tail=""):
+    """One line for the entry from the results of its grading tests."""
+    mine = [r for r in results if entry.covers(r.test)]
+    if not mine:
+        return f"failed: its tests did not run ({tail})"
+    blanks = [BLANK.search(r.message) for r in mine]
+    todo = sorted({b.group(2) for b in blanks if b and b.group(1) == entry.eq})
+    if todo:
+        return f"not implemented: {', '.join(todo)}"
+    wrong = [r for r, b in zip(mine, blanks) if r.outcome == "failed" and not b]
+    if wrong:
+        return f"failed: {wrong[0].test.split('::')[-1]}: {wrong[0].message}"[:300]
+    waits = sorted({b.group(1) for b in blanks if b})
+    if waits:
+        return f"not implemented: its tests need Eq. {', '.join(waits)} first"
+    return f"passed ({len(mine)} test{'s' * (len(mine) > 1)})"
+
+
+def recorded(folder):
+    """The entries blanked in a copy (its coursework.json); every entry where nothing is recorded."""
+    path = os.path.join(folder, RECORD)
+    if not os.path.exists(path):
+        return list(TABLE)
+    try:
+        with open(path) as f:
+            return [ENTRIES[eq] for eq in json.load(f)["blanked"]] or list(TABLE)
+    except (ValueError, KeyError, TypeError):
+        fail(f"--check {folder}: {path} is not what --blank writes; expected {{\"blanked\": [EQ, ...]}}, EQ among "
+             f"{', '.join(ENTRIES)}")
+
+
+def check(folder):
+    """Print one line per recorded entry (every entry when none is recorded); True when all passed."""
+    if not os.path.isdir(folder):
+        fail(f"--check {folder}: not a folder; expected a copy written by --blank (or the project itself)")
+    if importlib.util.find_spec("pytest") is None:
+        fail("--check runs the tests with pytest, which is not installed: pip install pytest")
+    chosen = recorded(folder)
+    tests = sorted({t for e in chosen for t in e.tests})
+    for path in {t.split("::")[0] for t in tests if not os.path.isfile(os.path.join(folder, t.split("::")[0]))}:
+        fail(f"--check {folder}: no {path} in it; expected a copy of this project")
+    print(f"running {len(tests)} grading tests of Eq. {', '.join(e.eq for e in chosen)} in {folder} ...",
+          file=sys.stderr, flush=True)
+    results, tail = run_tests(folder, tests)
+    lines = [f"Eq. {e.eq:<6} {grade(e, results, tail)}" for e in chosen]
+    print("\n".join(lines))
+    return all(" passed (" in line for line in lines)
+
+
+def table_text():
+    """The table as --list prints it."""
+    out = []
+    for e in TABLE:
+        reach = "never reaches it" if e.train is None else "stops at the blank" + " with " * bool(e.train)
+        rows = [("writes", where(e)), ("why", e.note)]
+        rows += [("graded" * (i == 0), t + " (all)" * ("::" not in t)) for i, t in enumerate(e.tests)]
+        rows += [("needs", e.needs and f"Eq. {', '.join(e.needs)}, where blanked too: the grading tests call them"),
+                 ("train.py", reach + " ".join(e.train or ())), ("also", e.also)]
+        out.append(f"Eq. {e.eq}: {e.what}")
+        out += [textwrap.fill(text, 118, initial_indent=f"  {label:8} ", subsequent_indent=" " * 11)
+                for label, text in rows if text]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="coursework.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: fail(f"{message} (python coursework.py --help)")
+    do = p.add_mutually_exclusive_group(required=True)
+    do.add_argument("--list", action="store_true", help="print the table: each equation's functions and tests")
+    do.add_argument("--blank", nargs="*", metavar="EQ",
+                    help=f"the equations to blank, among {', '.join(ENTRIES)} (or one number of a group); "
+                         "none: an untouched copy")
+    do.add_argument("--check", metavar="DIR", help="run the grading tests of the equations blanked in DIR")
+    p.add_argument("--out", metavar="DIR", help="with --blank: the copy's folder (new or empty)")
+    args = p.parse_args(argv)
+    if args.list:
+        print(table_text())
+    elif args.check is not None:
+        if args.out is not None:
+            fail("--out goes with --blank, not with --check")
+        raise SystemExit(0 if check(args.check) else 1)
+    else:
+        if not args.out:
+            fail("--blank needs --out DIR, the folder of the student's copy")
+        write_copy(args.out, entries(args.blank))
+
+
+if __name__ == "__main__":
+    main()
