@@ -26,6 +26,8 @@ import xml.etree.ElementTree as ET
 from collections import namedtuple
 from dataclasses import dataclass
 
+from commands import Parser, fail, run_command
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RECORD = "coursework.json"                      # in a copy: {"blanked": ["8-10", "14"]}
 SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", "runs"}   # never copied when the source is walked
@@ -92,12 +94,6 @@ TABLE = (
 )
 ENTRIES = {e.eq: e for e in TABLE}
 BLANK = re.compile(r"NotImplementedError: Eq\. ([\d-]+): write ([\w.]+)")   # the message of a blank
-
-
-def fail(message):
-    """A user error: one line on stderr, exit code 1."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(1)
 
 
 def numbers(eq):
@@ -311,9 +307,7 @@ def table_text():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="coursework.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda message: fail(f"{message} (python coursework.py --help)")
+    p = Parser(prog="coursework.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     do = p.add_mutually_exclusive_group(required=True)
     do.add_argument("--list", action="store_true", help="print the table: each equation's functions and tests")
     do.add_argument("--blank", nargs="*", metavar="EQ",
@@ -335,4 +329,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, lambda: "interrupted; a copy being written by --blank is incomplete: delete it and run again")
