@@ -36,7 +36,7 @@ from evaluate import confusion_matrix, metrics_from_confusion, prototype_counts,
 from labels import IGNORE_INDEX
 from layers import upsample
 from predict import class_similarity, class_table, dark_note, open_model, prototype_map
-from commands import Outputs, Parser, default_device, device_flag, fail, ranged, run_command
+from commands import Outputs, Parser, default_device, device_flag, exit_with_error, ranged, run_command
 from settings import PRESETS
 
 IN_USE = 0.05       # a prototype is "in use" when it takes >= 5 % of its class's pixels (evaluate.prototype_summary)
@@ -273,16 +273,16 @@ def parse_args(argv):
 def val_set(cfg, args):
     name = args.dataset or cfg.get("dataset", "synthetic")
     if name == "folder" and not args.dataset:
-        fail(f"{args.checkpoint} has {cfg['num_classes']} classes and no dataset name; pass --dataset (and "
-             "--data-root)")
+        exit_with_error(f"{args.checkpoint} has {cfg['num_classes']} classes and no dataset name; pass --dataset (and "
+                        "--data-root)")
     kw = dict(num_classes=cfg["num_classes"], ignore_value=cfg.get("ignore_value", 255)) if name == "folder" else {}
     kw.update(seed=cfg.get("seed", 0))
     try:
         val = data.build_dataset(name, args.data_root, "val", data.EvalTransform(), **kw)
     except data.DatasetError as e:
-        fail(" ".join(str(e).split()))
+        exit_with_error(" ".join(str(e).split()))
     if val.num_classes != cfg["num_classes"]:
-        fail(f"--dataset {name} has {val.num_classes} classes; {args.checkpoint} has {cfg['num_classes']}")
+        exit_with_error(f"--dataset {name} has {val.num_classes} classes; {args.checkpoint} has {cfg['num_classes']}")
     return name, val
 
 
@@ -290,13 +290,13 @@ def read_metrics(path):
     """{class name: IoU} from a metrics.json (train.py's strict JSON)."""
     found = path_problem(path)
     if found != "found":
-        fail(f"--compare {path}: {found}, expected the metrics.json of a train.py run")
+        exit_with_error(f"--compare {path}: {found}, expected the metrics.json of a train.py run")
     try:
         m = json.loads(Path(path).read_text())
         return {name: row.get("iou") for name, row in m["classes"].items()}
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-        fail(f"--compare {path}: cannot read per-class IoU ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
-             "expected the metrics.json of a train.py run")
+        exit_with_error(f"--compare {path}: cannot read per-class IoU ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:160]}); expected the metrics.json of a train.py run")
 
 
 def index_page(files, classes):
@@ -318,7 +318,7 @@ def main(argv=None, outputs=None):
     outputs.doing = f"while loading {args.checkpoint}"
     model, cfg = open_model(args.checkpoint, args.device)
     if cfg["head"] != "protoseg":
-        fail(f"{args.checkpoint} has a {cfg['head']!r} head; the atlas needs a ProtoSeg head (prototypes)")
+        exit_with_error(f"{args.checkpoint} has a {cfg['head']!r} head; the atlas needs a ProtoSeg head (prototypes)")
     other = read_metrics(args.compare) if args.compare else None
     name, val = val_set(cfg, args)
     names, palette = class_table({**cfg, "dataset": name})

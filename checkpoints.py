@@ -17,7 +17,7 @@ import torch
 
 from datafiles import path_problem
 from models import model_from_config
-from commands import fail
+from commands import exit_with_error
 from runs import last_good
 
 
@@ -66,14 +66,14 @@ def save_checkpoint(cfg, net, opt, scaler, it, saved_it):
     """Checkpoint after `it` steps unless the model is unhealthy (then stop: exit 1). Returns `it`."""
     problem = unhealthy(net)
     if problem:
-        fail(f"the model diverged by iteration {it}: {problem}; not saved. " + last_good(cfg, saved_it))
+        exit_with_error(f"the model diverged by iteration {it}: {problem}; not saved. " + last_good(cfg, saved_it))
     state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
              "iter": it, "config": dataclasses.asdict(cfg)}
     try:
         atomic_save(state, os.path.join(cfg.out_dir, "last.pt"))
     except (OSError, RuntimeError) as e:
-        fail(f"cannot write checkpoint {os.path.join(cfg.out_dir, 'last.pt')}: {' '.join(str(e).split())[:200]} "
-             f"(disk full?); {last_good(cfg, saved_it)}")
+        exit_with_error(f"cannot write checkpoint {os.path.join(cfg.out_dir, 'last.pt')}: "
+                        f"{' '.join(str(e).split())[:200]} (disk full?); {last_good(cfg, saved_it)}")
     return it
 
 

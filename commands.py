@@ -21,7 +21,7 @@ import torch
 from collectives import is_master
 
 
-def fail(message):
+def exit_with_error(message):
     """A user error: one line on stderr (printed by rank 0 only), exit code 1."""
     if is_master():
         print(f"error: {message}", file=sys.stderr, flush=True)
@@ -30,7 +30,7 @@ def fail(message):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):                                   # a flag error is a user error like any other
-        fail(f"{message} (python {self.prog} --help lists every setting)")
+        exit_with_error(f"{message} (python {self.prog} --help lists every setting)")
 
 
 RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1,
@@ -107,8 +107,9 @@ class Outputs:
                 os.replace(tmp, path)
                 self.files.append(name)
         except OSError as e:
-            fail(f"cannot write to {self.folder} ({name}): {e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)}) "
-                 f"{self.doing}; {self.written()}; expected a writable {self.flag} folder with free space")
+            exit_with_error(f"cannot write to {self.folder} ({name}): {e.strerror or e} "
+                            f"({errno.errorcode.get(e.errno, e.errno)}) {self.doing}; {self.written()}; expected a "
+                            f"writable {self.flag} folder with free space")
         finally:
             if tmp.exists():
                 tmp.unlink()

@@ -26,7 +26,7 @@ import xml.etree.ElementTree as ET
 from collections import namedtuple
 from dataclasses import dataclass
 
-from commands import Parser, fail, run_command
+from commands import Parser, exit_with_error, run_command
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RECORD = "coursework.json"                      # in a copy: {"blanked": ["8-10", "14"]}
@@ -105,7 +105,8 @@ def entries(names):
     """The entries named on the command line ("8-10", or one number of it: "9"), in table order."""
     for name in names:
         if not any(name == e.eq or name in numbers(e.eq) for e in TABLE):
-            fail(f"--blank {name}: not an equation that can be blanked; expected one of {', '.join(ENTRIES)}")
+            exit_with_error(f"--blank {name}: not an equation that can be blanked; expected one of "
+                            f"{', '.join(ENTRIES)}")
     return [e for e in TABLE if any(name == e.eq or name in numbers(e.eq) for name in names)]
 
 
@@ -191,7 +192,7 @@ def project_files(root, out):
 def write_copy(out, chosen, root=ROOT):
     """The project copied to out (a new or empty folder) with the chosen entries' functions blanked."""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        fail(f"--out {out}: exists and is not an empty folder; expected a new or empty folder")
+        exit_with_error(f"--out {out}: exists and is not an empty folder; expected a new or empty folder")
     files = project_files(root, out)
     print(f"copying {len(files)} files of {root} to {out} ...", flush=True)
     for path in files:
@@ -269,20 +270,20 @@ def recorded(folder):
         with open(path) as f:
             return [ENTRIES[eq] for eq in json.load(f)["blanked"]] or list(TABLE)
     except (ValueError, KeyError, TypeError):
-        fail(f"--check {folder}: {path} is not what --blank writes; expected {{\"blanked\": [EQ, ...]}}, EQ among "
-             f"{', '.join(ENTRIES)}")
+        exit_with_error(f"--check {folder}: {path} is not what --blank writes; expected {{\"blanked\": [EQ, ...]}}, "
+                        f"EQ among {', '.join(ENTRIES)}")
 
 
 def check(folder):
     """Print one line per recorded entry (every entry when none is recorded); True when all passed."""
     if not os.path.isdir(folder):
-        fail(f"--check {folder}: not a folder; expected a copy written by --blank (or the project itself)")
+        exit_with_error(f"--check {folder}: not a folder; expected a copy written by --blank (or the project itself)")
     if importlib.util.find_spec("pytest") is None:
-        fail("--check runs the tests with pytest, which is not installed: pip install pytest")
+        exit_with_error("--check runs the tests with pytest, which is not installed: pip install pytest")
     chosen = recorded(folder)
     tests = sorted({t for e in chosen for t in e.tests})
     for path in {t.split("::")[0] for t in tests if not os.path.isfile(os.path.join(folder, t.split("::")[0]))}:
-        fail(f"--check {folder}: no {path} in it; expected a copy of this project")
+        exit_with_error(f"--check {folder}: no {path} in it; expected a copy of this project")
     print(f"running {len(tests)} grading tests of Eq. {', '.join(e.eq for e in chosen)} in {folder} ...",
           file=sys.stderr, flush=True)
     results, tail = run_tests(folder, tests)
@@ -320,11 +321,11 @@ def main(argv=None):
         print(table_text())
     elif args.check is not None:
         if args.out is not None:
-            fail("--out goes with --blank, not with --check")
+            exit_with_error("--out goes with --blank, not with --check")
         raise SystemExit(0 if check(args.check) else 1)
     else:
         if not args.out:
-            fail("--blank needs --out DIR, the folder of the student's copy")
+            exit_with_error("--blank needs --out DIR, the folder of the student's copy")
         write_copy(args.out, entries(args.blank))
 
 

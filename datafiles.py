@@ -179,10 +179,10 @@ def _check_jpeg(path):
     garbage rows): segments in bounds, scan data holding only stuffed bytes and RST0-7 in order, an EOI after the
     last scan. Entropy damage that keeps the structure cannot be seen without a second decoder."""
     data = open(path, "rb").read()
-    fail = lambda found: DatasetError(f"damaged image in {path}: {found}, expected a complete JPEG; re-download or "
+    damaged = lambda found: DatasetError(f"damaged image in {path}: {found}, expected a complete JPEG; re-download or "
                                       "re-export it")
     if data[:2] != b"\xff\xd8":
-        raise fail("no JPEG start marker")
+        raise damaged("no JPEG start marker")
     i, frame, interval = 2, None, 0
     while True:
         while i < len(data) and data[i] == 0xFF:            # fill bytes before a marker
@@ -191,7 +191,7 @@ def _check_jpeg(path):
             raise DatasetError(f"truncated image in {path}: no JPEG end marker after byte {len(data)}, expected a "
                                "complete file; re-download or re-extract it")
         if data[i - 1] != 0xFF:
-            raise fail(f"byte {data[i]:#04x} at offset {i} where a marker belongs")
+            raise damaged(f"byte {data[i]:#04x} at offset {i} where a marker belongs")
         m = data[i]
         i += 1
         if m == 0xD9:                                       # EOI
@@ -199,7 +199,7 @@ def _check_jpeg(path):
         if 0xD0 <= m <= 0xD7 or m == 0x01:                  # markers without a length
             continue
         if i + 2 > len(data) or int.from_bytes(data[i:i + 2], "big") < 2:
-            raise fail(f"a segment (marker {m:#04x}) cut short at offset {i}")
+            raise damaged(f"a segment (marker {m:#04x}) cut short at offset {i}")
         seg, i = data[i + 2:i + int.from_bytes(data[i:i + 2], "big")], i + int.from_bytes(data[i:i + 2], "big")
         if m in (0xC0, 0xC1) and len(seg) >= 6:             # baseline frame: H, W, sampling factors
             h, w, n = int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5]
@@ -220,15 +220,15 @@ def _check_jpeg(path):
                 i += 1 if nxt == 0xFF else 2
             elif 0xD0 <= nxt <= 0xD7:
                 if nxt != 0xD0 + rst:
-                    raise fail(f"restart marker RST{nxt - 0xD0} at offset {i} after RST{(rst - 1) % 8}, "
+                    raise damaged(f"restart marker RST{nxt - 0xD0} at offset {i} after RST{(rst - 1) % 8}, "
                                "expected them in order")
                 rst, count, i = (rst + 1) % 8, count + 1, i + 2
             elif 0xC0 <= nxt <= 0xFE:                       # the scan ends at the next marker
                 break
             else:
-                raise fail(f"bytes 0xff {nxt:#04x} at offset {i} inside the scan data")
+                raise damaged(f"bytes 0xff {nxt:#04x} at offset {i} inside the scan data")
         if frame and interval and seg[:1] == bytes([frame[1]]) and count != -(-frame[0] // interval) - 1:
-            raise fail(f"{count} restart markers in its scan where {frame[0]} blocks need "
+            raise damaged(f"{count} restart markers in its scan where {frame[0]} blocks need "
                        f"{-(-frame[0] // interval) - 1} (data cut short or damaged)")
 
 

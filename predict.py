@@ -33,7 +33,7 @@ from checkpoints import CheckpointError, load_model
 from datafiles import read_image
 from evaluate import predict_scores
 from labels import CLASS_TABLES, IMAGE_EXTS, default_palette
-from commands import (NO_MEMORY, Outputs, Parser, asked_for, default_device, device_flag, fail, ranged,
+from commands import (NO_MEMORY, Outputs, Parser, asked_for, default_device, device_flag, exit_with_error, ranged,
                       run_command)
 from settings import number      # the ranges of train.py's settings of the same name
 
@@ -186,7 +186,7 @@ def open_model(path, device):
     try:
         return load_model(path, device)
     except CheckpointError as e:
-        fail(str(e))
+        exit_with_error(str(e))
 
 
 def chosen_class(args, names):
@@ -195,7 +195,7 @@ def chosen_class(args, names):
         return None
     cls = int(args.cls) if args.cls.isdigit() else (names.index(args.cls) if args.cls in names else None)
     if cls is None or not 0 <= cls < len(names):
-        fail(f"--class {args.cls!r} is not one of {names} (or their indices 0..{len(names) - 1})")
+        exit_with_error(f"--class {args.cls!r} is not one of {names} (or their indices 0..{len(names) - 1})")
     return cls
 
 
@@ -210,7 +210,7 @@ def main(argv=None, outputs=None):
     names, palette = class_table(cfg)
     protocol_from_checkpoint(args, cfg)
     if args.labelids and cfg.get("dataset") != "cityscapes":
-        fail(f"--labelids needs a Cityscapes checkpoint; {args.checkpoint} is {cfg.get('dataset')!r}")
+        exit_with_error(f"--labelids needs a Cityscapes checkpoint; {args.checkpoint} is {cfg.get('dataset')!r}")
     cls = chosen_class(args, names)
     found = inputs(args, cfg)
     written, failed = 0, 0
@@ -257,12 +257,12 @@ def inputs(args, cfg):
     found = [(p, stem, lambda p=p: read_image(p)) for p, stem in output_names(args.images)]
     if args.val_index:
         if not str(cfg.get("dataset", "")).startswith("synthetic"):
-            fail(f"--val-index takes the synthetic dataset's val images; {args.checkpoint} was trained on "
-                 f"{cfg.get('dataset')!r}: give its image files instead")
+            exit_with_error(f"--val-index takes the synthetic dataset's val images; {args.checkpoint} was trained on "
+                            f"{cfg.get('dataset')!r}: give its image files instead")
         val = data.SyntheticDataset("val", seed=cfg.get("seed", 0))
         bad = [i for i in args.val_index if not 0 <= i < len(val)]
         if bad:
-            fail(f"--val-index {bad[0]} is outside the synthetic val set (0..{len(val) - 1})")
+            exit_with_error(f"--val-index {bad[0]} is outside the synthetic val set (0..{len(val) - 1})")
         found += [(f"val {i}", Path(f"val_{i:06d}"), lambda i=i: val.load(i)[0]) for i in args.val_index]
     return found
 

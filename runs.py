@@ -17,7 +17,7 @@ import torch
 
 import draw
 from collectives import all_reduce, rank_and_world
-from commands import PEER_LOST, asked_for, fail
+from commands import PEER_LOST, asked_for, exit_with_error
 from datafiles import path_problem
 
 
@@ -31,13 +31,13 @@ def one_line(error):
 def check_paths(cfg):
     """The kind of each path flag before anything runs: a folder where a folder is meant, a file where a file is."""
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        fail(f"--out-dir {cfg.out_dir} is a file, expected a folder (created if missing)")
+        exit_with_error(f"--out-dir {cfg.out_dir} is a file, expected a folder (created if missing)")
     if cfg.data_root and not os.path.isdir(cfg.data_root):
         found = "a file" if os.path.exists(cfg.data_root) else path_problem(cfg.data_root)
-        fail(f"--data-root {cfg.data_root}: {found}, expected the dataset's folder")
+        exit_with_error(f"--data-root {cfg.data_root}: {found}, expected the dataset's folder")
     if cfg.pretrained and not os.path.isfile(cfg.pretrained):
         found = "a folder" if os.path.isdir(cfg.pretrained) else path_problem(cfg.pretrained)
-        fail(f"--pretrained {cfg.pretrained}: {found}, expected a weights file (.pth, or a run's last.pt)")
+        exit_with_error(f"--pretrained {cfg.pretrained}: {found}, expected a weights file (.pth, or a run's last.pt)")
 
 
 def claim_out_dir(cfg, resuming):
@@ -49,22 +49,22 @@ def claim_out_dir(cfg, resuming):
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         if not os.path.isdir(cfg.out_dir):
-            fail(f"--out-dir {cfg.out_dir} is a file, expected a folder (created if missing)")
+            exit_with_error(f"--out-dir {cfg.out_dir} is a file, expected a folder (created if missing)")
         pid = open(lock).read().strip()
         if pid.isdigit() and _alive(int(pid)):
-            fail(f"out_dir {cfg.out_dir} is in use by another run (pid {pid}, {lock}){_stale_hint(int(pid), lock)}; "
-                 "wait for it or choose another --out-dir")
+            exit_with_error(f"out_dir {cfg.out_dir} is in use by another run (pid {pid}, "
+                            f"{lock}){_stale_hint(int(pid), lock)}; wait for it or choose another --out-dir")
         os.remove(lock)                                         # left by a run that died
         return claim_out_dir(cfg, resuming)
     except OSError as e:
-        fail(f"cannot write to out_dir {cfg.out_dir}: {e.strerror}; choose a writable --out-dir")
+        exit_with_error(f"cannot write to out_dir {cfg.out_dir}: {e.strerror}; choose a writable --out-dir")
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
     last = os.path.join(cfg.out_dir, "last.pt")
     if os.path.exists(last) and not resuming and not cfg.overwrite and not cfg.eval_only:
         os.remove(lock)
-        fail(f"{last} holds an earlier run; continue it with --resume auto, or replace it with --overwrite "
-             "(or choose another --out-dir)")
+        exit_with_error(f"{last} holds an earlier run; continue it with --resume auto, or replace it with --overwrite "
+                        "(or choose another --out-dir)")
     return lock
 
 
@@ -97,18 +97,18 @@ def checkpoint_path(cfg):
         if os.path.isfile(path):
             return path
         if cfg.eval_only:
-            fail(f"--eval-only --resume auto: no last.pt in {cfg.out_dir} ({path_problem(path)}), expected a run's "
-                 "checkpoint there; give --out-dir RUN or --resume CHECKPOINT")
+            exit_with_error(f"--eval-only --resume auto: no last.pt in {cfg.out_dir} ({path_problem(path)}), expected "
+                            "a run's checkpoint there; give --out-dir RUN or --resume CHECKPOINT")
         return None
     if os.path.isdir(cfg.resume):
         path = os.path.join(cfg.resume, "last.pt")
         if not os.path.isfile(path):
-            fail(f"--resume {cfg.resume}: a folder without last.pt, expected a checkpoint file or a run folder "
-                 "holding last.pt")
+            exit_with_error(f"--resume {cfg.resume}: a folder without last.pt, expected a checkpoint file or a run "
+                            "folder holding last.pt")
         return path
     if not os.path.isfile(cfg.resume):
-        fail(f"--resume {cfg.resume}: {path_problem(cfg.resume)}, expected a checkpoint file (runs/*/last.pt), "
-             "a run folder or 'auto'")
+        exit_with_error(f"--resume {cfg.resume}: {path_problem(cfg.resume)}, expected a checkpoint file "
+                        "(runs/*/last.pt), a run folder or 'auto'")
     return cfg.resume
 
 
@@ -180,7 +180,7 @@ def stop_if_any_rank_failed(error, device):
     first failing rank prints its line, so a bad file on one rank never leaves the others waiting."""
     rank, world = rank_and_world()
     if world == 1:
-        return fail(error) if error is not None else None
+        return exit_with_error(error) if error is not None else None
     flags = torch.zeros(world)
     flags[rank] = error is not None
     flags = all_reduce(flags.to(device)).cpu()

@@ -15,7 +15,7 @@ import segformer
 import swin
 from checkpoints import CheckpointError, load_checkpoint
 from collectives import is_master
-from commands import Parser, fail, ranged
+from commands import Parser, exit_with_error, ranged
 from models import backbone_names, family
 from runs import check_paths, checkpoint_path
 
@@ -241,20 +241,21 @@ def check_combinations(cfg, given):
     protoseg = [k for k in PROTOSEG_ONLY if k in given]
     folder = [k for k in FOLDER_ONLY if k in given]
     if cfg.class_weights == "cityscapes" and cfg.dataset != "cityscapes":
-        fail(f"--class-weights cityscapes: the official weights are 19 values in Cityscapes' trainId order, "
-             f"--dataset {cfg.dataset} has other classes; expected --class-weights none")
+        exit_with_error(f"--class-weights cityscapes: the official weights are 19 values in Cityscapes' trainId order, "
+                        f"--dataset {cfg.dataset} has other classes; expected --class-weights none")
     if cfg.aux_loss_weight > 0 and family(cfg.backbone) != "swin":
-        fail(f"--aux-loss-weight {cfg.aux_loss_weight}: --backbone {cfg.backbone} has no auxiliary head (UperNet's, "
-             "swin_* backbones only); expected 0")
+        exit_with_error(f"--aux-loss-weight {cfg.aux_loss_weight}: --backbone {cfg.backbone} has no auxiliary head "
+                        "(UperNet's, swin_* backbones only); expected 0")
     if cfg.head != "protoseg" and protoseg:
-        fail(f"{flag(protoseg[0])}: only --head protoseg has prototypes, --head {cfg.head} would ignore it")
+        exit_with_error(f"{flag(protoseg[0])}: only --head protoseg has prototypes, --head {cfg.head} would ignore it")
     if cfg.dataset != "folder" and folder:
-        fail(f"{flag(folder[0])}: a setting of --dataset folder; --dataset {cfg.dataset} has its own classes")
+        exit_with_error(f"{flag(folder[0])}: a setting of --dataset folder; --dataset {cfg.dataset} has its own "
+                        "classes")
     if cfg.dataset.startswith("synthetic") and "data_root" in given:
-        fail(f"--data-root {cfg.data_root}: --dataset {cfg.dataset} is generated and reads no files; expected no "
-             "--data-root (or --dataset folder / cityscapes / ...)")
+        exit_with_error(f"--data-root {cfg.data_root}: --dataset {cfg.dataset} is generated and reads no files; "
+                        "expected no --data-root (or --dataset folder / cityscapes / ...)")
     if cfg.optimizer == "adamw" and "momentum" in given:
-        fail("--momentum: an SGD setting; --optimizer adamw keeps its betas (0.9, 0.999)")
+        exit_with_error("--momentum: an SGD setting; --optimizer adamw keeps its betas (0.9, 0.999)")
 
 
 # ----------------------------------------------------------------------------- resuming and evaluating
@@ -266,8 +267,8 @@ def refuse_changes(cfg, given, saved, path):
     changed = [k for k in keys if k in given and k in saved and saved[k] != getattr(cfg, k)]
     if changed:
         hint = "" if set(changed) & set(MODEL) else "; pass --allow-changes to continue with the new values"
-        fail(f"checkpoint {path} was made with other settings: " +
-             "; ".join(f"{k}: checkpoint {saved[k]!r} vs now {getattr(cfg, k)!r}" for k in changed) + hint)
+        exit_with_error(f"checkpoint {path} was made with other settings: " +
+                        "; ".join(f"{k}: checkpoint {saved[k]!r} vs now {getattr(cfg, k)!r}" for k in changed) + hint)
 
 
 def resolve(cfg, given):
@@ -281,10 +282,10 @@ def resolve(cfg, given):
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as e:
-        fail(str(e))
+        exit_with_error(str(e))
     if not cfg.eval_only and not isinstance(ckpt.get("iter"), int) and not ckpt.get("official"):
-        fail(f"checkpoint {path} has no iteration count ('iter'), expected a train.py checkpoint to continue; "
-             "evaluate it with --eval-only")
+        exit_with_error(f"checkpoint {path} has no iteration count ('iter'), expected a train.py checkpoint to "
+                        "continue; evaluate it with --eval-only")
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()
              if k in FIELDS and k not in COMMAND}
     refuse_changes(cfg, given, saved, path)

@@ -26,13 +26,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import CheckpointError, load_pretrained, load_state, save_checkpoint
 from collectives import all_reduce, autocast, rank_and_world, setup_distributed
+from commands import exit_with_error, run_command, signals_deferred
 from data import EvalTransform, build_dataset, train_transform
 from datafiles import DatasetError, check_dataset
 from evaluate import evaluate, format_metrics, metrics_report
 from labels import CITYSCAPES_CLASS_WEIGHTS
 from models import family, model_from_config
 from protoseg import data_prototypes, momentum_at, seg_loss, update_prototypes
-from commands import fail, run_command, signals_deferred
 from runs import (RunLog, claim_out_dir, interrupted_line, last_good, one_line, out_of_memory_line, peer_lost_line,
                   run_complete, stop_if_any_rank_failed, write_curves)
 from settings import RECIPE_FILES, parse_args, resolve
@@ -56,7 +56,7 @@ def make_datasets(cfg, log=print):
         check_dataset(torch.utils.data.Subset(val, range(min(cfg.val_size or len(val), len(val)))), values=True,
                       name="val", log=log)
     except DatasetError as e:
-        fail(one_line(e))
+        exit_with_error(one_line(e))
     return train, val
 
 
@@ -68,13 +68,13 @@ def build(cfg, ckpt, device, log):
         try:
             log(load_pretrained(raw_model.backbone, cfg.pretrained))
         except (CheckpointError, ValueError, RuntimeError, KeyError, AttributeError) as e:
-            fail(f"--pretrained {cfg.pretrained}: {' '.join(str(e).split())[:400]}; expected ImageNet backbone weights "
-                 "(.pth) for --backbone " + cfg.backbone)
+            exit_with_error(f"--pretrained {cfg.pretrained}: {' '.join(str(e).split())[:400]}; expected ImageNet "
+                            "backbone weights (.pth) for --backbone " + cfg.backbone)
     if ckpt is not None:
         try:
             load_state(raw_model, ckpt["model"], cfg.resume)
         except CheckpointError as e:
-            fail(str(e))
+            exit_with_error(str(e))
     raw_model.to(device)
     world = rank_and_world()[1]
     if world > 1 and device.type == "cuda":
@@ -130,7 +130,8 @@ def batches(cfg, train_set, start, device):
     sampler = ResumableSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
     steps_per_epoch = len(sampler) // per_rank
     if steps_per_epoch == 0:
-        fail(f"{len(train_set)} training images are fewer than one batch of {per_rank} per rank; lower --batch-size")
+        exit_with_error(f"{len(train_set)} training images are fewer than one batch of {per_rank} per rank; lower "
+                        "--batch-size")
     loader = torch.utils.data.DataLoader(train_set, per_rank, sampler=sampler, num_workers=cfg.workers,
                                          drop_last=True, pin_memory=device.type == "cuda")
     it = start
@@ -182,8 +183,9 @@ def train(cfg, model, raw_model, train_set, val_set, ckpt, log, progress):
         loss, terms = seg_loss(out, labels, cfg.lambda_ppc, cfg.lambda_ppd, cfg.tau, weight,
                                aux_weight=cfg.aux_loss_weight)  # Eq. 7, 11-13 (+ UperNet's aux CE)
         if all_reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)).item():
-            fail(f"non-finite loss at iteration {it + 1} ({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); "
-                 f"stopping. {last_good(cfg, saved_it)}")
+            exit_with_error(f"non-finite loss at iteration {it + 1} "
+                            f"({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); stopping. "
+                            f"{last_good(cfg, saved_it)}")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -228,7 +230,8 @@ def restore(cfg, ckpt, opt, scaler, log):
             opt.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
         except (KeyError, ValueError) as e:
-            fail(f"checkpoint {cfg.resume}: its optimizer state does not fit --optimizer {cfg.optimizer} ({e})")
+            exit_with_error(f"checkpoint {cfg.resume}: its optimizer state does not fit --optimizer {cfg.optimizer} "
+                            f"({e})")
     log(f"resumed after iteration {ckpt['iter']}")
     return ckpt["iter"]
 
@@ -239,8 +242,8 @@ def forward(model, images, labels, cfg):
     except ValueError as e:                                     # BatchNorm on a 1-value channel
         if "Expected more than 1 value per channel" not in str(e):
             raise
-        fail(f"BatchNorm in training got one value per channel (per-rank batch {len(images)}, crop {cfg.crop}); "
-             "use a per-rank batch >= 2, a larger --crop, or --freeze-bn")
+        exit_with_error(f"BatchNorm in training got one value per channel (per-rank batch {len(images)}, crop "
+                        f"{cfg.crop}); use a per-rank batch >= 2, a larger --crop, or --freeze-bn")
 
 
 def log_progress(cfg, it, loss, terms, lr, speed, device, log):
@@ -258,7 +261,7 @@ def run_evaluation(cfg, model, val_set, log):
     try:
         return evaluate(model, val_set, cfg, log)
     except DatasetError as e:
-        fail(one_line(e))
+        exit_with_error(one_line(e))
 
 
 # ----------------------------------------------------------------------------- main
@@ -283,8 +286,9 @@ def main(argv=None, progress=None):
                 json.dump(dataclasses.asdict(cfg), f, indent=1)
         model, raw_model = build(cfg, ckpt, device, log)
         if device.type == "cpu" and not cfg.eval_only and cfg.backbone != "hrnet_tiny":
-            log(f"note: --backbone {cfg.backbone} trains slowly on a CPU; a CPU-sized run: --backbone hrnet_tiny --crop "
-                "128 --batch-size 8 --optimizer adamw --lr 3e-3 --weight-decay 1e-4 (USAGE.md, 'Your data on a CPU')")
+            log(f"note: --backbone {cfg.backbone} trains slowly on a CPU; a CPU-sized run: --backbone hrnet_tiny "
+                "--crop 128 --batch-size 8 --optimizer adamw --lr 3e-3 --weight-decay 1e-4 (USAGE.md, 'Your data on "
+                "a CPU')")
         if not cfg.eval_only:
             log.open(cfg, ckpt["iter"] if ckpt and "iter" in ckpt else 0)
         seconds = 0.0 if cfg.eval_only else train(cfg, model, raw_model, train_set, val_set, ckpt, log, progress)
@@ -322,13 +326,13 @@ def describe(cfg):
 def check_run(cfg, ckpt, val_set, world):
     """What can only be checked once the data is known: the checkpoint's classes, the batch split over ranks."""
     if ckpt is not None and ckpt["config"]["num_classes"] != val_set.num_classes:
-        fail(f"checkpoint {cfg.resume} predicts {ckpt['config']['num_classes']} classes "
-             f"({ckpt['config'].get('dataset')}); --dataset {cfg.dataset} has {val_set.num_classes}")
+        exit_with_error(f"checkpoint {cfg.resume} predicts {ckpt['config']['num_classes']} classes "
+                        f"({ckpt['config'].get('dataset')}); --dataset {cfg.dataset} has {val_set.num_classes}")
     if cfg.batch_size % world:
-        fail(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks ({world})")
+        exit_with_error(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks ({world})")
     if not cfg.eval_only and ckpt is not None and ckpt.get("official"):
-        fail(f"{cfg.resume} is an official ProtoSeg checkpoint: it holds no optimizer state; use --eval-only, "
-             "or --pretrained for its backbone")
+        exit_with_error(f"{cfg.resume} is an official ProtoSeg checkpoint: it holds no optimizer state; use "
+                        "--eval-only, or --pretrained for its backbone")
 
 
 def finish(cfg, metrics, class_names, log):
