@@ -198,14 +198,13 @@ CURVES = (("loss", "loss (Eq. 13)"), ("ce", "ce (Eq. 7)"), ("ppc", "ppc (Eq. 11)
 
 def write_curves(out_dir):
     """out_dir/curves.png from log.jsonl: each logged term and the lr per iteration, and the val mIoU of every
-    evaluation. Returns its path."""
+    evaluation, each titled with its last value. Returns its path."""
     rows = [json.loads(r) for r in open(os.path.join(out_dir, "log.jsonl")).read().splitlines() if r.strip()]
-    panels = [draw.titled(draw.line_chart([(r["iter"], r[key]) for r in rows if key in r]), title)
-              for key, title in CURVES if any(key in r for r in rows)]
-    miou = [(r["iter"], 100 * (r.get("val") or r.get("final"))["miou"]) for r in rows
-            if (r.get("val") or r.get("final") or {}).get("miou") is not None]
-    if miou:
-        panels.append(draw.titled(draw.line_chart(miou, colour=(200, 60, 30)), "val mIoU (%)"))
+    curves = [(title, [(r["iter"], r[key]) for r in rows if key in r]) for key, title in CURVES]
+    curves.append(("val mIoU (%)", [(r["iter"], 100 * (r.get("val") or r.get("final"))["miou"]) for r in rows
+                                    if (r.get("val") or r.get("final") or {}).get("miou") is not None]))
+    panels = [draw.titled(draw.line_chart(points, colour=(200, 60, 30) if title.startswith("val") else (30, 90, 200)),
+                          f"{title}: {points[-1][1]:.4g} at {points[-1][0]}") for title, points in curves if points]
     path = os.path.join(out_dir, "curves.png")
     if panels:
         atomic_image(draw.grid(panels, 3, gap=10), path)
