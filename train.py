@@ -355,10 +355,19 @@ def _on_sigterm(signum, frame, owner=os.getpid()):
     raise Terminated()
 
 
+def _worker_quiet_on_lost_transfer(kind, value, tb, owner=os.getpid(), hook=sys.excepthook):
+    """sys.excepthook: a forked DataLoader worker's fd-sharing thread (multiprocessing.resource_sharer, which reports
+    through sys.excepthook) sees the main process drop a tensor transfer when it stops; that is no error."""
+    if os.getpid() != owner and issubclass(kind, (OSError, EOFError)):
+        return
+    hook(kind, value, tb)
+
+
 def cli(argv=None):
     """main() as a command: Ctrl-C / SIGTERM, a torchrun peer's death and an allocation failure end in one line
     (exit 130 / 143 / 1) with the lock removed and the DataLoader workers stopped, never a stack trace."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    sys.excepthook = _worker_quiet_on_lost_transfer               # inherited by the workers forked later
     progress, code = {}, 0
     try:
         main(argv, progress)
