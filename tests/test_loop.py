@@ -10,6 +10,7 @@ pass. The settings take values where a wrong formula, a swap of two settings or 
 number. COVERAGE (at the end) names the test of every Config field: a new setting without a test fails there.
 """
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -113,9 +114,10 @@ def relative_error(got, expected):
 
 @dataclasses.dataclass
 class Step:
+    """One optimiser step as the optimiser saw it; parameters by name (all of them, or only the watched ones)."""
     it: int
-    groups: dict        # parameter name -> its group's settings (lr, weight_decay, momentum / betas, lr_mult)
-    before: dict        # parameter name -> value before the step (empty unless the spies keep parameters)
+    groups: dict        # name -> its group's settings (lr, weight_decay, momentum / betas, lr_mult, ...)
+    before: dict        # name -> value before the step
     grads: dict
     after: dict
 
@@ -123,7 +125,8 @@ class Step:
 class Spies:
     """Wraps what train.py calls and keeps what each call saw, with `it` = the iterations done when it came
     (progress["done"]). tau and class_weight: the transcription's (the loss terms' gradients on the head's
-    parameters are computed with them before the loop's backward). stop_at: the forward of that iteration raises
+    parameters are computed with them before the loop's backward). keep_params: every parameter at each step, else
+    only the watched ones (the head's and the auxiliary head's). stop_at: the forward of that iteration raises
     KeyboardInterrupt (a run stopped there)."""
 
     def __init__(self, mp, tau=0.1, class_weight=None, keep_params=True):
@@ -167,15 +170,13 @@ class Spies:
         real_step = opt.step
 
         def step(*a, **k):
-            params = dict(raw_model.named_parameters())
-            groups = {names[id(p)]: {k: v for k, v in g.items() if k != "params"}
+            kept = {n: p for n, p in raw_model.named_parameters() if self.keep_params or n in self.watched}
+            groups = {names[id(p)]: {key: v for key, v in g.items() if key != "params"}
                       for g in opt.param_groups for p in g["params"]}
-            keep = lambda pred: {n: p.detach().clone() for n, p in params.items() if pred(n)}
-            watched = lambda n: self.keep_params or n in self.watched
-            before = keep(watched)
-            grads = {n: p.grad.clone() for n, p in params.items() if watched(n) and p.grad is not None}
+            before = {n: p.detach().clone() for n, p in kept.items()}
+            grads = {n: p.grad.clone() for n, p in kept.items() if p.grad is not None}
             result = real_step(*a, **k)
-            self.steps.append(Step(self.it, groups, before, grads, keep(watched)))
+            self.steps.append(Step(self.it, groups, before, grads, {n: p.detach().clone() for n, p in kept.items()}))
             return result
         opt.step = step
         raw_model.backbone.register_forward_pre_hook(lambda m, inputs: self.passes.append(
@@ -308,13 +309,14 @@ def test_lr_of_each_iteration_is_poly_with_warmup_as_transcribed(sgd, adamw):
         assert [step.it for step in spies.steps] == list(range(s["iters"]))       # iters steps, resumed included
         for step in spies.steps:
             assert step.groups["backbone.conv1.weight"]["lr"] == pytest.approx(lr_at(step.it, s), rel=1e-12), step.it
-    # fixture: these settings tell the formula from it + 1, the power inverted, no warm-up, a warm-up from 0
+    # fixture: these settings tell the formula from its likely slips
+    slips = {"it + 1": lambda it: lr_at(it + 1, SGD),
+             "power inverted": lambda it: lr_at(it, dict(SGD, lr_power=1 / SGD["lr_power"])),
+             "no warm-up": lambda it: lr_at(it, dict(SGD, warmup_iters=0)),
+             "warm-up from 0": lambda it: lr_at(it, dict(SGD, warmup_iters=0)) * it / SGD["warmup_iters"]}
     right = [lr_at(it, SGD) for it in range(3)]
-    wrong = [[lr_at(it + 1, SGD) for it in range(3)], [lr_at(it, dict(SGD, lr_power=1 / SGD["lr_power"]))
-                                                         for it in range(3)],
-             [lr_at(it, dict(SGD, warmup_iters=0)) for it in range(3)],
-             [SGD["lr"] * (1 - it / 3) ** 2 * it / 3 for it in range(3)]]
-    assert all(w != pytest.approx(right, rel=1e-9) for w in wrong)
+    for name, slip in slips.items():
+        assert [slip(it) for it in range(3)] != pytest.approx(right, rel=1e-9), name
 
 
 @pytest.mark.parametrize("run", ["sgd", "adamw"])
@@ -689,14 +691,15 @@ def test_workers_reach_every_data_loader(cityscapes):
 # ----------------------------------------------------------------------------- UperNet's auxiliary head
 
 def test_aux_loss_weight_adds_upernets_auxiliary_ce_with_that_weight(tmp_path, monkeypatch):
-    """A Swin backbone of the smallest widths (the preset swin_tiny, shrunk for this test) with UperNet and its
-    auxiliary FCN head: the gradient of the head and of the auxiliary head is that of ce + ppc + ppd terms +
-    aux_loss_weight aux."""
+    """A Swin backbone and UperNet of the smallest widths (the preset swin_tiny and UperNet's 512 channels shrunk
+    for this test) with UperNet's auxiliary FCN head: the gradient of the head and of the auxiliary head is that of
+    ce + lambda_ppc ppc + lambda_ppd ppd + aux_loss_weight aux."""
     monkeypatch.setitem(swin.SWIN_PRESETS, "swin_tiny", dict(embed_dim=8, depths=(1, 1, 1, 1), heads=(1, 1, 1, 1),
                                                              window=2))
+    monkeypatch.setattr(models, "UperNet", functools.partial(swin.UperNet, channels=16))
     spies = Spies(monkeypatch, keep_params=False)
     spies.run(TINY + flags(backbone="swin_tiny", aux_loss_weight=0.3, crop=32, batch_size=2, iters=1, val_size=1,
-                           out_dir=tmp_path))
+                           eval_resize=(32, 32), out_dir=tmp_path))
     (loss,) = spies.losses
     weights = {"ce": 1.0, "ppc": 0.01, "ppd": 0.001, "aux": 0.3}
     assert loss["args"]["aux_weight"] == 0.3 and loss["terms"].keys() == weights.keys()
