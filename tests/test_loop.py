@@ -260,16 +260,17 @@ class Spies:
 # ----------------------------------------------------------------------------- the runs
 
 # SGD, prototypes initialised from data, a warm-up of lr and of mu. The run stops before iteration 3 (after the
-# checkpoint of iteration 2) and resumes: iterations 0, 1 fresh and 2 resumed, all inside both warm-ups.
+# checkpoint of iteration 2) and resumes: iterations 0, 1 fresh and 2 resumed, all inside both warm-ups. One process:
+# local_stats changes no number, only what the loop passes on.
 SGD = dict(iters=3, optimizer="sgd", lr=0.02, lr_power=2.0, warmup_iters=3, head_lr_mult=3.0, momentum=0.8,
            weight_decay=0.01, norm_decay=False, lambda_ppc=0.3, lambda_ppd=0.7, tau=0.5, kappa=0.2, sinkhorn_iters=5,
            proto_momentum=0.95, proto_momentum_warmup=4, proto_init="data", dropout=0.3, seed=3, crop=(32, 48),
            batch_size=3, scale=(0.75, 1.25), flip=False, channel_order="bgr", amp="fp16", ckpt_every=2, log_every=3,
-           eval_every=1, val_size=1, eval_resize=(48, 48), local_stats=False, update_correct_only=False)
+           eval_every=1, val_size=1, eval_resize=(48, 48), local_stats=True, update_correct_only=False)
 # AdamW with decay on every parameter, frozen BatchNorm and the official departures; 2 iterations, an evaluation
 # between them with every test-time setting.
 ADAMW = dict(iters=2, optimizer="adamw", lr=0.004, lr_power=1.5, warmup_iters=0, head_lr_mult=2.0, weight_decay=0.05,
-             norm_decay=True, freeze_bn=True, local_stats=True, update_correct_only=True, class_layernorm=False,
+             norm_decay=True, freeze_bn=True, local_stats=False, update_correct_only=True, class_layernorm=False,
              embed_layernorm=True, normalize_width=True, proto_momentum=0.8, proto_momentum_warmup=0,
              num_prototypes=2, crop=(32, 32), batch_size=2, eval_every=1, eval_crop=(24, 24), eval_stride=(8, 16),
              eval_scales=(1.0, 0.5), eval_flip=True, eval_resize=(40, 30), eval_divisor=16, val_size=1,
