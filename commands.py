@@ -176,7 +176,7 @@ def run_command(main, stopped, out_of_memory=None, peer_lost=None):
     "error: " + out_of_memory(text) and, under torchrun, a lost peer in "error: " + peer_lost(text) (exit 1), each
     with the DataLoader workers stopped, never a stack trace. main's own exit (a user error: 1) is kept."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    threading.excepthook = _quiet_fd_sharing
+    sys.excepthook = _quiet_lost_transfer                      # before any worker is forked
     code = 0
     try:
         main()
@@ -202,14 +202,15 @@ def run_command(main, stopped, out_of_memory=None, peer_lost=None):
     sys.exit(code)
 
 
-def _quiet_fd_sharing(args, default=threading.excepthook):
-    """multiprocessing's fd-sharing thread (DataLoader workers fetch tensors' file descriptors through it) fails with
-    a closed connection when a worker dies mid-handshake, as workers do while a stopped run unwinds, before _release
-    (on a busy machine, or a lost torchrun peer): not an error of the run, so not printed. Any other is."""
-    files = [f.filename for f in traceback.extract_tb(args.exc_traceback)]
-    if issubclass(args.exc_type, (ConnectionError, EOFError)) and any("resource_sharer" in f for f in files):
+def _quiet_lost_transfer(kind, value, tb, owner=os.getpid(), default=sys.excepthook):
+    """sys.excepthook, inherited by the forked DataLoader workers: a worker's fd-sharing thread (multiprocessing's
+    resource_sharer, which reports through sys.excepthook) fails with a closed connection when the main process
+    drops a tensor transfer as it stops (on a busy machine, or a lost torchrun peer); not an error of the run, so
+    not printed. Anything else is."""
+    files = [f.filename for f in traceback.extract_tb(tb)]
+    if os.getpid() != owner and issubclass(kind, (OSError, EOFError)) and any("resource_sharer" in f for f in files):
         return
-    default(args)
+    default(kind, value, tb)
 
 
 def _release(e):

@@ -215,7 +215,7 @@ def evaluate(model, dataset, cfg, log=print):
     Cityscapes category / iIoU scores when instanceIds maps sit beside the labels."""
     raw_model = getattr(model, "module", model)
     device, (rank, world) = next(raw_model.parameters()).device, rank_and_world()
-    was_training = raw_model.training
+    was_training = [(m, m.training) for m in raw_model.modules()]   # restored one by one (--freeze-bn: BN stays eval)
     raw_model.eval()
     C, n = dataset.num_classes, min(cfg.val_size or len(dataset), len(dataset))
     items = _Items(dataset, list(range(rank, n, world)))
@@ -243,7 +243,8 @@ def evaluate(model, dataset, cfg, log=print):
             last = time.time()
     flags = all_reduce(torch.tensor([float(has_modes), float(has_inst)], device=device))
     conf, counts, inst = all_reduce(conf).cpu(), all_reduce(counts).cpu(), all_reduce(inst.to(device)).cpu()
-    raw_model.train(was_training)
+    for m, mode in was_training:
+        m.training = mode
     out = metrics_from_confusion(conf)
     out.update(images=n, seconds=time.time() - t0)
     if protos is not None:

@@ -133,7 +133,9 @@ def test_check_dataset_val_values_in_full_train_sampled(tmp_path):
 
 def test_check_dataset_prints_summary(tmp_path, capsys):
     datafiles.check_dataset(data.build_dataset("folder", folder_set(tmp_path, n=3), num_classes=2), name="val")
-    assert re.fullmatch(r"data check val: 3 pairs OK \(headers\) in \d+\.\d s\n", capsys.readouterr().out)
+    *progress, summary = capsys.readouterr().out.splitlines()       # a progress line every 10 s: a slow machine
+    assert re.fullmatch(r"data check val: 3 pairs OK \(headers\) in \d+\.\d s", summary)
+    assert all(re.fullmatch(r"data check val: \d/3 pairs, \d+ s", line) for line in progress)
 
 
 # ---- silent wrong results, now errors or read right -------------------------------------------------------
@@ -310,7 +312,12 @@ def test_eval_only_never_touches_the_training_record_and_a_finished_run_stays_fi
     assert {f: (run / f).read_bytes() for f in record} == record           # neither command changed the record
 
 
-def _session_gone(pid, wait=10.0):
+# The most a stopped run may take to end on a busy machine. Every wait below polls for the state it needs and goes on
+# as soon as it is there: a ceiling against a hang, never a duration a test relies on.
+PATIENCE = 300
+
+
+def _session_gone(pid, wait=PATIENCE):
     """No process of the session is left within `wait` seconds (a worker may take a moment to exit)."""
     end = time.time() + wait
     while time.time() < end:
@@ -322,41 +329,80 @@ def _session_gone(pid, wait=10.0):
     return False
 
 
+def _as_a_terminal_starts_it():
+    """In the child before exec: SIGINT and SIGTERM delivered, with their default actions, as in a terminal's
+    foreground job. A job a script starts in the background (`pytest &`, some CI runners) inherits SIGINT
+    ignored, and Python then never raises KeyboardInterrupt: the Ctrl-C below would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def _run_until(args, line_start, env=None):
-    """train.py in its own session, read until a stdout line starts with line_start."""
+    """train.py in its own session, read until a stdout line starts with line_start (the state a test needs,
+    however long the machine takes to get there)."""
     p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+                         stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
+                         preexec_fn=_as_a_terminal_starts_it)
     for line in p.stdout:
         if line.startswith(line_start):
             return p
     raise AssertionError(p.communicate()[1])
 
 
+def _stderr_at_exit(p, after):
+    """p's stderr once it has exited; a run still going PATIENCE seconds `after` an event fails the test (and is
+    stopped)."""
+    try:
+        return p.communicate(timeout=PATIENCE)[1]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"train.py still running {PATIENCE} s after {after}")
+
+
+def _stop_session(p):
+    """Clean-up, also when a test failed midway: nothing of p's session left running."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+
+
+# runs that a test stops midway: far more iterations than can end before the stop
+ENDLESS = ["--ckpt-every", "2", "--iters", "100000"]
+
+
 @pytest.mark.parametrize("sig, code, group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)])
 def test_ctrl_c_and_sigterm_end_in_one_line_with_lock_and_workers_gone(tmp_path, sig, code, group):
-    args = [a if a != "0" else "1" for a in QUICK] + ["--ckpt-every", "2", "--iters", "300",  # 1 worker
-                                                      "--out-dir", str(tmp_path)]
-    p = _run_until(args, "it 3/")
-    (os.killpg if group else os.kill)(p.pid, sig)                  # Ctrl-C reaches the whole group, as a terminal's
-    _, err = p.communicate(timeout=120)
-    held = state(tmp_path / "last.pt")["iter"]
-    assert p.returncode == code and err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith("interrupted after iteration ") and f"; last.pt holds iteration {held}; --resume auto" in err
-    assert not (tmp_path / "run.lock").exists() and _session_gone(p.pid)
+    args = [a if a != "0" else "1" for a in QUICK] + ENDLESS + ["--out-dir", str(tmp_path)]     # 1 worker
+    p = _run_until(args, "it 3/")                                  # iteration 2's checkpoint is written
+    try:
+        (os.killpg if group else os.kill)(p.pid, sig)              # Ctrl-C reaches the whole group, as a terminal's
+        err = _stderr_at_exit(p, f"signal {sig}")
+        held = state(tmp_path / "last.pt")["iter"]
+        assert p.returncode == code and err.count("\n") == 1 and "Traceback" not in err, (p.returncode, err)
+        assert err.startswith("interrupted after iteration ") and f"; last.pt holds iteration {held}; --resume auto" in err
+        assert not (tmp_path / "run.lock").exists() and _session_gone(p.pid)
+    finally:
+        _stop_session(p)
 
 
 def test_a_dead_torchrun_peer_is_reported_once_in_one_line(tmp_path):
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    args = [sys.executable, "train.py", *QUICK, "--batch-size", "4", "--ckpt-every", "2", "--iters", "300", "--out-dir", str(tmp_path)]
+    args = [sys.executable, "train.py", *QUICK, "--batch-size", "4", *ENDLESS, "--out-dir", str(tmp_path)]
     peer = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**env, "RANK": "1"})
-    survivor = _run_until(args[2:], "it 3/", {**env, "RANK": "0"})
-    peer.kill()                                                     # a rank dies (OOM killer, node lost)
-    _, err = survivor.communicate(timeout=120)
-    peer.communicate()
-    assert survivor.returncode == 1 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith("error: rank 0: another rank stopped after iteration ") and "by peer" in err
-    assert not (tmp_path / "run.lock").exists()
+                            env={**env, "RANK": "1"}, start_new_session=True)
+    survivor = None
+    try:
+        survivor = _run_until(args[2:], "it 3/", {**env, "RANK": "0"})
+        peer.kill()                                                 # a rank dies (OOM killer, node lost)
+        err = _stderr_at_exit(survivor, "its peer was killed")
+        assert survivor.returncode == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith("error: rank 0: another rank stopped after iteration ") and "by peer" in err
+        assert not (tmp_path / "run.lock").exists()
+    finally:
+        for p in (peer, survivor):
+            if p is not None:
+                _stop_session(p)
 
 
 def test_an_allocation_failure_is_one_line_naming_crop_and_batch_size(tmp_path):

@@ -4,6 +4,7 @@ out of memory, are checked from the command line in test_bad_input.py.)"""
 import json
 import os
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -31,13 +32,13 @@ def test_out_dir_belongs_to_one_run(tmp_path, capsys):
 
 
 def test_stale_lock_of_a_live_unrelated_process_says_it_may_be_stale(tmp_path, capsys):
-    other = subprocess.Popen(["sleep", "30"])
+    other = subprocess.Popen(["sleep", "3600"])                       # alive however slow the machine; killed below
     try:
         while not open(f"/proc/{other.pid}/cmdline", "rb").read().startswith(b"sleep"):
-            pass                                                        # until the fork has become `sleep`
+            time.sleep(0.01)                                            # until the fork has become `sleep`
         (tmp_path / "run.lock").write_text(str(other.pid))
         msg = user_error(capsys, runs.claim_out_dir, settings.Config(out_dir=str(tmp_path)), False)
-        assert "it runs `sleep 30`, not train.py, so the lock is probably stale" in msg
+        assert "it runs `sleep 3600`, not train.py, so the lock is probably stale" in msg
         assert f"delete {tmp_path / 'run.lock'}" in msg
     finally:
         other.kill()
