@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import transforms
-from datafiles import (LOSSY, DatasetError, _same_size, ade20k_full_ids, map_labels, path_problem, read_image,
+from datafiles import (LOSSY, DatasetError, ade20k_full_ids, check_same_size, map_labels, path_problem, read_image,
                        read_label)
 from labels import (ADE20K_CLASSES, ADE20K_FULL_CLASSES, ADE20K_FULL_LUT, ADE20K_FULL_PALETTE, ADE20K_FULL_TIF_LUT,
                     ADE20K_LUT, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_IDS, CITYSCAPES_LUT,
@@ -214,7 +214,7 @@ class FileDataset(SegDataset):
     def load(self, i):
         name, ip, lp = self.pairs[i]
         image, raw = read_image(ip), read_label(lp, self.rgb_ids)
-        _same_size(ip, lp, image.shape[1::-1], raw.shape[1::-1])
+        check_same_size(ip, lp, image.shape[1::-1], raw.shape[1::-1])
         return image, [map_labels(raw, self.lut, lp, self.rule)], name
 
 

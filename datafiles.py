@@ -281,7 +281,7 @@ def map_labels(raw, lut, path, rule):
     return out
 
 
-def _same_size(ip, lp, isize, lsize):
+def check_same_size(ip, lp, isize, lsize):
     """isize: the image as shown (EXIF orientation applied). A label that fits the stored, unturned pixels says so."""
     if tuple(isize) != tuple(lsize):
         turn = ""
@@ -321,7 +321,7 @@ def _check_pair(ds, i, values):
         with _open(lp, "label") as im:
             _check_label_mode(im, lp, ds.rgb_ids is not None)
             _check_end(im, lp, "label")
-            _same_size(ip, lp, isize, im.size)
+            check_same_size(ip, lp, isize, im.size)
         if values:
             raw = read_label(lp, ds.rgb_ids)
             check_values(raw, ds.lut, lp, ds.rule)
