@@ -203,7 +203,8 @@ def write_curves(out_dir):
     curves = [(title, [(r["iter"], r[key]) for r in rows if key in r]) for key, title in CURVES]
     curves.append(("val mIoU (%)", [(r["iter"], 100 * (r.get("val") or r.get("final"))["miou"]) for r in rows
                                     if (r.get("val") or r.get("final") or {}).get("miou") is not None]))
-    panels = [draw.titled(draw.line_chart(points, colour=(200, 60, 30) if title.startswith("val") else (30, 90, 200)),
+    panels = [draw.titled(draw.line_chart(points, colour=(200, 60, 30) if title.startswith("val") else (30, 90, 200))
+                          if len(points) > 1 else draw.text_panel(["one value (--eval-every N draws a curve)"], 250),
                           f"{title}: {points[-1][1]:.4g} at {points[-1][0]}") for title, points in curves if points]
     path = os.path.join(out_dir, "curves.png")
     if panels:

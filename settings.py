@@ -20,14 +20,12 @@ from models import backbone_names, family
 from runs import check_paths, checkpoint_path
 
 SYNTHETIC = dict(backbone="hrnet_tiny", iters=700, optimizer="adamw", lr=3e-3, weight_decay=1e-4, batch_size=16,
-                 ckpt_every=100, log_every=25)
+                 ckpt_every=100, log_every=25, eval_every=100)
 HRNET48 = dict(backbone="hrnet48", lr=0.01, norm_decay=True)         # the official optimisers: decay on every parameter
 MMSEG_512 = dict(HRNET48, crop=(512, 512), batch_size=16, pipeline="mmseg", img_scale=(2048, 512), cat_max_ratio=0.75,
                  eval_resize=(2048, 512))                            # mmseg's _base_/datasets/ade20k.py, coco-stuff164k.py
 PRESETS = {
-    # CPU-sized: ~4.3 min on 2 cores. mu stays the paper's 0.999: with 0.99 the prototypes of two classes followed the
-    # still-undiscriminating embeddings onto one point (RESULTS.md)
-    "synthetic": SYNTHETIC,
+    "synthetic": SYNTHETIC,   # ~4.4 min on 2 CPU cores; mu the paper's 0.999 (0.99 merged two classes: RESULTS.md)
     # the same scenes labelled by mode (15 classes c * 3 + m), softmax head: backbone pretraining for --pretrained
     "synthetic_modes": dict(SYNTHETIC, head="softmax", out_dir="runs/synthetic_modes"),
     # the paper's recipe, with openseg's pipeline (H_48_D_4_proto.json)

@@ -53,7 +53,8 @@ def test_worker_wrapped_data_error_becomes_its_own_line():
 
 def test_curves_png_has_a_panel_per_logged_term_and_one_for_val_miou(tmp_path):
     """curves.png: one panel per term log.jsonl holds (loss, ce, ppc, ppd, lr; aux when logged) and, in its own
-    colour, one for the val mIoU of the evaluations; 3 panels a row; written whole (no temporary file left)."""
+    colour, one for the val mIoU of the evaluations (a line of text for a lone final value); 3 panels a row; written
+    whole (no temporary file left)."""
     w, h = draw.titled(draw.line_chart([(0, 0), (1, 1)]), "t").size
     def drawn(rows):
         (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -65,4 +66,5 @@ def test_curves_png_has_a_panel_per_logged_term_and_one_for_val_miou(tmp_path):
     final = {"iter": 9, "final": {"miou": 0.5}}
     assert drawn([{"iter": i, "ce": 1 / i, "lr": 0.01} for i in range(1, 4)]) == ((2 * w + 10, h), False)
     assert drawn(terms + [{"iter": 5, "val": {"miou": 0.3}}, final]) == ((3 * w + 20, 2 * h + 10), True)
-    assert drawn([dict(r, aux=0.1) for r in terms] + [final]) == ((3 * w + 20, 3 * h + 20), True)
+    one_value = draw.titled(draw.text_panel(["one value (--eval-every N draws a curve)"], 250), "t").height
+    assert drawn([dict(r, aux=0.1) for r in terms] + [final]) == ((3 * w + 20, 2 * h + 20 + one_value), False)
