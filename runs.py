@@ -9,6 +9,7 @@ commands.py runs the script).
     out_dir/curves.png    the training curves, drawn from log.jsonl
     out_dir/run.lock      the pid of the run using the folder (removed when it ends)
 """
+import errno
 import json
 import os
 import sys
@@ -17,7 +18,7 @@ import torch
 
 import draw
 from collectives import all_reduce, rank_and_world
-from commands import PEER_LOST, asked_for, exit_with_error
+from commands import PEER_LOST, Outputs, asked_for, exit_with_error
 from datafiles import path_problem
 
 
@@ -134,21 +135,26 @@ def last_good(cfg, saved_it):
 
 
 def open_log(cfg, start):
-    """log.jsonl, keeping only the rows up to the resumed iteration (a replayed stretch is logged again)."""
+    """log.jsonl open for appending, keeping only the rows up to the resumed iteration (a replayed stretch is logged
+    again); the kept rows are rewritten whole or not at all."""
     path = os.path.join(cfg.out_dir, "log.jsonl")
     rows = []
     if start and os.path.exists(path):
         rows = [r for r in open(path).read().splitlines() if r.strip() and json.loads(r).get("iter", 0) <= start]
-    f = open(path, "w")
-    f.write("".join(r + "\n" for r in rows))
-    f.flush()
-    return f
+    Outputs(cfg.out_dir, "--out-dir").text("log.jsonl", "".join(r + "\n" for r in rows))
+    return open(path, "a")
 
 
 def log_row(f, row):
-    if f is not None:
+    if f is None:
+        return
+    try:
         f.write(json.dumps(row) + "\n")
         f.flush()
+    except OSError as e:                                        # a full disk: the run cannot keep its record
+        exit_with_error(f"cannot write to {f.name}: {e.strerror} ({errno.errorcode.get(e.errno, e.errno)}) at "
+                        f"iteration {row.get('iter')}; expected a writable --out-dir with free space (last.pt holds "
+                        "the last checkpoint; --resume auto continues)")
 
 
 class RunLog:
@@ -198,7 +204,7 @@ CURVES = (("loss", "loss (Eq. 13)"), ("ce", "ce (Eq. 7)"), ("ppc", "ppc (Eq. 11)
 
 def write_curves(out_dir):
     """out_dir/curves.png from log.jsonl: each logged term and the lr per iteration, and the val mIoU of every
-    evaluation, each titled with its last value. Returns its path."""
+    evaluation, each titled with its last value; written whole. Returns its path."""
     rows = [json.loads(r) for r in open(os.path.join(out_dir, "log.jsonl")).read().splitlines() if r.strip()]
     curves = [(title, [(r["iter"], r[key]) for r in rows if key in r]) for key, title in CURVES]
     curves.append(("val mIoU (%)", [(r["iter"], 100 * (r.get("val") or r.get("final"))["miou"]) for r in rows
@@ -208,19 +214,8 @@ def write_curves(out_dir):
                           f"{title}: {points[-1][1]:.4g} at {points[-1][0]}") for title, points in curves if points]
     path = os.path.join(out_dir, "curves.png")
     if panels:
-        atomic_image(draw.grid(panels, 3, gap=10), path)
+        Outputs(out_dir, "--out-dir").save(draw.grid(panels, 3, gap=10), "curves.png")
     return path
-
-
-def atomic_image(img, path):
-    """Write a picture whole or not at all: to a temporary file beside it, then renamed over it."""
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    try:
-        img.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------- how a run stops: one line each

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import CheckpointError, load_pretrained, load_state, save_checkpoint
 from collectives import all_reduce, autocast, rank_and_world, setup_distributed
-from commands import exit_with_error, run_command, signals_deferred
+from commands import Outputs, exit_with_error, run_command, signals_deferred
 from data import EvalTransform, build_dataset, train_transform
 from datafiles import DatasetError, check_dataset
 from evaluate import evaluate, format_metrics, metrics_report
@@ -282,8 +282,7 @@ def main(argv=None, progress=None):
         lock = claim_out_dir(cfg, ckpt is not None) if rank == 0 else None
         log("\n".join(describe(cfg)))
         if rank == 0:
-            with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=1)
+            Outputs(cfg.out_dir, "--out-dir").text("config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
         model, raw_model = build(cfg, ckpt, device, log)
         if device.type == "cpu" and not cfg.eval_only and cfg.backbone != "hrnet_tiny":
             log(f"note: --backbone {cfg.backbone} trains slowly on a CPU; a CPU-sized run: --backbone hrnet_tiny "
@@ -338,8 +337,7 @@ def check_run(cfg, ckpt, val_set, world):
 def finish(cfg, metrics, class_names, log):
     """Rank 0 at the end: metrics.json, the final log.jsonl row and the training curves (curves.png)."""
     report = metrics_report(metrics, class_names)
-    with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
-        json.dump(report, f, indent=1, allow_nan=False)
+    Outputs(cfg.out_dir, "--out-dir").text("metrics.json", json.dumps(report, indent=1, allow_nan=False))
     log.row({"iter": cfg.iters, "final": report})
     log(f"wrote {os.path.join(cfg.out_dir, 'metrics.json')}")
     if not cfg.eval_only:

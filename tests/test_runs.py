@@ -1,8 +1,10 @@
 """runs.py: one run per output folder (run.lock, an earlier run kept, a stale lock taken over or named), the
 training curves drawn from log.jsonl, and a DataLoader worker's wrapped error reported as its own one line. (The stop lines, Ctrl-C, SIGTERM, a lost peer and
 out of memory, are checked from the command line in test_bad_input.py.)"""
+import errno
 import json
 import os
+import pathlib
 import subprocess
 import time
 
@@ -68,3 +70,28 @@ def test_curves_png_has_a_panel_per_logged_term_and_one_for_val_miou(tmp_path):
     assert drawn(terms + [{"iter": 5, "val": {"miou": 0.3}}, final]) == ((3 * w + 20, 2 * h + 10), True)
     one_value = draw.titled(draw.text_panel(["one value (--eval-every N draws a curve)"], 250), "t").height
     assert drawn([dict(r, aux=0.1) for r in terms] + [final]) == ((3 * w + 20, 2 * h + 20 + one_value), False)
+
+
+def test_a_full_disk_at_the_end_of_a_run_is_one_line_and_leaves_no_half_written_metrics(tmp_path, capsys, monkeypatch):
+    """train.py's config.json, metrics.json, log.jsonl and curves.png are written whole or not at all; a full disk is
+    one `error:` line naming the file and the errno."""
+    real = pathlib.Path.write_text
+
+    def full_for_metrics(self, text, *args, **kw):
+        if self.name.startswith(".metrics"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, text, *args, **kw)
+    monkeypatch.setattr(pathlib.Path, "write_text", full_for_metrics)
+    err = user_error(capsys, train.main, TINY + ["--iters", "1", "--out-dir", str(tmp_path)])
+    assert "metrics.json" in err and "(ENOSPC)" in err and str(tmp_path) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "last.pt", "log.jsonl"]
+
+
+def test_a_log_row_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    class Full:
+        name = str(tmp_path / "log.jsonl")
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    err = user_error(capsys, runs.log_row, Full(), {"iter": 7})
+    assert "log.jsonl" in err and "(ENOSPC) at iteration 7" in err and "--resume auto" in err
