@@ -31,12 +31,12 @@ from PIL import Image, ImageDraw
 
 import data
 import draw
+from commands import Outputs, Parser, default_device, device_flag, exit_with_error, ranged, run_command
 from datafiles import path_problem
 from evaluate import confusion_matrix, metrics_from_confusion, prototype_counts, prototype_summary, strict_json
 from labels import IGNORE_INDEX
 from layers import upsample
 from predict import class_similarity, class_table, dark_note, open_model, prototype_map
-from commands import Outputs, Parser, default_device, device_flag, exit_with_error, ranged, run_command
 from settings import PRESETS
 
 IN_USE = 0.05       # a prototype is "in use" when it takes >= 5 % of its class's pixels (evaluate.prototype_summary)

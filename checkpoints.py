@@ -55,8 +55,9 @@ def unhealthy(net):
     """The first parameter or buffer that is non-finite or above DIVERGED, as text; None when all are fine."""
     for name, t in net.state_dict().items():
         if t.is_floating_point():
-            if not_finite(name, t):
-                return not_finite(name, t)
+            problem = not_finite(name, t)
+            if problem:
+                return problem
             if t.abs().max() > DIVERGED:
                 return f"{name} reached |w| = {t.abs().max().item():.3g} (> {DIVERGED:g})"
     return None

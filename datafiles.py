@@ -179,8 +179,8 @@ def _check_jpeg(path):
     garbage rows): segments in bounds, scan data holding only stuffed bytes and RST0-7 in order, an EOI after the
     last scan. Entropy damage that keeps the structure cannot be seen without a second decoder."""
     data = open(path, "rb").read()
-    damaged = lambda found: DatasetError(f"damaged image in {path}: {found}, expected a complete JPEG; re-download or "
-                                      "re-export it")
+    damaged = lambda found: DatasetError(f"damaged image in {path}: {found}, expected a complete JPEG; re-download "
+                                         "or re-export it")
     if data[:2] != b"\xff\xd8":
         raise damaged("no JPEG start marker")
     i, frame, interval = 2, None, 0

@@ -30,11 +30,11 @@ from PIL import Image
 import data
 import draw
 from checkpoints import CheckpointError, load_model
+from commands import (NO_MEMORY, Outputs, Parser, asked_for, default_device, device_flag, exit_with_error, ranged,
+                      run_command)
 from datafiles import read_image
 from evaluate import predict_scores
 from labels import CLASS_TABLES, IMAGE_EXTS, default_palette
-from commands import (NO_MEMORY, Outputs, Parser, asked_for, default_device, device_flag, exit_with_error, ranged,
-                      run_command)
 from settings import number      # the ranges of train.py's settings of the same name
 
 

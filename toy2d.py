@@ -29,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import draw
-from protoseg import l2_normalize, momentum_update, seg_loss
 from commands import Outputs, Parser, ranged, run_command
+from protoseg import l2_normalize, momentum_update, seg_loss
 from sinkhorn import sinkhorn_batched
 
 C, K = 3, 3

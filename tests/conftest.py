@@ -1,9 +1,10 @@
 """Helpers several test files share (pytest loads this file first; tests import it as `from conftest import ...`).
 
 TINY: train.py flags for a run that takes seconds on a CPU. free_port: a TCP port for a 2-rank gloo group.
-state: a checkpoint's dict. user_error: the one `error:` line of a user error. save_image: a small image or label file. tiny_checkpoint: a train.py-format file around
-untrained weights (the keys save_checkpoint writes: model, config, iter). small_hrnet: a seeded HRNet-W18-small-v2
-backbone in eval mode (the strict-loading tests and the neck test).
+state: a checkpoint's dict. user_error: the one `error:` line of a user error. save_image: a small image or label
+file. tiny_checkpoint: a train.py-format file around untrained weights (the keys save_checkpoint writes: model,
+config, iter). small_hrnet: a seeded HRNet-W18-small-v2 backbone in eval mode (the strict-loading tests and the neck
+test). The fixtures sgd and adamw: the two training runs the loop tests spy on (tests/loop_spies.py).
 """
 import dataclasses
 import os
@@ -85,3 +86,19 @@ def recipe_facts_where_used(dataset, backbone, ref):
     assert max(m.p for m in net.backbone.modules() if isinstance(m, DropPath)) == ref["backbone"]["drop_path_rate"]
     assert train.make_optimizer(cfg, net).defaults["betas"] == tuple(ref["optimizer"]["betas"])   # torch's default
     return cfg, net
+
+
+@pytest.fixture(scope="module")
+def sgd(tmp_path_factory):
+    """The SGD run of the loop tests (loop_spies.SGD, stopped and resumed): (its Spies, its out_dir)."""
+    from loop_spies import run_sgd
+    out = tmp_path_factory.mktemp("sgd")
+    return run_sgd(out), out
+
+
+@pytest.fixture(scope="module")
+def adamw(tmp_path_factory):
+    """The AdamW run of the loop tests (loop_spies.ADAMW): (its Spies, its out_dir)."""
+    from loop_spies import run_adamw
+    out = tmp_path_factory.mktemp("adamw")
+    return run_adamw(out), out

@@ -20,19 +20,7 @@ import models
 import protoseg
 import settings
 from conftest import state
-from loop_spies import ADAMW, HERE, RUNS, SGD, decays, eq14, is_head, lr_at, mu_at, relative_error, run_adamw, run_sgd
-
-
-@pytest.fixture(scope="module")
-def sgd(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sgd")
-    return run_sgd(out), out
-
-
-@pytest.fixture(scope="module")
-def adamw(tmp_path_factory):
-    out = tmp_path_factory.mktemp("adamw")
-    return run_adamw(out), out
+from loop_spies import ADAMW, HERE, RUNS, SGD, decays, eq14, is_head, lr_at, mu_at, relative_error
 
 # ----------------------------------------------------------------------------- the optimiser
 
@@ -324,7 +312,8 @@ COVERAGE = {
     # this command (not training): resuming, evaluating, the run folder
     "resume": ["test_sgd_update_is_momentum_sgd_with_decay_also_across_the_resume",
                "test_train.py::test_resumed_run_equals_uninterrupted_run"],
-    "eval_only": ["test_bad_input.py::test_eval_only_never_touches_the_training_record_and_a_finished_run_stays_finished"],
+    "eval_only": [
+        "test_train_bad_input.py::test_eval_only_never_touches_the_training_record_and_a_finished_run_stays_finished"],
     "overwrite": ["test_runs.py::test_out_dir_belongs_to_one_run"],
     "allow_changes": ["test_train.py::test_resume_refuses_settings_that_change_the_trajectory"],
 }

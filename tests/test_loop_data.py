@@ -20,19 +20,7 @@ import swin
 import train
 from conftest import TINY, save_image
 from labels import IGNORE_INDEX
-from loop_spies import ADAMW, HERE, RUNS, SGD, Spies, flags, lr_at, relative_error, run_adamw, run_sgd, sampler_batches
-
-
-@pytest.fixture(scope="module")
-def sgd(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sgd")
-    return run_sgd(out), out
-
-
-@pytest.fixture(scope="module")
-def adamw(tmp_path_factory):
-    out = tmp_path_factory.mktemp("adamw")
-    return run_adamw(out), out
+from loop_spies import ADAMW, HERE, RUNS, SGD, Spies, flags, lr_at, relative_error, sampler_batches
 
 # ----------------------------------------------------------------------------- data
 

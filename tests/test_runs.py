@@ -1,6 +1,7 @@
 """runs.py: one run per output folder (run.lock, an earlier run kept, a stale lock taken over or named), the
-training curves drawn from log.jsonl, and a DataLoader worker's wrapped error reported as its own one line. (The stop lines, Ctrl-C, SIGTERM, a lost peer and
-out of memory, are checked from the command line in test_bad_input.py.)"""
+training curves drawn from log.jsonl, files written whole, and a DataLoader worker's wrapped error reported as its
+own one line. (The stop lines, Ctrl-C, SIGTERM, a lost peer and out of memory, are checked from the command line
+in test_train_bad_input.py.)"""
 import errno
 import json
 import os
