@@ -31,16 +31,15 @@ from PIL import Image, ImageDraw
 
 import data
 import draw
-from commands import Outputs, Parser, default_device, device_flag, exit_with_error, ranged, run_command
-from datafiles import path_problem
-from evaluate import confusion_matrix, metrics_from_confusion, prototype_counts, prototype_summary, strict_json
+from collectives import default_device
+from commands import Outputs, Parser, device_flag, error_message, exit_with_error, ranged, run_command
+from datafiles import unreadable_reason
+from evaluate import (IN_USE, NUM_MODES, confusion_matrix, metrics_from_confusion, prototype_counts, prototype_summary,
+                      strict_json)
 from labels import IGNORE_INDEX
-from layers import upsample
+from layers import labels_to, upsample
 from predict import class_similarity, class_table, dark_note, open_model, prototype_map
 from settings import PRESETS
-
-IN_USE = 0.05       # a prototype is "in use" when it takes >= 5 % of its class's pixels (evaluate.prototype_summary)
-NUM_MODES = 16      # mode ids kept apart by prototype_counts (the synthetic set has 3 per class)
 
 
 def fmt(v):
@@ -86,8 +85,8 @@ def collect(model, dataset, device, limit=0, gallery=8, samples=1500, seed=0, at
         emb = embed[0].permute(1, 2, 0)                                  # (h, w, D)
         counts += prototype_counts(emb, label, None if modes is None else modes.to(device), protos, NUM_MODES).cpu()
         h, w = emb.shape[:2]
-        lab = F.interpolate(label[None, None].float(), size=(h, w), mode="nearest")[0, 0].long().cpu()
-        mod = None if modes is None else F.interpolate(modes[None, None].float(), size=(h, w), mode="nearest")[0, 0]
+        lab = labels_to(label[None], (h, w))[0].cpu()
+        mod = None if modes is None else labels_to(modes[None], (h, w))[0]
         sim = sim[0].view(C, K, h, w).float().cpu()
         for c in lab.unique().tolist():
             if c == IGNORE_INDEX:
@@ -265,7 +264,7 @@ def parse_args(argv):
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file, expected a folder (created if missing)")
     if args.data_root and not Path(args.data_root).is_dir():
-        found = "a file" if Path(args.data_root).exists() else path_problem(args.data_root)
+        found = "a file" if Path(args.data_root).exists() else unreadable_reason(args.data_root)
         p.error(f"--data-root {args.data_root}: {found}, expected the dataset's folder")
     return args
 
@@ -280,7 +279,7 @@ def val_set(cfg, args):
     try:
         val = data.build_dataset(name, args.data_root, "val", data.EvalTransform(), **kw)
     except data.DatasetError as e:
-        exit_with_error(" ".join(str(e).split()))
+        exit_with_error(error_message(e))
     if val.num_classes != cfg["num_classes"]:
         exit_with_error(f"--dataset {name} has {val.num_classes} classes; {args.checkpoint} has {cfg['num_classes']}")
     return name, val
@@ -288,15 +287,15 @@ def val_set(cfg, args):
 
 def read_metrics(path):
     """{class name: IoU} from a metrics.json (train.py's strict JSON)."""
-    found = path_problem(path)
-    if found != "found":
+    found = unreadable_reason(path)
+    if found:
         exit_with_error(f"--compare {path}: {found}, expected the metrics.json of a train.py run")
     try:
         m = json.loads(Path(path).read_text())
         return {name: row.get("iou") for name, row in m["classes"].items()}
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
         exit_with_error(f"--compare {path}: cannot read per-class IoU ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:160]}); expected the metrics.json of a train.py run")
+                        f"{error_message(e, 160)}); expected the metrics.json of a train.py run")
 
 
 def index_page(files, classes):

@@ -28,7 +28,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from commands import Parser, default_device, device_flag, ranged, run_command
+from collectives import default_device
+from commands import Parser, device_flag, ranged, run_command
 from models import build_model
 from protoseg import (HEADS, ppc_loss, ppd_loss, prototype_losses, seg_loss,
                       similarity_map, sinkhorn_targets, update_prototypes)

@@ -15,9 +15,9 @@ import pickle
 
 import torch
 
-from datafiles import path_problem
+from datafiles import unreadable_reason
 from models import model_from_config
-from commands import exit_with_error
+from commands import error_message, exit_with_error
 from runs import last_good
 
 
@@ -74,7 +74,7 @@ def save_checkpoint(cfg, net, opt, scaler, it, saved_it):
         atomic_save(state, os.path.join(cfg.out_dir, "last.pt"))
     except (OSError, RuntimeError) as e:
         exit_with_error(f"cannot write checkpoint {os.path.join(cfg.out_dir, 'last.pt')}: "
-                        f"{' '.join(str(e).split())[:200]} (disk full?); {last_good(cfg, saved_it)}")
+                        f"{error_message(e, 200)} (disk full?); {last_good(cfg, saved_it)}")
     return it
 
 
@@ -85,8 +85,8 @@ def read_checkpoint(path):
     """torch.load with weights_only (never unpickles code) of a regular file (a named pipe would block the read);
     every failure is one CheckpointError naming the file."""
     path = str(path)
-    found = path_problem(path)
-    if found != "found":
+    found = unreadable_reason(path)
+    if found:
         raise CheckpointError(f"checkpoint {path}: {found}, expected a file written by train.py (runs/*/last.pt) "
                               "or the official ProtoSeg release")
     if os.path.getsize(path) == 0:
@@ -97,16 +97,12 @@ def read_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain containers "
-                              f"({_first_line(e)}); it was not loaded, since unpickling could run code. Re-save only "
+                              f"({error_message(e, 160)}); it was not loaded, since unpickling could run code. Re-save "
+                              "only "
                               "its state_dict with torch.save where you trust the file") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(e)}; the file is truncated or not a "
+        raise CheckpointError(f"cannot read checkpoint {path}: {error_message(e, 160)}; the file is truncated or not a "
                               "PyTorch checkpoint") from None
-
-
-def _first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0][:160] if lines else type(error).__name__
 
 
 def check_finite(state, path):
@@ -140,7 +136,7 @@ def load_checkpoint(path):
                               "backbone weights use train.py --pretrained")
     _check_content(ckpt, path)
     check_finite(ckpt["model"], path)
-    if not ckpt["config"].get("num_classes"):                  # older checkpoints: read it off the head
+    if not ckpt["config"].get("num_classes"):                  # a config without it: read it off the head
         head = {k: v for k, v in ckpt["model"].items() if k in HEAD_KEYS}
         ckpt["config"]["num_classes"] = next(iter(head.values())).shape[0]
     return {**ckpt, "official": False}
@@ -166,7 +162,7 @@ def load_state(model, state, path):
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not fit the model it describes: "
-                              f"{' '.join(str(e).split())[:300]}") from None
+                              f"{error_message(e)}") from None
     return model
 
 

@@ -27,13 +27,17 @@ def all_reduce(tensor, op="sum"):
     return tensor
 
 
+def default_device(local_rank=0):
+    """The GPU of this process (cuda:LOCAL_RANK) when there is one, else the CPU."""
+    return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+
+
 def setup_distributed():
     """-> (rank, world, device). Under torchrun (RANK set): NCCL on GPUs, gloo on CPUs."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, default_device()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    device = default_device(int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device

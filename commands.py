@@ -21,6 +21,15 @@ import torch
 from collectives import is_master
 
 
+def error_message(error, limit=300):
+    """An exception's message as one line of at most `limit` characters: whitespace collapsed; a DatasetError that a
+    DataLoader worker wrapped in its traceback unwrapped; the exception's type when it says nothing."""
+    lines = [l for l in str(error).splitlines() if l.strip()]
+    wrapped = [l.split("DatasetError: ", 1)[1] for l in lines if re.match(r"(\w+\.)?DatasetError: ", l)]
+    text = wrapped[-1] if wrapped else " ".join(str(error).split())
+    return (text or type(error).__name__)[:limit]
+
+
 def exit_with_error(message):
     """A user error: one line on stderr (printed by rank 0 only), exit code 1."""
     if is_master():
@@ -68,10 +77,6 @@ def device_flag(text):
     if device.type not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"{text}: expected cpu, cuda, cuda:N or mps")
     return device
-
-
-def default_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ----------------------------------------------------------------------------- writing files
@@ -187,7 +192,7 @@ def run_command(main, stopped, out_of_memory=None, peer_lost=None):
         _release(e)
         _say(stopped())
     except (MemoryError, RuntimeError) as e:
-        text = " ".join(str(e).split())
+        text = error_message(e, limit=None)
         if out_of_memory and (isinstance(e, MemoryError) or NO_MEMORY.search(text)):
             code = 1
             _release(e)

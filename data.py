@@ -2,7 +2,7 @@
 
 Every dataset item is a dict:
     "image": FloatTensor 3xHxW, RGB (or BGR: channel_order) normalised with ImageNet mean/std
-    "label": LongTensor HxW, train ids 0..C-1, IGNORE (-1, labels.IGNORE_INDEX) = ignore
+    "label": LongTensor HxW, train ids 0..C-1, IGNORE_INDEX (-1, labels.IGNORE_INDEX) = ignore
     "name":  str, the file path relative to its split folder, without suffix
     "modes": LongTensor HxW, synthetic only: which sub-class (mode) of its class each pixel shows, -1 = ignore
 Each dataset has .num_classes, .ignore_index (-1), .class_names, .palette (C x 3 uint8) and .set_epoch(epoch).
@@ -24,18 +24,18 @@ import torch
 from PIL import Image
 
 import transforms
-from datafiles import (LOSSY, DatasetError, ade20k_full_ids, check_same_size, map_labels, path_problem, read_image,
-                       read_label)
+from datafiles import (LOSSY, DatasetError, ade20k_full_ids, check_same_size, map_labels, read_image, read_label,
+                       unreadable_reason)
 from labels import (ADE20K_CLASSES, ADE20K_FULL_CLASSES, ADE20K_FULL_LUT, ADE20K_FULL_PALETTE, ADE20K_FULL_TIF_LUT,
                     ADE20K_LUT, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_IDS, CITYSCAPES_LUT,
-                    CITYSCAPES_PALETTE, COCO_STUFF_CLASSES, COCO_STUFF_LUT, COCO_STUFF_PALETTE, IGNORE, IMAGE_EXTS,
-                    INVALID, MASK_EXTS, SYNTHETIC_CLASSES, SYNTHETIC_PALETTE, default_palette, lookup_table)
+                    CITYSCAPES_PALETTE, COCO_STUFF_CLASSES, COCO_STUFF_LUT, COCO_STUFF_PALETTE, IGNORE_INDEX,
+                    IMAGE_EXTS, INVALID, MASK_EXTS, SYNTHETIC_CLASSES, SYNTHETIC_PALETTE, default_palette, lookup_table)
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255  # ImageNet RGB statistics
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
 
-def colorize(label, palette, ignore_index=IGNORE):
+def colorize(label, palette, ignore_index=IGNORE_INDEX):
     """Label map (HxW ints) -> PIL RGB image. Ignore, and ids outside the palette, are black."""
     label = np.asarray(label.cpu() if torch.is_tensor(label) else label).astype(np.int64)
     colours = np.concatenate([np.asarray(palette, np.uint8), np.zeros((1, 3), np.uint8)])
@@ -107,7 +107,7 @@ class TrainTransform:
             grey = (grey - grey.mean()) * c + grey.mean()
             image = (grey[..., None] + (image - grey[..., None]) * sat).clip(0, 255)
         pad = (0, cw - tw, 0, ch - th)  # right, bottom; the image gets 0 = the mean colour after normalising
-        masks = [torch.nn.functional.pad(torch.from_numpy(m.astype(np.int64)), pad, value=IGNORE) for m in masks]
+        masks = [torch.nn.functional.pad(torch.from_numpy(m.astype(np.int64)), pad, value=IGNORE_INDEX) for m in masks]
         return torch.nn.functional.pad(normalize(image, self.channel_order), pad), masks
 
 
@@ -129,10 +129,10 @@ class RecipeTransform:
                                                                  self.aspect, self.flip)
         else:
             image, masks = transforms.mmseg_train(image, masks, rng, self.crop, self.img_scale, self.scale,
-                                                  self.cat_max_ratio, self.flip, IGNORE)
+                                                  self.cat_max_ratio, self.flip, IGNORE_INDEX)
         h, w = image.shape[:2]
         pad = (left, cw - w - left, top, ch - h - top)
-        masks = [torch.nn.functional.pad(torch.from_numpy(m.astype(np.int64)), pad, value=IGNORE) for m in masks]
+        masks = [torch.nn.functional.pad(torch.from_numpy(m.astype(np.int64)), pad, value=IGNORE_INDEX) for m in masks]
         return torch.nn.functional.pad(normalize(image.astype(np.float32), self.channel_order), pad), masks
 
 
@@ -148,7 +148,7 @@ def train_transform(pipeline, crop, scale, flip, channel_order="rgb", **recipe):
 
 class SegDataset(torch.utils.data.Dataset):
     """Common part. Subclasses set class_names, palette and define load(i) -> (image, [label, ...], name)."""
-    ignore_index = IGNORE
+    ignore_index = IGNORE_INDEX
 
     def __init__(self, transform=None, seed=0):
         self.transform, self.seed, self.epoch = transform or EvalTransform(), seed, 0
@@ -186,12 +186,16 @@ def _match(imgs, lbls, img_dir, lbl_dir, layout):
     return [(k, imgs[k], lbls[k]) for k in sorted(imgs)]
 
 
-def _pairs(root, img_dir, lbl_dir, img_pat, lbl_pat, layout):
-    """Pairs matched by path relative to the folder minus the glob pattern's suffix."""
-    for d in (img_dir, lbl_dir):
+def _require_folders(root, layout, *folders):
+    for d in folders:
         if not d.is_dir():
             raise DatasetError(f"missing folder in {root}: no {d.relative_to(root)}, expected {layout}; point "
                                f"--data-root at the folder that holds this layout")
+
+
+def _pairs(root, img_dir, lbl_dir, img_pat, lbl_pat, layout):
+    """Pairs matched by path relative to the folder minus the glob pattern's suffix."""
+    _require_folders(root, layout, img_dir, lbl_dir)
 
     def index(d, pat):
         suffix = pat.rsplit("*", 1)[1]
@@ -275,7 +279,7 @@ def _by_name(d, exts, what):
     for p in sorted(d.iterdir()):
         ext = p.suffix.lower()
         if p.is_symlink() and not p.exists() and ext in exts:  # a loop or a dangling link: not a missing file
-            raise DatasetError(f"broken {what} link in {p}: {path_problem(p)}, expected a link to an {what} file; "
+            raise DatasetError(f"broken {what} link in {p}: {unreadable_reason(p)}, expected a link to an {what} file; "
                                "fix or remove the link")
         if p.name.startswith(".") or not p.is_file():  # hidden files, e.g. macOS ._NAME.png
             continue
@@ -293,7 +297,7 @@ def _by_name(d, exts, what):
 def folder(root, split="train", transform=None, seed=0, num_classes=None, ignore_value=255, class_names=None,
            binary_masks=None):
     """Your own data: root/images/NAME.{jpg,png,tif,...} with root/masks/NAME.{png,tif,bmp} (or root/{images,masks}/
-    {split}/...). Mask values are 0..num_classes-1 or ignore_value (-> IGNORE). binary_masks=True reads 255 as
+    {split}/...). Mask values are 0..num_classes-1 or ignore_value (-> IGNORE_INDEX). binary_masks=True reads 255 as
     class 1 (0/255 masks, num_classes=2); None lets check_dataset refuse masks that look like that; False: 255 is
     really ignore."""
     root = Path(root)
@@ -308,13 +312,10 @@ def folder(root, split="train", transform=None, seed=0, num_classes=None, ignore
     elif img_dir.is_dir() and any(p.is_dir() for p in img_dir.iterdir()):
         raise DatasetError(f"missing folder in {img_dir}: no {split}/ beside the other split folders, expected "
                            f"{layout}; add {split}/ or use a flat layout")
-    for d in (img_dir, lbl_dir):
-        if not d.is_dir():
-            raise DatasetError(f"missing folder in {root}: no {d.relative_to(root)}, expected {layout}; point "
-                               f"--data-root at the folder that holds this layout")
+    _require_folders(root, layout, img_dir, lbl_dir)
     pairs = _match(_by_name(img_dir, IMAGE_EXTS, "image"), _by_name(lbl_dir, MASK_EXTS, "mask"), img_dir, lbl_dir,
                    layout)
-    mapping = {**{v: v for v in range(num_classes)}, ignore_value: IGNORE, **({255: 1} if binary_masks else {})}
+    mapping = {**{v: v for v in range(num_classes)}, ignore_value: IGNORE_INDEX, **({255: 1} if binary_masks else {})}
     lut = lookup_table(mapping, INVALID, max(256, ignore_value + 1))
     rule = f"classes 0..{num_classes - 1} and ignore {ignore_value}; set --num-classes and --ignore-value to match"
     rule += " (or --binary-masks for 0/255 masks)" if num_classes == 2 and not binary_masks else ""

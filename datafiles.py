@@ -20,6 +20,7 @@ from PIL import Image, ImageFile, ImageOps
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # PIL's default, restated: a file cut short is an error, never grey rows
 
+from commands import error_message
 from labels import INVALID
 
 
@@ -48,10 +49,10 @@ KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (st
          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
-def path_problem(path):
+def unreadable_reason(path):
     """Why `path` cannot be read as a file, in words: a symlink loop, a link to a missing target, not found, or
     what it is when not a regular file (a folder, a named pipe, whose read would wait for a writer forever, a
-    device); "found" for a regular file."""
+    device); None for a regular file."""
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
@@ -61,20 +62,20 @@ def path_problem(path):
             return f"a broken link to {os.readlink(path)}"
         return "not found"
     if stat.S_ISREG(mode):
-        return "found"
+        return None
     return next((f"{kind}, not a regular file" for test, kind in KINDS if test(mode)), "not a regular file")
 
 
 def _unreadable(path, what, e):
-    reason = " ".join(str(e).split()) or type(e).__name__
+    reason = error_message(e)
     return DatasetError(f"unreadable {what} in {path}: {reason}, expected a complete image file PIL can read; "
                         f"re-download or re-export it")
 
 
 def _regular(path, what):
     """Only regular files are read: a named pipe would wait for a writer forever, a device never end."""
-    found = path_problem(path)
-    if found.endswith("not a regular file"):
+    found = unreadable_reason(path)
+    if found and found.endswith("not a regular file"):
         raise DatasetError(f"unreadable {what} in {path}: {found}, expected a{'n' if what == 'image' else ''} "
                            f"{what} file; replace it by the file itself")
 
@@ -267,7 +268,8 @@ def ade20k_full_ids(rgb):
 
 
 def map_labels(raw, lut, path, rule):
-    """The one place that turns dataset label ids into train ids (int32, IGNORE = ignore); lut from labels.lookup_table.
+    """The one place that turns dataset label ids into train ids (int32, IGNORE_INDEX = ignore); lut from
+    labels.lookup_table.
     rule: '<the valid values>; <how to fix>' for the message."""
     if raw.ndim != 2:
         raise DatasetError(f"label map in {path}: shape {raw.shape}, expected one channel (HxW); save class ids")

@@ -131,6 +131,10 @@ def cityscapes_scores(conf, per_class, per_category):
             "category_iiou": cat_iiou, "mean_category_iiou": mean(cat_iiou)}
 
 
+NUM_MODES = 16    # mode ids kept apart by prototype_counts (the synthetic set has 3 per class)
+IN_USE = 0.05     # a prototype is "in use" when it takes >= 5 % of its class's pixels
+
+
 def prototype_counts(embed, label, modes, prototypes, num_modes=1):
     """(C, K, M) counts: labelled pixels of class c whose nearest prototype OF CLASS c is k, split by the
     pixel's mode m (synthetic data; M = 1 without modes). embed: (h, w, D) and prototypes (C, K, D) unit vectors
@@ -145,7 +149,7 @@ def prototype_counts(embed, label, modes, prototypes, num_modes=1):
     return torch.bincount((lab * K + k) * num_modes + mod, minlength=C * K * num_modes).reshape(C, K, num_modes)
 
 
-def prototype_summary(counts, min_share=0.05):
+def prototype_summary(counts, min_share=IN_USE):
     """Purity of class c = sum_k max_m counts / sum counts (1 when every prototype holds one mode); share of the
     class's pixels each prototype takes; prototypes in use = how many take >= min_share."""
     counts = counts.double()
@@ -163,10 +167,7 @@ def prototype_summary(counts, min_share=0.05):
 
 # ----------------------------------------------------------------------------- the evaluation loop
 
-NUM_MODES = 16   # mode ids kept apart by prototype_counts (the synthetic set has 3 per class)
-
-
-class _Items(torch.utils.data.Dataset):
+class ValImages(torch.utils.data.Dataset):
     """The images of one rank, plus Cityscapes instanceIds maps (for iIoU) where the label files have them."""
 
     def __init__(self, dataset, indices):
@@ -218,7 +219,7 @@ def evaluate(model, dataset, cfg, log=print):
     was_training = [(m, m.training) for m in raw_model.modules()]   # restored one by one (--freeze-bn: BN stays eval)
     raw_model.eval()
     C, n = dataset.num_classes, min(cfg.val_size or len(dataset), len(dataset))
-    items = _Items(dataset, list(range(rank, n, world)))
+    items = ValImages(dataset, list(range(rank, n, world)))
     loader = torch.utils.data.DataLoader(items, batch_size=None, num_workers=cfg.workers)
     protos = raw_model.head.unit_prototypes() if hasattr(raw_model.head, "prototypes") else None
     conf = torch.zeros(C, C, dtype=torch.long, device=device)
@@ -308,6 +309,3 @@ def format_metrics(m, class_names):
         lines.append(f"Cityscapes: iIoU {pct(m['mean_iiou'])} | category IoU {pct(m['mean_category_iou'])} | "
                      f"category iIoU {pct(m['mean_category_iiou'])}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- checkpoints

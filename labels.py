@@ -5,8 +5,7 @@ datafiles.map_labels is the one place that applies them; raw values that are nei
 """
 import numpy as np
 
-IGNORE_INDEX = -1  # the ignore label of every label tensor in this project: no class id can be negative
-IGNORE = IGNORE_INDEX  # raw files use 255 / 65535 / 0, mapped to this
+IGNORE_INDEX = -1  # the ignore label of every label tensor here (raw files' 255 / 65535 / 0 map to it): no class is < 0
 
 
 def hex_palette(s):
@@ -34,7 +33,8 @@ CITYSCAPES_CLASSES = [
 CITYSCAPES_PALETTE = hex_palette(
     "804080 f423e8 464646 66669c be9999 999999 faaa1e dcdc00 6b8e23 98fb98 4682b4 dc143c ff0000 00008e 000046 "
     "003c64 005064 0000e6 770b20 ")
-CITYSCAPES_LUT = lookup_table({**{v: IGNORE for v in range(34)}, **dict(zip(CITYSCAPES_LABEL_IDS, range(19)))}, INVALID)
+CITYSCAPES_LUT = lookup_table({**{v: IGNORE_INDEX for v in range(34)}, **dict(zip(CITYSCAPES_LABEL_IDS, range(19)))},
+                              INVALID)
 
 # ADE20K-150 (mmseg ade.py; "bed " keeps its trailing space): PNG 0 = other -> ignore, v in 1..150 -> v - 1.
 ADE20K_CLASSES = [
@@ -65,14 +65,15 @@ ADE20K_PALETTE = hex_palette(
     "5cff00 00e0ff 70e0ff 46b8a0 a300ff 9900ff 47ff00 ff00a3 ffcc00 ff008f 00ffeb 85ff00 ff00eb f500ff ff007a fff500 "
     "0abed4 d6ff00 00ccff 1400ff ffff00 0099ff 0029ff 00ffcc 2900ff 29ff00 ad00ff 00f5ff 4700ff 7a00ff 00ffb8 005cff "
     "b8ff00 0085ff ffd600 19c2c2 66ff00 5c00ff ")
-ADE20K_LUT = lookup_table({0: IGNORE, **{v: v - 1 for v in range(1, 151)}}, default=INVALID)
+ADE20K_LUT = lookup_table({0: IGNORE_INDEX, **{v: v - 1 for v in range(1, 151)}}, default=INVALID)
 
 # COCO-Stuff-164k stuffthingmaps (mmseg coco_stuff.py / coco_stuff164k.py): PNG values 0..181 are the
 # cocostuff labels.txt id - 1; the 171 used ones map to 0..170 in order, the 11 unused thing ids and 255 -> ignore,
 # 182..254 -> error (mmseg maps them to ignore, silently).
 COCO_STUFF_UNUSED = [11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90]
 COCO_STUFF_RAW_IDS = [v for v in range(182) if v not in COCO_STUFF_UNUSED]
-COCO_STUFF_LUT = lookup_table({**{v: IGNORE for v in COCO_STUFF_UNUSED + [255]}, **dict(zip(COCO_STUFF_RAW_IDS, range(171)))},
+COCO_STUFF_LUT = lookup_table({**{v: IGNORE_INDEX for v in COCO_STUFF_UNUSED + [255]},
+                               **dict(zip(COCO_STUFF_RAW_IDS, range(171)))},
                       INVALID)
 COCO_STUFF_CLASSES = [
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -313,8 +314,10 @@ ADE20K_FULL_RAW_IDS = [
     3148,
 ]
 ADE20K_FULL_PALETTE = default_palette(847)
-ADE20K_FULL_LUT = lookup_table(dict(zip(ADE20K_FULL_RAW_IDS, range(847))), default=IGNORE, size=25 * 256 + 256)  # R//10<=25
-ADE20K_FULL_TIF_LUT = lookup_table({**{i: i for i in range(847)}, 65535: IGNORE}, default=INVALID, size=65536)  # uint16
+ADE20K_FULL_LUT = lookup_table(dict(zip(ADE20K_FULL_RAW_IDS, range(847))), default=IGNORE_INDEX,
+                               size=25 * 256 + 256)  # R//10<=25
+ADE20K_FULL_TIF_LUT = lookup_table({**{i: i for i in range(847)}, 65535: IGNORE_INDEX}, default=INVALID,
+                                   size=65536)  # uint16
 
 
 # Cityscapes CE class weights (trainId order) of the official HRNet / ProtoSeg configs

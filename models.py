@@ -324,6 +324,3 @@ def model_from_config(cfg):
                   update_correct_only=cfg["update_correct_only"], local_stats=cfg["local_stats"])
     aux = cfg.get("aux_loss_weight", 0) > 0
     return build_model(cfg["backbone"], cfg["head"], cfg["num_classes"], aux_head=aux, **kw)
-
-
-# ---------------------------------------------------------------------------------------------- weights

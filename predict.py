@@ -30,8 +30,9 @@ from PIL import Image
 import data
 import draw
 from checkpoints import CheckpointError, load_model
-from commands import (NO_MEMORY, Outputs, Parser, asked_for, default_device, device_flag, exit_with_error, ranged,
-                      run_command)
+from collectives import default_device
+from commands import (NO_MEMORY, Outputs, Parser, asked_for, device_flag, error_message, exit_with_error,
+                      ranged, run_command)
 from datafiles import read_image
 from evaluate import predict_scores
 from labels import CLASS_TABLES, IMAGE_EXTS, default_palette
@@ -172,7 +173,8 @@ def parse_args(argv):
 
 
 def protocol_from_checkpoint(args, cfg):
-    """The flags not given take the checkpoint's settings (its recipe's test protocol); older checkpoints: none."""
+    """The flags not given take the checkpoint's settings (its recipe's test protocol); a checkpoint
+    without them: the defaults."""
     for name, default in (("eval_crop", (0, 0)), ("eval_stride", (0, 0)), ("eval_resize", (0, 0)),
                           ("channel_order", "rgb")):
         if getattr(args, name) is None:
@@ -238,9 +240,9 @@ def predict_one(model, cfg, read, outputs, stem, names, palette, cls, args, path
             outputs.save(Image.fromarray(rgb), f"{stem}_image.png")
         write_outputs(model, cfg, rgb, outputs, stem, names, palette, cls, args)
     except data.DatasetError as e:
-        return f"cannot read it as an image ({' '.join(str(e).split())[:200]})"
+        return f"cannot read it as an image ({error_message(e, 200)})"
     except (MemoryError, RuntimeError) as e:
-        text = " ".join(str(e).split())
+        text = error_message(e, limit=None)
         if not isinstance(e, MemoryError) and not NO_MEMORY.search(text):
             raise
         size = f"{rgb.shape[1]}x{rgb.shape[0]} (WxH) " if rgb is not None else ""

@@ -19,14 +19,7 @@ import torch
 import draw
 from collectives import all_reduce, rank_and_world
 from commands import PEER_LOST, Outputs, asked_for, exit_with_error
-from datafiles import path_problem
-
-
-def one_line(error):
-    """A DatasetError's message, also when a DataLoader worker wrapped it with its traceback."""
-    lines = [l for l in str(error).splitlines() if l.strip()]
-    wrapped = [l.split(": ", 1)[1] for l in lines if l.startswith(("DatasetError: ", "data.DatasetError: "))]
-    return wrapped[-1] if wrapped else (lines[0] if lines else type(error).__name__)
+from datafiles import unreadable_reason
 
 
 def check_paths(cfg):
@@ -34,10 +27,10 @@ def check_paths(cfg):
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         exit_with_error(f"--out-dir {cfg.out_dir} is a file, expected a folder (created if missing)")
     if cfg.data_root and not os.path.isdir(cfg.data_root):
-        found = "a file" if os.path.exists(cfg.data_root) else path_problem(cfg.data_root)
+        found = "a file" if os.path.exists(cfg.data_root) else unreadable_reason(cfg.data_root)
         exit_with_error(f"--data-root {cfg.data_root}: {found}, expected the dataset's folder")
     if cfg.pretrained and not os.path.isfile(cfg.pretrained):
-        found = "a folder" if os.path.isdir(cfg.pretrained) else path_problem(cfg.pretrained)
+        found = "a folder" if os.path.isdir(cfg.pretrained) else unreadable_reason(cfg.pretrained)
         exit_with_error(f"--pretrained {cfg.pretrained}: {found}, expected a weights file (.pth, or a run's last.pt)")
 
 
@@ -98,8 +91,8 @@ def checkpoint_path(cfg):
         if os.path.isfile(path):
             return path
         if cfg.eval_only:
-            exit_with_error(f"--eval-only --resume auto: no last.pt in {cfg.out_dir} ({path_problem(path)}), expected "
-                            "a run's checkpoint there; give --out-dir RUN or --resume CHECKPOINT")
+            exit_with_error(f"--eval-only --resume auto: no last.pt in {cfg.out_dir} ({unreadable_reason(path)}), "
+                            "expected a run's checkpoint there; give --out-dir RUN or --resume CHECKPOINT")
         return None
     if os.path.isdir(cfg.resume):
         path = os.path.join(cfg.resume, "last.pt")
@@ -108,12 +101,12 @@ def checkpoint_path(cfg):
                             "folder holding last.pt")
         return path
     if not os.path.isfile(cfg.resume):
-        exit_with_error(f"--resume {cfg.resume}: {path_problem(cfg.resume)}, expected a checkpoint file "
+        exit_with_error(f"--resume {cfg.resume}: {unreadable_reason(cfg.resume)}, expected a checkpoint file "
                         "(runs/*/last.pt), a run folder or 'auto'")
     return cfg.resume
 
 
-def run_complete(cfg, ckpt):
+def completed_run_message(cfg, ckpt):
     """A resumed run whose checkpoint is at --iters and whose log.jsonl holds the final metrics: nothing to do
     (a message, or None when there is work left)."""
     if ckpt is None or cfg.eval_only or ckpt.get("official") or ckpt.get("iter", 0) < cfg.iters:

@@ -151,12 +151,12 @@ def flag(name):
 
 def make_parser(dataset, backbone=None):
     """The parser of train.py; --help shows each default as the chosen --dataset (and --backbone) set it."""
-    chosen = preset(dataset, backbone) if dataset in PRESETS else {}
-    shown = {**dataclasses.asdict(Config()), **chosen}
+    preset_values = preset(dataset, backbone) if dataset in PRESETS else {}
+    shown = {**dataclasses.asdict(Config()), **preset_values}
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog=protocol({**shown, "backbone": backbone or shown["backbone"]}, dataset))
     for f in dataclasses.fields(Config):
-        text = f"{f.metadata['help']} (default{' for ' + dataset if f.name in chosen else ''}: {shown[f.name]})"
+        text = f"{f.metadata['help']} (default{' for ' + dataset if f.name in preset_values else ''}: {shown[f.name]})"
         if f.type is bool:
             kw = dict(action=argparse.BooleanOptionalAction)
         elif f.name in CHOICES:
@@ -202,7 +202,7 @@ def preset(dataset, backbone=None):
     return out
 
 
-def chosen(argv):
+def dataset_and_backbone(argv):
     """The --dataset and --backbone of the command line (None: not given), for the preset and its --help."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--dataset", type=str.lower, default=Config.dataset)
@@ -215,7 +215,7 @@ def chosen(argv):
 def parse_args(argv=None):
     """-> (Config, the names given on the command line)."""
     argv = sys.argv[1:] if argv is None else argv
-    dataset, backbone = chosen(argv)
+    dataset, backbone = dataset_and_backbone(argv)
     p = make_parser(dataset, backbone)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     for name in HW:

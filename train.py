@@ -26,15 +26,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import CheckpointError, load_pretrained, load_state, save_checkpoint
 from collectives import all_reduce, autocast, rank_and_world, setup_distributed
-from commands import Outputs, exit_with_error, run_command, signals_deferred
+from commands import Outputs, error_message, exit_with_error, run_command, signals_deferred
 from data import EvalTransform, build_dataset, train_transform
 from datafiles import DatasetError, check_dataset
 from evaluate import evaluate, format_metrics, metrics_report
 from labels import CITYSCAPES_CLASS_WEIGHTS
 from models import family, model_from_config
 from protoseg import data_prototypes, momentum_at, seg_loss, update_prototypes
-from runs import (RunLog, claim_out_dir, interrupted_line, last_good, one_line, out_of_memory_line, peer_lost_line,
-                  run_complete, stop_if_any_rank_failed, write_curves)
+from runs import (RunLog, claim_out_dir, interrupted_line, last_good, out_of_memory_line, peer_lost_line,
+                  completed_run_message, stop_if_any_rank_failed, write_curves)
 from settings import RECIPE_FILES, parse_args, resolve
 
 # ----------------------------------------------------------------------------- set-up
@@ -56,7 +56,7 @@ def make_datasets(cfg, log=print):
         check_dataset(torch.utils.data.Subset(val, range(min(cfg.val_size or len(val), len(val)))), values=True,
                       name="val", log=log)
     except DatasetError as e:
-        exit_with_error(one_line(e))
+        exit_with_error(error_message(e))
     return train, val
 
 
@@ -68,7 +68,7 @@ def build(cfg, ckpt, device, log):
         try:
             log(load_pretrained(raw_model.backbone, cfg.pretrained))
         except (CheckpointError, ValueError, RuntimeError, KeyError, AttributeError) as e:
-            exit_with_error(f"--pretrained {cfg.pretrained}: {' '.join(str(e).split())[:400]}; expected ImageNet "
+            exit_with_error(f"--pretrained {cfg.pretrained}: {error_message(e, 400)}; expected ImageNet "
                             "backbone weights (.pth) for --backbone " + cfg.backbone)
     if ckpt is not None:
         try:
@@ -150,7 +150,7 @@ def next_batch(stream, device):
     try:
         batch = next(stream)
     except DatasetError as e:
-        error = one_line(e)
+        error = error_message(e)
     stop_if_any_rank_failed(error, device)
     return batch
 
@@ -261,7 +261,7 @@ def run_evaluation(cfg, model, val_set, log):
     try:
         return evaluate(model, val_set, cfg, log)
     except DatasetError as e:
-        exit_with_error(one_line(e))
+        exit_with_error(error_message(e))
 
 
 # ----------------------------------------------------------------------------- main
@@ -273,8 +273,9 @@ def main(argv=None, progress=None):
     progress.update(cfg=cfg, saved=ckpt.get("iter", 0) if ckpt else 0)
     rank, world, device = setup_distributed()
     log, lock = RunLog(rank), None
-    if run_complete(cfg, ckpt):
-        return log(run_complete(cfg, ckpt))
+    complete = completed_run_message(cfg, ckpt)
+    if complete:
+        return log(complete)
     try:
         train_set, val_set = make_datasets(cfg, log if rank == 0 else None)
         check_run(cfg, ckpt, val_set, world)

@@ -29,18 +29,18 @@ def test_cityscapes_tables_equal_official_labels():
     assert labels.CITYSCAPES_LABEL_IDS == j["train_classes"]["labelIds"]
     expect = np.full(256, labels.INVALID)  # values that are no labelId (34..255) are errors
     for k, v in j["labelId_to_trainId"].items():
-        expect[int(k)] = v if v != 255 else labels.IGNORE   # the file's 255 = ignore
+        expect[int(k)] = v if v != 255 else labels.IGNORE_INDEX   # the file's 255 = ignore
     assert labels.CITYSCAPES_LUT[:256].tolist() == expect.tolist()
     for lab in j["labels"]:  # the full table agrees too (license plate has id -1, not in a PNG)
         if lab["id"] >= 0:
-            assert labels.CITYSCAPES_LUT[lab["id"]] == (lab["trainId"] if 0 <= lab["trainId"] < 19 else labels.IGNORE)
+            assert labels.CITYSCAPES_LUT[lab["id"]] == (lab["trainId"] if 0 <= lab["trainId"] < 19 else labels.IGNORE_INDEX)
 
 
 def test_ade20k_tables_equal_reference():
     j = ref("ade20k_labels.json")
     assert labels.ADE20K_CLASSES == j["classes"] and len(labels.ADE20K_CLASSES) == 150
     assert labels.ADE20K_PALETTE.tolist() == j["palette"]
-    assert labels.ADE20K_LUT[0] == labels.IGNORE and labels.ADE20K_LUT[1:151].tolist() == list(range(150))
+    assert labels.ADE20K_LUT[0] == labels.IGNORE_INDEX and labels.ADE20K_LUT[1:151].tolist() == list(range(150))
     assert (labels.ADE20K_LUT[151:] == labels.INVALID).all()  # values above 150 are errors
 
 
@@ -49,11 +49,11 @@ def test_coco_stuff_tables_equal_reference():
     assert labels.COCO_STUFF_CLASSES == j["classes"] and len(labels.COCO_STUFF_CLASSES) == 171
     assert labels.COCO_STUFF_PALETTE.tolist() == j["palette"]
     # the reference maps 182..254 to ignore (mmseg); here they are errors, as no stuffthingmap holds them
-    expect = [labels.IGNORE if v == 255 else v for v in j["lut_raw_to_train_id_256"]]
+    expect = [labels.IGNORE_INDEX if v == 255 else v for v in j["lut_raw_to_train_id_256"]]
     expect[182:255] = [labels.INVALID] * 73
     assert labels.COCO_STUFF_LUT[:256].tolist() == expect
     assert labels.COCO_STUFF_RAW_IDS == j["train_id_to_raw_png_value"]
-    assert {int(k): (labels.IGNORE if v == 255 else v) for k, v in j["clsID_to_trID_164k"].items()} == \
+    assert {int(k): (labels.IGNORE_INDEX if v == 255 else v) for k, v in j["clsID_to_trID_164k"].items()} == \
         {v: int(labels.COCO_STUFF_LUT[v]) for v in labels.COCO_STUFF_RAW_IDS + [255]}
 
 
@@ -63,7 +63,7 @@ def test_ade20k_full_tables_equal_reference():
     assert [c["trainId"] for c in j["categories"]] == list(range(847))
     lut = labels.ADE20K_FULL_LUT
     assert [lut[c["id"]] for c in j["categories"]] == list(range(847))
-    assert (np.delete(lut[:-1], j["raw_id"]) == labels.IGNORE).all()  # every other raw id (0 too) is ignored
+    assert (np.delete(lut[:-1], j["raw_id"]) == labels.IGNORE_INDEX).all()  # every other raw id (0 too) is ignored
     assert len(lut) - 1 == 25 * 256 + 256  # R // 10 * 256 + G covers 0..6655
     assert len(set(map(tuple, labels.ADE20K_FULL_PALETTE.tolist()))) == 847
 
@@ -72,7 +72,7 @@ def test_ade20k_full_tables_equal_reference():
 
 def test_cityscapes_sample_labels_equal_labelids_through_official_table():
     ds = data.build_dataset("cityscapes", REF / "cityscapes_sample", "val")
-    assert len(ds) == 1 and ds.num_classes == 19 and ds.ignore_index == labels.IGNORE == -1
+    assert len(ds) == 1 and ds.num_classes == 19 and ds.ignore_index == labels.IGNORE_INDEX == -1
     s = ds[0]
     assert s["name"] == "frankfurt/frankfurt_000000_000294"
     assert s["image"].shape == (3, 128, 256) and s["image"].dtype == torch.float32
@@ -80,7 +80,7 @@ def test_cityscapes_sample_labels_equal_labelids_through_official_table():
     raw = np.array(Image.open(REF / f"cityscapes_sample/gtFine/{frame}_gtFine_labelIds.png"))
     lut = ref("cityscapes_labels.json")["labelId_to_trainId"]
     expect = np.vectorize(lambda v: lut.get(str(v), 255))(raw)
-    expect[expect == 255] = labels.IGNORE
+    expect[expect == 255] = labels.IGNORE_INDEX
     assert s["label"].dtype == torch.int64 and (s["label"].numpy() == expect).all()
     rgb = np.array(Image.open(REF / f"cityscapes_sample/leftImg8bit/{frame}_leftImg8bit.png"))
     assert torch.allclose(s["image"], data.normalize(rgb))
@@ -93,7 +93,7 @@ def test_ade20k_sample_reduces_zero_label(split, raw_value):
         assert len(ds) == 1 and ds.num_classes == 150
         s = ds[0]
         assert s["image"].shape == (3, 128, 256)
-        assert set(s["label"].unique().tolist()) == {labels.IGNORE, raw_value - 1}
+        assert set(s["label"].unique().tolist()) == {labels.IGNORE_INDEX, raw_value - 1}
 
 
 def test_coco_stuff_layout_maps_raw_ids(tmp_path):
@@ -143,7 +143,7 @@ def test_synthetic_every_class_shows_all_its_modes_and_modes_agree_with_labels()
         s = ds[i]
         lab, modes = s["label"], s["modes"]
         assert s["image"].shape == (3, 160, 160) and lab.shape == modes.shape == (160, 160)
-        assert ((lab == labels.IGNORE) == (modes == labels.IGNORE)).all()
+        assert ((lab == labels.IGNORE_INDEX) == (modes == labels.IGNORE_INDEX)).all()
         for c in range(5):
             assert (modes[lab == c] < labels.SYNTHETIC_MODES[c]).all()
         seen |= set(zip(lab.flatten().tolist(), modes.flatten().tolist()))
@@ -190,7 +190,7 @@ def test_train_transform_keeps_image_and_label_aligned():
         rgb = img.permute(1, 2, 0).numpy() * data.STD + data.MEAN
         lab = lab.numpy()
         windows = np.lib.stride_tricks.sliding_window_view(np.pad(lab, 2, constant_values=254), (5, 5))
-        interior = (windows == lab[..., None, None]).all((-1, -2)) & (lab != labels.IGNORE)
+        interior = (windows == lab[..., None, None]).all((-1, -2)) & (lab != labels.IGNORE_INDEX)
         assert interior.mean() > 0.3
         assert (np.abs(rgb[interior] - palette[lab[interior]]).max(1) < 2).all()
 
@@ -201,7 +201,7 @@ def test_train_transform_pads_with_ignore_and_outputs_crop_size():
                                                                               np.random.default_rng(0))
     assert img.shape == (3, 64, 80) and lab.shape == modes.shape == (64, 80)
     assert img.dtype == torch.float32 and lab.dtype == torch.int64
-    assert (lab[40:] == labels.IGNORE).all() and (lab[:, 50:] == labels.IGNORE).all() and (img[:, 40:] == 0).all()
+    assert (lab[40:] == labels.IGNORE_INDEX).all() and (lab[:, 50:] == labels.IGNORE_INDEX).all() and (img[:, 40:] == 0).all()
     assert (lab[:40, :50].numpy() == label).all() and torch.equal(lab, modes)
 
 
@@ -226,7 +226,7 @@ def test_augmentation_reproducible_per_seed_epoch_index():
 
 def test_colorize_ignore_black_and_classes_palette():
     pal = labels.CITYSCAPES_PALETTE
-    label = torch.tensor([[0, 18, labels.IGNORE], [5, 19, 2]])
+    label = torch.tensor([[0, 18, labels.IGNORE_INDEX], [5, 19, 2]])
     out = np.array(data.colorize(label, pal))
     assert out.shape == (2, 3, 3)
     assert out[0, 0].tolist() == pal[0].tolist() and out[0, 1].tolist() == pal[18].tolist()
@@ -238,7 +238,7 @@ def test_trainid_to_labelid_round_trips_with_lut():
     ids = data.trainid_to_labelid(pred)
     assert ids.dtype == np.uint8 and ids[0].tolist() == labels.CITYSCAPES_LABEL_IDS
     assert (labels.CITYSCAPES_LUT[ids] == pred).all()
-    assert data.trainid_to_labelid(torch.tensor([labels.IGNORE]))[0] == 0
+    assert data.trainid_to_labelid(torch.tensor([labels.IGNORE_INDEX]))[0] == 0
 
 
 # ---- the quick label-value check at its bounds ------------------------------------------------------------

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import commands
 import draw
 import runs
 import settings
@@ -51,7 +52,7 @@ def test_stale_lock_of_a_live_unrelated_process_says_it_may_be_stale(tmp_path, c
 def test_worker_wrapped_data_error_becomes_its_own_line():
     wrapped = ("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                '  File "x.py", line 1, in f\ndata.DatasetError: label values [7] in a.png: neither a class nor ignore')
-    assert runs.one_line(ValueError(wrapped)) == "label values [7] in a.png: neither a class nor ignore"
+    assert commands.error_message(ValueError(wrapped)) == "label values [7] in a.png: neither a class nor ignore"
 
 
 def test_curves_png_has_a_panel_per_logged_term_and_one_for_val_miou(tmp_path):

@@ -228,5 +228,5 @@ def test_recipe_transform_pads_to_the_crop_with_ignore_and_is_a_function_of_the_
     a, (la,) = t(IMAGE, [lab], np.random.default_rng(3))
     b, (lb,) = t(IMAGE, [lab], np.random.default_rng(3))
     assert a.shape == (3, 40, 50) and la.shape == (40, 50) and (a == b).all() and (la == lb).all()
-    pad = la == labels.IGNORE
+    pad = la == labels.IGNORE_INDEX
     assert pad.any() and (a[:, pad] == 0).all()               # padding: ignore, the mean colour (0)
