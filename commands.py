@@ -104,6 +104,12 @@ def signals_deferred():
             signal.raise_signal(got[0])
 
 
+def within(path, folder):
+    """Is path the folder itself or inside it (links and '..' resolved; neither needs to exist)?"""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 class Outputs:
     """The files a picture script writes into one folder, each whole or not at all (a temporary file beside it,
     renamed when complete), and what the script is doing, for the one line it ends with when stopped: a full disk
