@@ -49,15 +49,14 @@ def check_outputs(cfg, resumed=None):
                         "--resume auto)")
 
 
-def check_out_dir(cfg, *datasets):
-    """out_dir is none of the folders the data's files are read from, nor inside one: the run's files would sit
-    among the data's, and a folder dataset would read curves.png back as an image."""
+def check_out_dir(out, flag, data_root, *datasets):
+    """An output folder is none of the folders the data's files are read from, nor inside one: the outputs would
+    sit among the data's, and a folder dataset would read the pictures back as images."""
     folders = {p.parent for d in datasets for _, *files in getattr(d, "pairs", ()) for p in files}
-    inside = sorted(str(f) for f in folders if within(cfg.out_dir, f))
+    inside = sorted(str(f) for f in folders if within(out, f))
     if inside:
-        exit_with_error(f"--out-dir {cfg.out_dir} is inside {inside[0]}, a folder of --data-root {cfg.data_root} "
-                        f"that the data is read from; expected an --out-dir outside the data's folders (e.g. "
-                        f"runs/{cfg.dataset})")
+        exit_with_error(f"{flag} {out} is inside {inside[0]}, a folder of --data-root {data_root} that the data is "
+                        f"read from; expected an {flag} outside the data's folders")
 
 
 def claim_out_dir(cfg, resuming):

@@ -53,7 +53,7 @@ def make_datasets(cfg, log=print, ckpt=None):
         val = build_dataset(cfg.dataset, cfg.data_root or None, "val",
                             EvalTransform(cfg.channel_order, cfg.eval_resize, cfg.eval_divisor), seed=cfg.seed, **kw)
         check_classes(cfg, ckpt, val)
-        check_out_dir(cfg, *(d for d in (train, val) if d is not None))
+        check_out_dir(cfg.out_dir, "--out-dir", cfg.data_root, *(d for d in (train, val) if d is not None))
         if train is not None:                                   # every file checked before the first step
             check_dataset(train, name="train", log=log)
         check_dataset(torch.utils.data.Subset(val, range(min(cfg.val_size or len(val), len(val)))), values=True,
