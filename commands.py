@@ -1,7 +1,8 @@
 """What every script here (train.py, predict.py, atlas.py, toy2d.py, bench.py, coursework.py) does the same way as a
 command: a user error is one `error:` line (exit 1); flags are range-checked where parsed; files are written whole
 or not at all (Outputs: a full disk or a read-only folder is one line); Ctrl-C, SIGTERM, an allocation failure and a
-lost torchrun peer end in one line each (run_command: exit 130 / 143 / 1), with the DataLoader workers stopped.
+lost torchrun peer end in one line each (run_command: exit 130 / 143 / 1), with the DataLoader workers stopped, also
+when the stop was sent to the whole process group (`timeout`, scancel) and reached the workers first.
 """
 import argparse
 import contextlib

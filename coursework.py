@@ -2,14 +2,17 @@
 
     python coursework.py --list                        # the equations that can be blanked, their functions and tests
     python coursework.py --blank 8-10 14 --out hw      # hw/: the whole project with Eq. 8-10 and Eq. 14 blanked
-    python coursework.py --check hw                    # a line per blanked equation: passed / failed / not implemented
+    python coursework.py --check hw                    # a line per blanked equation (below)
 
 A blanked function keeps its decorators, signature and docstring (the equation in the paper's notation, the shapes,
 what it returns); its body becomes one `raise NotImplementedError("Eq. 14: ...")`. Everything else is the project as
 it is, so `python train.py` in the copy stops at the first blank training reaches and nowhere else. Where the tests
 compare a fast function with a slow transcription, the entry blanks both: the transcription would give the answer
 away. The copy records what was blanked in coursework.json; --check runs the grading tests of those equations in the
-copy (of every equation where nothing is recorded) and exits 1 unless all passed.
+copy (of every equation where nothing is recorded) and exits 1 unless all passed. Each equation's line says:
+passed; failed (the test, where, the first failing assertion); not implemented; did not parse (file:line), or did
+not run when its tests import a file that does not parse; ran out of time (a test used its --time-limit of CPU time,
+or the whole run its wall time).
 """
 import argparse
 import ast
@@ -316,7 +319,7 @@ def grade(entry, results, tail="", broken=None):
     mine = [r for r in results if entry.covers(r.test)]
     if not mine:
         return (f"did not run: {next(iter(broken.values()))} (its tests import that file)" if broken else
-                f"failed: its tests did not run ({tail})")
+                tail if tail.startswith("ran out of time") else f"failed: its tests did not run ({tail})")
     blanks = [BLANK.search(r.message) for r in mine]
     todo = sorted({b.group(2) for b in blanks if b and b.group(1) == entry.eq})
     if todo:
