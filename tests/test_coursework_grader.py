@@ -34,15 +34,16 @@ def original(path, name, indent):
 
 def test_check_says_per_equation_passed_failed_out_of_time_not_implemented_or_did_not_parse(tmp_path, capsys):
     copy = str(tmp_path / "hw")
-    coursework.write_copy(copy, coursework.entries(["1-2", "5", "13", "14"]))
-    write_bodies(copy, coursework.ENTRIES["5"], original)                                 # the right answer
+    coursework.write_copy(copy, coursework.entries(["1-2", "3", "13", "14"]))
+    write_bodies(copy, coursework.ENTRIES["3"], original)                                 # the right answer
     write_bodies(copy, coursework.ENTRIES["13"], lambda p, n, i: [f"{i}while True:\n", f"{i}    pass\n"])
     write_bodies(copy, coursework.ENTRIES["14"], lambda p, n, i: [f"{i}return torch.zeros(7, 3)\n"])  # wrong shape
     capsys.readouterr()
     assert coursework.check(copy, LIMIT) is False
     lines = dict(line.split(maxsplit=2)[1:] for line in capsys.readouterr().out.splitlines())
     assert lines["1-2"] == "not implemented: QueryHead.forward, SoftmaxHead.forward"
-    assert lines["5"] == "passed (2 tests)"
+    passed = len(coursework.ENTRIES["3"].tests)
+    assert lines["3"] == f"passed ({passed} test{'s' * (passed > 1)})"
     (test13, ), (file13, _) = coursework.ENTRIES["13"].tests, coursework.ENTRIES["13"].blanks[0].split(":")
     assert lines["13"].startswith(f"ran out of time: {test13.split('::')[1]} used its {LIMIT} s of CPU time "
                                   f"(stopped at {file13}:"), lines["13"]                  # the line of the loop
