@@ -271,7 +271,7 @@ def _quiet_lost_transfer(kind, value, tb, owner=os.getpid(), default=sys.excepth
 
 def _release(e):
     """Drop the frames the exception holds (the data stream and its DataLoader workers), so they shut down now,
-    quietly (after _ignore_stops): a worker's socket closing under multiprocessing's fd-sharing thread is no
+    quietly (after _stopping): a worker's socket closing under multiprocessing's fd-sharing thread is no
     failure."""
     threading.excepthook = lambda args: None
     traceback.clear_frames(e.__traceback__)

@@ -4,7 +4,8 @@
     python predict.py --checkpoint runs/synthetic/last.pt --val-index 0 3 --out runs/synthetic/pictures
     python predict.py --checkpoint runs/cityscapes/last.pt /data/cityscapes/leftImg8bit/test --labelids --out results
 
-Inputs are image files and folders (walked recursively; names keep their sub-folders). For each image IMG it writes
+Inputs are image files and folders (walked recursively; names keep their sub-folders; two inputs that would
+write one name are refused, as is an --out inside an input folder). For each image IMG it writes
 IMG_pred.png (palette colours), IMG_overlay.png (prediction blended on the image) and, for a ProtoSeg checkpoint,
 IMG_protos.png: the pixels predicted as --class, each coloured by its nearest prototype of that class (one hue per
 prototype), brightness = cosine similarity to it (Fig. 3), and IMG_strip.png: image | prediction | prototype map
