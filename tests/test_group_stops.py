@@ -24,7 +24,7 @@ PATIENCE = 300       # the most a stopped run may take to end on a busy machine:
 RUNS = 10
 # tiny runs stopped after their first steps: one per rank-0 progress line, a checkpoint every 2 iterations
 ENDLESS = [a if a != "0" else "2" for a in TINY] + ["--crop", "32", "--batch-size", "2", "--ckpt-every", "2",
-                                                     "--iters", "100000"]     # 2 DataLoader workers
+                                                     "--eval-every", "0", "--iters", "100000"]  # 2 DataLoader workers
 
 
 def as_a_terminal_starts_it():
@@ -59,6 +59,14 @@ def session_gone(pid):
 
 def children(pid):
     return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
+def command_line(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:                          # gone meanwhile
+        return None
 
 
 def ended(pid):
@@ -100,8 +108,7 @@ def busy_machine():
 def stop_group(p, hold):
     """SIGTERM to p's whole process group, as `timeout` sends it; hold: the main process stopped until the signal
     has ended its DataLoader workers (the forked children running its own command line)."""
-    workers = [c for c in children(p.pid) if open(f"/proc/{c}/cmdline", "rb").read() == " ".join(p.args).encode()
-               .replace(b" ", b"\0") + b"\0"] if hold else []
+    workers = [c for c in children(p.pid) if command_line(c) == command_line(p.pid)] if hold else []
     if hold:
         os.kill(p.pid, signal.SIGSTOP)
     os.killpg(p.pid, signal.SIGTERM)
