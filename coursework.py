@@ -15,6 +15,7 @@ or the whole run its wall time).
 """
 import argparse
 import ast
+import contextlib
 import glob
 import importlib.util
 import json
@@ -226,16 +227,13 @@ GRACE = 600             # seconds of wall time for the whole grading run on top 
 # does not use up (wall time would), an endless loop does
 PLUGIN = """import os, signal
 import pytest
-
 class OutOfTime(BaseException):            # not an Exception: a student's `except Exception` lets it through
     pass
-
-def _out_of_time(signum, frame):
+def out_of_time(signum, frame):
     raise OutOfTime(f"used its {os.environ['COURSEWORK_TIME_LIMIT']} s of CPU time")
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    previous = signal.signal(signal.SIGPROF, _out_of_time)
+    previous = signal.signal(signal.SIGPROF, out_of_time)
     signal.setitimer(signal.ITIMER_PROF, float(os.environ["COURSEWORK_TIME_LIMIT"]))
     try:
         yield
@@ -257,30 +255,20 @@ def run_tests(folder, tests, limit=TIME_LIMIT):
         env = {**os.environ, "COURSEWORK_TIME_LIMIT": str(limit),
                "PYTHONPATH": os.pathsep.join(filter(None, (tmp, os.environ.get("PYTHONPATH"))))}
         wall = GRACE + limit * len(tests)
-        out = run_session(cmd, folder, env, wall)
-        if out is None:
+        proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)        # killed whole with this command: the tests' children too
+        try:
+            out = proc.communicate(timeout=wall)[0]
+        except subprocess.TimeoutExpired:
             return [], f"ran out of time: the grading run passed its {wall:g} s of wall time (a test that waits?)"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
         lines = out.strip().splitlines() or [""]
         errors = [m.group(1) for m in map(re.compile(r"^E\s+(\w*(Error|Exception)\b.*)").match, lines) if m]
         tail = (errors or lines)[0 if errors else -1]                           # the first exception raised
         return (read_report(report) if os.path.exists(report) else []), tail
-
-
-def run_session(cmd, folder, env, wall):
-    """cmd's stdout and stderr, run in a session of its own that is killed whole however this ends (a stop of this
-    command, the wall-time limit: None); the tests' own children go with it."""
-    proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        return proc.communicate(timeout=wall)[0]
-    except subprocess.TimeoutExpired:
-        return None
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.communicate()
 
 
 def read_report(report):
