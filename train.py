@@ -39,6 +39,16 @@ from settings import RECIPE_FILES, parse_args, resolve
 
 # ----------------------------------------------------------------------------- set-up
 
+def check_classes(cfg, ckpt, val_set):
+    """The checkpoint predicts the classes of the data it is given (checked before the data's files are)."""
+    made = ckpt and ckpt["config"]
+    if made and made["num_classes"] != val_set.num_classes:
+        exit_with_error(f"checkpoint {cfg.resume} predicts {made['num_classes']} classes ({made.get('dataset')}); "
+                        f"--dataset {cfg.dataset} has {val_set.num_classes}; expected data of the checkpoint's "
+                        f"classes (--dataset {made.get('dataset')} and its --data-root), or a checkpoint trained on "
+                        f"{cfg.dataset}")
+
+
 def make_datasets(cfg, log=print, ckpt=None):
     """(train set or None for --eval-only, val set). Data errors become one-line user errors; data whose classes
     are not the checkpoint's is refused before its files are checked."""
@@ -306,16 +316,6 @@ def describe(cfg):
             + (f"; {recipe.__name__}.RECIPES[{cfg.dataset!r}], the published recipe"
                if recipe and cfg.dataset in recipe.RECIPES else ""),
             f"  out    {cfg.out_dir}"]
-
-
-def check_classes(cfg, ckpt, val_set):
-    """The checkpoint predicts the classes of the data it is given (checked before the data's files are)."""
-    made = ckpt and ckpt["config"]
-    if made and made["num_classes"] != val_set.num_classes:
-        exit_with_error(f"checkpoint {cfg.resume} predicts {made['num_classes']} classes ({made.get('dataset')}); "
-                        f"--dataset {cfg.dataset} has {val_set.num_classes}; expected data of the checkpoint's "
-                        f"classes (--dataset {made.get('dataset')} and its --data-root), or a checkpoint trained on "
-                        f"{cfg.dataset}")
 
 
 def check_run(cfg, ckpt, val_set, world):
