@@ -32,6 +32,9 @@ import train
 from conftest import TINY, save_image, start_as_a_terminal_would, tiny_checkpoint, user_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+# The most a script may take to reach a state or to end on a busy machine: a ceiling against a hang, never a
+# duration a test relies on (each wait goes on as soon as its state is there).
+PATIENCE = 300
 
 
 def tiny(path, **config):
@@ -122,7 +125,7 @@ def test_non_regular_inputs_named_like_images_are_skipped_by_name_never_waited_f
     os.mkfifo(tmp_path / "given.jpg")
     out = subprocess.run([sys.executable, "predict.py", "--checkpoint", str(ckpt), str(folder),
                           str(tmp_path / "given.jpg"), "--out", str(tmp_path / "out")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=PATIENCE)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     for name in (folder / "pipe.png", tmp_path / "given.jpg"):
         assert f"skipping {name}: cannot read it as an image (unreadable image in {name}: a named pipe" in out.stderr
@@ -186,7 +189,7 @@ def test_a_full_disk_is_one_line_naming_folder_and_errno_and_leaves_no_half_file
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
     out = subprocess.run([sys.executable, "predict.py", "--checkpoint", str(ckpt), str(tmp_path / "noise.png"),
                           "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
-                         preexec_fn=limit, timeout=120)
+                         preexec_fn=limit, timeout=PATIENCE)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
     folder = re.escape(str(tmp_path / "out"))
     failed = re.match(rf"error: cannot write to {folder} \((noise_\w+\.png)\): File too large \(EFBIG\) while "
@@ -237,7 +240,7 @@ def test_an_image_too_large_for_memory_is_skipped_naming_it_and_the_flags_that_f
     limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))     # any allocation policy
     out = subprocess.run([sys.executable, "predict.py", "--checkpoint", str(ckpt), str(tmp_path / "big.png"),
                           "--eval-scales", "3000", "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
-                         text=True, preexec_fn=limit, timeout=120)
+                         text=True, preexec_fn=limit, timeout=PATIENCE)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.startswith(f"skipping {tmp_path / 'big.png'}: out of memory at 60x40 (WxH) with --eval-scales "
                                  "3000.0") and "--eval-crop 512" in out.stderr
@@ -267,11 +270,6 @@ def test_a_workers_lost_tensor_transfer_is_not_printed_other_errors_are():
                                    (BrokenPipeError(32, "in the main process"), resource_sharer.__file__, main)):
         commands._quiet_lost_transfer(*raised(error, filename), owner=owner, default=lambda k, v, tb: printed.append(v))
     assert [str(v) for v in printed] == ["a bug", "[Errno 104] elsewhere", "[Errno 32] in the main process"]
-
-
-# The most a script may take to reach a state or to end after a stop on a busy machine: a ceiling against a hang,
-# never a duration a test relies on (each wait goes on as soon as its state is there).
-PATIENCE = 300
 
 
 def wait_for_line(p, start_of_line):
