@@ -15,6 +15,8 @@ import atlas
 import draw
 import evaluate
 import predict
+import settings
+from data import SyntheticDataset
 from labels import CITYSCAPES_MEAN_INSTANCE_SIZE, IGNORE_INDEX
 
 nan = float("nan")
@@ -139,6 +141,37 @@ def test_evaluation_progress_line_of_a_known_clock(monkeypatch, done, world, tot
     lines = []
     evaluate._progress(lambda text, flush: lines.append(text), done, total, 1000.0, world)
     assert lines == [line]
+
+
+class Ticking(SyntheticDataset):
+    """Val images whose reading moves a clock 10 s on: the evaluation's clock reads 10 s x images read."""
+    clock = 0.0
+
+    def __getitem__(self, i):
+        Ticking.clock += 10.0
+        return super().__getitem__(i)
+
+
+class Conv1x1(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head, self.align_corners = torch.nn.Conv2d(3, 5, 1), torch.nn.Identity(), False
+
+    def forward(self, x):
+        return {"scores": self.conv(x)}
+
+
+@pytest.mark.parametrize("n, lines", [
+    (5, ["eval 3/5 images | 0.10 img/s | ETA 0.3 min", "eval 5/5 images | 0.10 img/s | ETA 0.0 min"]), (1, [])])
+def test_evaluation_logs_progress_when_more_than_20_s_passed_and_at_the_end(monkeypatch, n, lines):
+    """Clock 10 s per image: 30 s > 20 s after image 3; 20 s after it (image 5) is not more, but the end is; one
+    image: no progress line. The metrics report the 10 s x n the evaluation took."""
+    Ticking.clock = 0.0
+    monkeypatch.setattr(evaluate.time, "time", lambda: Ticking.clock)
+    logged = []
+    m = evaluate.evaluate(Conv1x1(), Ticking("val", length=n, size=16), settings.Config(workers=0),
+                          log=lambda text, flush=False: logged.append(text))
+    assert logged == lines and m["seconds"] == 10.0 * n and m["images"] == n
 
 
 # ----------------------------------------------------------------------------- atlas.json and predict.py's maps
