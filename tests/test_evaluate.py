@@ -100,6 +100,44 @@ def test_cityscapes_iiou_and_categories_equal_a_transcription_of_cityscapesscrip
         assert ours["category_iiou"][name] == pytest.approx(cat_iiou[name], rel=1e-9)
 
 
+class Fixed(torch.nn.Module):
+    """A 'model' whose scores are one-hot of a given prediction (1 x H x W train ids), whatever the image."""
+
+    def __init__(self, pred):
+        super().__init__()
+        self.scores, self.head, self.align_corners = torch.nn.Parameter(
+            F.one_hot(torch.as_tensor(pred).long(), 19).permute(2, 0, 1)[None].float()), torch.nn.Identity(), True
+
+    def forward(self, x):
+        return {"scores": self.scores}
+
+
+def test_evaluate_gives_cityscapesscripts_iiou_and_categories_and_none_without_instance_maps():
+    """evaluate() on the sample frame with a known prediction: every Cityscapes number equals the transcription of
+    cityscapesScripts; a 19-class dataset without instanceIds maps has none of them."""
+    gt_ids = np.array(Image.open(SAMPLE / f"gtFine/{FRAME}_gtFine_labelIds.png"))
+    inst = np.array(Image.open(SAMPLE / f"gtFine/{FRAME}_gtFine_instanceIds.png")).astype(np.int64)
+    gt = labels.CITYSCAPES_LUT[gt_ids]
+    pred = np.where(np.random.default_rng(1).random(gt.shape) < 0.3, 11, np.maximum(gt, 0))   # persons made up
+    iiou, cat_iou, cat_iiou = cityscapes_scripts_scores(data.trainid_to_labelid(pred).astype(np.int64), gt_ids, inst)
+    val = data.build_dataset("cityscapes", SAMPLE, "val")
+    m = evaluate.evaluate(Fixed(pred), val, settings.Config(workers=0), log=lambda *a, **k: None)
+    assert m["category_iou"] == pytest.approx(cat_iou, rel=1e-9)
+    assert m["iiou"] == pytest.approx(iiou, rel=1e-9, nan_ok=True) and m["category_iiou"] == pytest.approx(cat_iiou)
+    assert 0 < m["category_iiou"]["human"] < 1 and 0 < m["category_iiou"]["vehicle"] < 1
+
+    class NoInstanceMaps(torch.utils.data.Dataset):                      # the same frame, its labels only
+        num_classes = 19
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return val[i]
+    m = evaluate.evaluate(Fixed(pred), NoInstanceMaps(), settings.Config(workers=0), log=lambda *a, **k: None)
+    assert not {"iiou", "category_iou", "mean_iiou"} & set(m) and m["miou"] > 0
+
+
 # ----------------------------------------------------------------------------- the official checkpoint, both scripts
 
 def small_official_file(tmp_path):

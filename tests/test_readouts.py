@@ -22,6 +22,17 @@ from labels import CITYSCAPES_MEAN_INSTANCE_SIZE, IGNORE_INDEX
 nan = float("nan")
 
 
+# ----------------------------------------------------------------------------- the metrics of small matrices
+
+def test_metrics_of_one_labelled_pixel_and_of_none():
+    one = evaluate.metrics_from_confusion(torch.tensor([[1, 0], [0, 0]]))
+    assert (one["aacc"], one["miou"], one["macc"]) == (1.0, 1.0, 1.0) and math.isnan(one["iou"][1])
+    wrong = evaluate.metrics_from_confusion(torch.tensor([[0, 1], [0, 0]]))
+    assert (wrong["aacc"], wrong["iou"], wrong["macc"]) == (0.0, [0.0, 0.0], 0.0)
+    none = evaluate.metrics_from_confusion(torch.zeros(2, 2, dtype=torch.long))
+    assert math.isnan(none["miou"]) and math.isnan(none["macc"]) and none["aacc"] == 0.0
+
+
 # ----------------------------------------------------------------------------- Cityscapes, counted by hand
 
 def test_a_category_with_one_pixel_has_its_iou_and_absent_categories_none():

@@ -85,9 +85,10 @@ def openseg_transcription(img, lab, rng, crop):
 @pytest.mark.parametrize("seed", range(4))
 def test_openseg_pipeline_matches_transcription(seed):
     lab = RNG.integers(0, 5, IMAGE.shape[:2])
-    img, masks, pad = T.openseg_train(IMAGE, [lab], np.random.default_rng(seed), (20, 36))
+    img, masks, pad = T.openseg_train(IMAGE, [lab, lab * 7 + 3], np.random.default_rng(seed), (20, 36))
     ref_img, ref_lab, ref_pad = openseg_transcription(IMAGE, lab, np.random.default_rng(seed), (20, 36))
     assert np.abs(img.astype(int) - ref_img).max() <= 1 and np.array_equal(masks[0], ref_lab) and pad == ref_pad
+    assert np.array_equal(masks[1], ref_lab * 7 + 3)
 
 
 def test_openseg_brightness_is_one_integer_shift_on_all_channels():
@@ -128,11 +129,12 @@ def mmseg_transcription(img, lab, rng, crop, img_scale, ratio=(0.5, 2.0), cat_ma
 @pytest.mark.parametrize("seed, cat_max_ratio", [(0, 0.75), (1, 0.75), (2, 0.75), (3, 0.75), (0, 1.0), (3, 1.0)])
 def test_mmseg_resize_crop_flip_match_transcription(seed, cat_max_ratio):
     lab = np.where(RNG.random(IMAGE.shape[:2]) < 0.8, 1, RNG.integers(-1, 4, IMAGE.shape[:2]))  # one class dominates
-    img, masks = T.mmseg_train(IMAGE, [lab], np.random.default_rng(seed), (12, 16), (40, 20),
+    img, masks = T.mmseg_train(IMAGE, [lab, lab * 7 + 3], np.random.default_rng(seed), (12, 16), (40, 20),
                                cat_max_ratio=cat_max_ratio, distort=False)
     ref_img, ref_lab = mmseg_transcription(IMAGE, lab, np.random.default_rng(seed), (12, 16), (40, 20),
                                            cat_max_ratio=cat_max_ratio)
     assert np.abs(img.astype(int) - ref_img).max() <= 1 and np.array_equal(masks[0], ref_lab)
+    assert np.array_equal(masks[1], ref_lab * 7 + 3)                       # a second mask (modes) goes along
 
 
 def test_cat_max_ratio_crop_redraws_until_no_class_dominates():
