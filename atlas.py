@@ -37,8 +37,9 @@ from datafiles import unreadable_reason
 from evaluate import (IN_USE, NUM_MODES, confusion_matrix, metrics_from_confusion, prototype_counts, prototype_summary,
                       strict_json)
 from labels import IGNORE_INDEX
-from layers import labels_to, upsample
+from layers import labels_to
 from predict import class_similarity, class_table, dark_note, open_model, prototype_map
+from protoseg import similarities
 from settings import PRESETS
 
 
@@ -76,9 +77,10 @@ def collect(model, dataset, device, limit=0, gallery=8, samples=1500, seed=0, at
         at(i, n)
         item = dataset[i]
         image, label = item["image"][None].to(device), item["label"].to(device)
-        embed = model.head.embed_map(model.features(image))              # (1, D, h, w) unit vectors
-        scores, sim = model.head.classify(embed)                         # (1, C, h, w), (1, C*K, h, w)
-        pred = upsample(scores, image.shape[-2:], model.align_corners).argmax(1)[0]
+        out = model(image)
+        embed = out["embed"]                                             # (1, D, h, w) unit vectors
+        sim = similarities(embed, protos)                                # (1, C, K, h, w)
+        pred = out["scores"].argmax(1)[0]
         conf += confusion_matrix(pred, label, C).cpu()
         modes = item.get("modes")
         has_modes |= modes is not None
@@ -87,7 +89,7 @@ def collect(model, dataset, device, limit=0, gallery=8, samples=1500, seed=0, at
         h, w = emb.shape[:2]
         lab = labels_to(label[None], (h, w))[0].cpu()
         mod = None if modes is None else labels_to(modes[None], (h, w))[0]
-        sim = sim[0].view(C, K, h, w).float().cpu()
+        sim = sim[0].float().cpu()                                       # (C, K, h, w)
         for c in lab.unique().tolist():
             if c == IGNORE_INDEX:
                 continue
@@ -208,8 +210,8 @@ def maps_picture(model, dataset, i, names, palette, device):
     """Fig. 3 maps of every class the model predicts on val image i, with the legend."""
     item = dataset[i]
     image = item["image"][None].to(device)
-    embed = model.embed(image)
-    pred = upsample(model.head.classify(embed.permute(0, 3, 1, 2))[0], image.shape[-2:], model.align_corners).argmax(1)[0]
+    out = model(image)
+    embed, pred = out["embed"].permute(0, 2, 3, 1), out["scores"].argmax(1)[0]
     rgb = dataset.load(i)[0]
     h, w = image.shape[-2:]
     height = 160 if h <= 160 else min(h, 256)

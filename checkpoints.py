@@ -186,8 +186,8 @@ def is_official(sd):
 def official_to_project(sd):
     """Official state dict -> (this project's state dict, config). Renames the head's keys into ProtoSegHead's,
     drops proj_head.mlp2.* (aliases of proj_head.proj.*), and sets the switches the official model computes
-    with: class and embedding LayerNorms, l2 over the width axis, BGR input (official items 1, 2, 7, 9; 4 and 6
-    for training)."""
+    with: class and embedding LayerNorms, l2 over the width axis, BGR input (and, for training, only correct pixels
+    moving the prototypes and per-rank statistics)."""
     out = {}
     for k, v in sd.items():
         if k.startswith("proj_head.mlp2."):

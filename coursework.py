@@ -6,9 +6,8 @@
 
 A blanked function keeps its decorators, signature and docstring (the equation in the paper's notation, the shapes,
 what it returns); its body becomes one `raise NotImplementedError("Eq. 14: ...")`. Everything else is the project as
-it is, so `python train.py` in the copy stops at the first blank training reaches and nowhere else. Where the tests
-compare a fast function with a slow transcription, the entry blanks both: the transcription would give the answer
-away. The copy records what was blanked in coursework.json; --check runs the grading tests of those equations in the
+it is, so `python train.py` in the copy stops at the first blank training reaches and nowhere else. The copy
+records what was blanked in coursework.json; --check runs the grading tests of those equations in the
 copy (of every equation where nothing is recorded) and exits 1 unless all passed.
 """
 import argparse
@@ -39,7 +38,7 @@ class Entry:
     what: str               # what the student writes
     blanks: tuple           # "file.py:function" or "file.py:Class.method"
     tests: tuple            # the grading tests: "file.py::test_name", or a whole test file
-    note: str = ""          # why these functions (a fast one is blanked with the transcription it is tested against)
+    note: str = ""          # why these functions, when more than one
     needs: tuple = ()       # entries whose functions the grading tests also call: graded once those are written
     train: tuple = ()       # flags with which `python train.py` reaches the blank; None: training never calls it
     also: str = ""          # what else stops at the blank
@@ -53,6 +52,7 @@ class Entry:
 # equation table against it).
 P, W = "test_protoseg.py::", "tests/test_wiring.py::"
 TRAINING = "every training step of a ProtoSeg head (train.py, toy2d.py) and the tests that take one"
+FORWARD = "every ProtoSeg forward (training, evaluation, predict.py, atlas.py): most test files"
 TABLE = (
     Entry("1-2", "the parametric baselines: softmax classifier (Eq. 1) and pixel queries (Eq. 2)",
           ("protoseg.py:SoftmaxHead.forward", "protoseg.py:QueryHead.forward"),
@@ -60,33 +60,31 @@ TABLE = (
            P + "test_eq2_eq4_query_head_is_unified_view_with_queries_as_prototypes"),
           train=("--head", "softmax"), also="--head softmax / query anywhere, and the tests that build those heads "
                                             "(test_models, test_segformer, test_swin)"),
-    Entry("5", "the prediction: the class of the nearest prototype (Eq. 3, 5)", ("protoseg.py:nearest_prototype",),
-          (P + "test_eq3_eq5_nearest_prototype_matches_loop",
-           P + "test_eq5_head_scores_argmax_is_nearest_prototype_class"),
-          note="the transcription the head's prediction is tested against; training predicts by the argmax of the "
-               "Eq. 6 scores",
-          needs=("6-7",), train=None, also="nothing else: training and evaluation take the argmax of the scores"),
-    Entry("6-7", "the pixel-class distance s and its cross-entropy (Eq. 6, 7)",
-          ("protoseg.py:cross_entropy", "protoseg.py:ProtoSegHead.classify", "protoseg.py:class_distance"),
-          (P + "test_eq6_class_distance_matches_loop",
-           W + "test_head_eq5_eq6_scores_are_cosines_of_unit_norm_embeddings",
-           P + "test_eq7_cross_entropy_is_mean_over_labelled_pixels_without_sync"),
-          note="both: the head's classify is tested against the transcription class_distance", needs=("8-10",),
-          also="every ProtoSeg forward (training, evaluation, predict.py, atlas.py), every loss: most test files"),
+    Entry("3", "the similarity i^T p = -<i, p> of every pixel to every prototype (Eq. 3)",
+          ("protoseg.py:similarities",), (P + "test_eq3_similarities_are_minus_the_distance_for_every_pixel_and_prototype",), also=FORWARD),
+    Entry("6", "the class scores -s, s the pixel-class distance (Eq. 6), whose argmax is the prediction (Eq. 5)",
+          ("protoseg.py:ProtoSegHead.class_scores",),
+          (P + "test_eq6_head_scores_are_minus_s_the_min_distance_over_k",
+           P + "test_eq6_class_layernorm_normalises_each_pixels_c_scores",
+           P + "test_eq3_eq5_head_predicts_the_class_of_the_nearest_prototype",
+           W + "test_head_eq5_eq6_scores_are_cosines_of_unit_norm_embeddings"),
+          needs=("3", "8-10"), also=FORWARD),
+    Entry("7", "the cross-entropy of the class scores (Eq. 7)", ("protoseg.py:cross_entropy",),
+          (P + "test_eq7_cross_entropy_matches_transcription_and_skips_ignore",
+           P + "test_eq7_cross_entropy_is_the_weighted_mean_over_labelled_pixels_and_0_without_any"),
+          also="every training step, of any head (train.py, toy2d.py), and the tests that take one"),
     Entry("8-10", "the within-class online clustering by Sinkhorn-Knopp",
-          ("sinkhorn.py:sinkhorn", "sinkhorn.py:sinkhorn_batched"), ("tests/test_sinkhorn.py",),
-          note="both: training's sinkhorn_batched is tested against the one-class transcription sinkhorn",
+          ("sinkhorn.py:sinkhorn", "sinkhorn.py:class_logsumexp"), ("tests/test_sinkhorn.py",),
+          note="with its helper class_logsumexp, the column sums of every class at once",
           also=TRAINING + "; --proto-init data; the Sinkhorn panel of toy2d.py"),
-    Entry("11-12", "the pixel-prototype contrast PPC (Eq. 11) and distance PPD (Eq. 12)",
-          ("protoseg.py:PrototypeLosses.forward", "protoseg.py:PrototypeLosses.backward",
-           "protoseg.py:prototype_losses", "protoseg.py:ppc_loss", "protoseg.py:ppd_loss"),
+    Entry("11", "the pixel-prototype contrast PPC (Eq. 11)", ("protoseg.py:ppc_loss",),
           (P + "test_eq11_ppc_matches_transcription_and_is_ce_over_scaled_similarities",
-           P + "test_eq12_ppd_matches_transcription",
-           P + "test_eq11_eq12_fused_losses_equal_transcription_values_and_gradients"),
-          note="all five: training's prototype_losses computes both losses in one autograd node (PrototypeLosses) "
-               "and is tested against the transcriptions ppc_loss and ppd_loss", also=TRAINING),
+           P + "test_eq11_ppc_on_feature_maps_averages_over_labelled_pixels_only"), also=TRAINING),
+    Entry("12", "the pixel-prototype distance PPD (Eq. 12)", ("protoseg.py:ppd_loss",),
+          (P + "test_eq12_ppd_matches_transcription",
+           P + "test_eq12_ppd_on_feature_maps_averages_over_labelled_pixels_only"), also=TRAINING),
     Entry("13", "the total loss L_CE + lambda1 L_PPC + lambda2 L_PPD", ("protoseg.py:seg_loss",),
-          (W + "test_seg_loss_passes_tau_class_weight_lambdas_and_ignore_index_on",), needs=("6-7", "11-12"),
+          (W + "test_seg_loss_passes_tau_class_weight_lambdas_and_ignore_index_on",), needs=("7", "11", "12"),
           also="every training step, of any head (train.py, toy2d.py), and the tests that take one"),
     Entry("14", "the momentum update of the prototypes", ("protoseg.py:momentum_update",),
           (P + "test_eq14_momentum_update_matches_transcription",),

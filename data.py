@@ -55,8 +55,8 @@ def trainid_to_labelid(pred):
 # Transforms: callables (image HxWx3 uint8, [masks HxW int], rng) -> (FloatTensor 3xhxw, [LongTensor hxw])
 
 def normalize(image, channel_order="rgb"):
-    """HxWx3 RGB (0..255) -> 3xHxW float tensor with ImageNet mean/std. channel_order "bgr" (official departure 9,
-    the ProtoSeg release): the channels reversed first, then the same mean/std, as openseg's cv2 input and its
+    """HxWx3 RGB (0..255) -> 3xHxW float tensor with ImageNet mean/std. channel_order "bgr" (what the
+    ProtoSeg release was trained on): the channels reversed first, then the same mean/std, as openseg's cv2 input and its
     Normalize(255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) give to B, G, R."""
     image = image[..., ::-1] if channel_order == "bgr" else image
     return torch.from_numpy(((image - MEAN) / STD).transpose(2, 0, 1).astype(np.float32))

@@ -203,11 +203,11 @@ def scores_and_embed(raw_model, image, num_classes, label_size, cfg, with_embed)
         scores = predict_scores(raw_model, image, num_classes, cfg.eval_crop, cfg.eval_scales, cfg.eval_flip,
                                 stride=cfg.eval_stride, size=label_size)
         return scores, raw_model.embed(image) if with_embed else None
-    embed = raw_model.head.embed_map(raw_model.features(image))         # one pass gives scores and embeddings
-    scores = upsample(raw_model.head.classify(embed)[0], image.shape[-2:], raw_model.align_corners).float()
+    out = raw_model(image)                                            # one pass gives scores and embeddings
+    scores = out["scores"].float()
     if scores.shape[-2:] != label_size:                               # back to the label (mmseg)
         scores = upsample(scores, label_size, raw_model.align_corners)
-    return scores, embed.permute(0, 2, 3, 1)
+    return scores, out["embed"].permute(0, 2, 3, 1)
 
 
 @torch.no_grad()

@@ -1,91 +1,62 @@
-"""Within-class online clustering of ProtoSeg (Eq. 8-10), by Sinkhorn-Knopp in the log domain.
+"""Within-class online clustering of ProtoSeg (Eq. 8-10): Sinkhorn-Knopp, for the pixels of every class at once.
 
-For one class c with N pixels and K prototypes, Eq. 8 asks for the assignment L (here stored N x K, the
-transpose of the paper's K x N) maximising sum_{n,k} L[n,k] * p_k^T i_n subject to
-    sum_k L[n,k] = 1      (every pixel is assigned once)
-    sum_n L[n,k] = N / K  (equipartition: every prototype takes N/K pixels)
+For one class c with N_c pixels and K prototypes, Eq. 8 asks for the assignment L (here stored N_c x K, the
+transpose of the paper's K x N) maximising sum_{n,k} L[n,k] p_k^T i_n subject to
+    sum_k L[n,k] = 1        (every pixel is assigned once)
+    sum_n L[n,k] = N_c / K  (equipartition: every prototype takes N_c / K pixels)
 Eq. 9 relaxes L to be non-negative and adds kappa * entropy(L); Eq. 10 gives the solution
     L = diag(u) exp(P^T X / kappa) diag(v),
-with u, v found by alternately rescaling the prototype marginals to N/K and the pixel marginals to 1.
-Each iteration ends with the pixel step, so after the last step every pixel's row sums to 1 EXACTLY and
-every prototype's column sums to N/K only APPROXIMATELY (3 iterations by default, as the official code).
+u and v found by alternately rescaling the prototype marginals (columns) to N_c / K and the pixel marginals (rows)
+to 1. Each iteration ends with the rows, so every row sums to 1 exactly and every column to N_c / K approximately
+(3 iterations by default, as the official code).
 
-Distributed (as SwAV): the prototype marginals and the per-class pixel counts N are sums over the global
-batch (all-reduced); the pixel marginals are local. Two ranks holding half the pixels each therefore get
-the same assignment as one rank holding all of them. Without a process group the collectives are no-ops.
+Every class at once: row n holds pixel n's similarities to the K prototypes of its own class, and a column sum is a
+sum over the pixels of one class (index_add_ by label). A Python loop over the classes gives the same L (tested) but
+was 12.5x slower for 65,536 pixels of 150 classes on a 2-core CPU (2.3 s against 0.18 s, bench.py row (a)).
+
+Distributed (as SwAV's): N_c and the column sums are over the batch of all ranks (all-reduced), the rows are local,
+so two ranks holding half the pixels each get the rows one rank holding all of them gets. Without a process group the
+collectives are no-ops.
 """
 import math
 
 import torch
 
-from collectives import all_reduce, is_distributed
+from collectives import all_reduce
+
+
+def class_logsumexp(x, labels, num_classes, distributed=True):
+    """The column sums of Eq. 10 within each class, in the log domain: log sum_{n: labels[n] = c} exp(x[n, k]) for
+    every class c and column k, x (N, K) -> (C, K), -inf for a class without pixels. Each class's exp is taken after subtracting its own maximum, so that a class whose values all
+    lie far below another's (-180 against +180 at kappa 0.01) does not underflow to exp = 0."""
+    m = x.new_full((num_classes, x.shape[1]), -math.inf).scatter_reduce_(0, labels[:, None].expand_as(x), x, "amax")
+    if distributed:
+        all_reduce(m, "max")
+    m = m.nan_to_num(neginf=0.0)                                                # a class without pixels
+    sums = torch.zeros_like(m).index_add_(0, labels, (x - m[labels]).exp())
+    if distributed:
+        all_reduce(sums)
+    return m + sums.log()
 
 
 @torch.no_grad()
-def sinkhorn(scores, kappa=0.05, iters=3, distributed=True):
-    """Eq. 8-10 for ONE class: L = diag(u) exp(P^T X / kappa) diag(v), stored transposed as (N, K).
+def sinkhorn(scores, labels, num_classes, kappa=0.05, iters=3, distributed=True):
+    """Eq. 8-10 for every class: L = diag(u) exp(P^T X / kappa) diag(v) of each class, stacked as (N, K) float32.
 
-    scores: (N, K) similarities p_k^T i_n of the class's N pixels to its K prototypes. Starting from
-    exp(scores / kappa), each of `iters` iterations rescales every prototype's column to sum N/K (equipartition;
-    N and the column sums over the global batch when distributed and under a process group), then every pixel's row
-    to sum 1. Returns L: (N, K) float32 (also under autocast), rows summing to 1 exactly, columns to N/K
-    approximately; finite for small kappa and low-precision scores (work in the log domain).
-    A direct transcription kept for reading and for testing the batched version against.
+    scores: (N, K) p_{c_n k}^T i_n, pixel n's similarities to the K prototypes of its class c_n = labels[n].
+    distributed: N_c and the column sums over the batch of all ranks. Works in the log domain in float32 (also under
+    autocast): exp(1 / kappa) = 2.7e43 at kappa 0.01 is beyond float32, its log is not.
+    Returns L: rows summing to 1, class c's columns to N_c / K.
     """
     with torch.autocast(scores.device.type, enabled=False):
         log_l = scores.float() / kappa                                          # log exp(P^T X / kappa)
         num_prototypes = log_l.shape[1]
-        n = torch.tensor([log_l.shape[0]], dtype=torch.float32, device=log_l.device)
-        sync = distributed and is_distributed()
-        if sync:
-            all_reduce(n)
-        log_prototype_target = torch.log(n.clamp(min=1) / num_prototypes)       # log(N / K)
+        pixels = log_l.new_zeros(num_classes).index_add_(0, labels, log_l.new_ones(len(labels)))   # N_c  (C,)
+        if distributed:
+            all_reduce(pixels)
+        log_share = (pixels.clamp(min=1) / num_prototypes).log()               # log(N_c / K)
         for _ in range(iters):
-            # prototype marginal: sum_n L[n, k] = N/K (over the global batch)
-            m = log_l.amax(0) if log_l.shape[0] else log_l.new_full((num_prototypes,), -math.inf)
-            if sync:
-                all_reduce(m, "max")
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            col = (log_l - m).exp().sum(0)
-            if sync:
-                all_reduce(col)
-            log_l = log_l - (m + col.log()) + log_prototype_target
-            # pixel marginal: sum_k L[n, k] = 1 (local)
-            log_l = log_l - log_l.logsumexp(1, keepdim=True)
-        return log_l.exp()
-
-
-@torch.no_grad()
-def sinkhorn_batched(scores, labels, num_classes, kappa=0.05, iters=3, distributed=True):
-    """Eq. 8-10 for every class at once, with segment sums instead of a Python loop over classes.
-
-    scores: (N, K) similarity of pixel n to the K prototypes of ITS OWN class labels[n].
-    labels: (N,) class of each pixel in [0, num_classes). Returns L: (N, K) float32, equal to calling
-    sinkhorn() on each class's rows separately: per class c, columns rescaled to N_c / K, then rows to 1, `iters`
-    times (N_c and the column sums over the global batch when distributed and under a process group). A class's
-    stabilising maximum is its own, so a class far below the others stays finite at small kappa.
-    """
-    with torch.autocast(scores.device.type, enabled=False):
-        log_l = scores.float() / kappa                                          # (N, K)
-        num_prototypes = log_l.shape[1]
-        sync = distributed and is_distributed()
-        counts = log_l.new_zeros(num_classes).index_add_(0, labels, log_l.new_ones(len(labels)))  # (C,) N_c, no sync
-        if sync:
-            all_reduce(counts)
-        log_prototype_target = torch.log(counts.clamp(min=1) / num_prototypes)  # (C,) log(N_c / K)
-        index = labels[:, None].expand(-1, num_prototypes)                      # (N, K)
-        for _ in range(iters):
-            # prototype marginals per (class, prototype): sum_{n in c} L[n, k] = N_c / K
-            m = log_l.new_full((num_classes, num_prototypes), -math.inf)
-            m = m.scatter_reduce(0, index, log_l, "amax")                       # (C, K) segment max
-            if sync:
-                all_reduce(m, "max")
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))          # absent classes
-            col = torch.zeros_like(m).index_add_(0, labels, (log_l - m[labels]).exp())
-            if sync:
-                all_reduce(col)
-            log_col = m + col.clamp(min=1e-30).log() - log_prototype_target[:, None]
-            log_l = log_l - log_col[labels]
-            # pixel marginals: sum_k L[n, k] = 1
-            log_l = log_l - log_l.logsumexp(1, keepdim=True)
+            log_columns = class_logsumexp(log_l, labels, num_classes, distributed)          # (C, K)
+            log_l = log_l - log_columns[labels] + log_share[labels, None]      # columns: sum_{n in c} L = N_c / K
+            log_l = log_l - log_l.logsumexp(1, keepdim=True)                  # rows: sum_k L[n, k] = 1
         return log_l.exp()

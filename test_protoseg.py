@@ -4,7 +4,7 @@ optimum or a known invariant. Tiny sizes, CPU, seconds.
 Which test guards which equation (this file: the functions) and which wiring (tests/test_wiring.py: how
 ProtoSegHead and seg_loss connect them; each line there was checked by planting the bug named):
   Eq. 1-4   test_eq1_*, test_eq2_*, test_eq4_*                   parametric heads = unified view
-  Eq. 3, 5  test_eq3_eq5_*, test_eq5_head_*                      nearest prototype
+  Eq. 3, 5  test_eq3_*                                           similarities, nearest prototype
   Eq. 6     test_eq6_*; wiring: test_head_eq5_eq6_scores_are_cosines_of_unit_norm_embeddings
             (embedding not l2-normalised)
   Eq. 7     test_eq7_*; wiring: test_seg_loss_passes_tau_class_weight_lambdas_and_ignore_index_on
@@ -33,10 +33,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import protoseg
-from protoseg import (IGNORE_INDEX, ProtoSegHead, QueryHead, SoftmaxHead, class_distance, cluster_prototypes,
-                      cross_entropy, momentum_update, nearest_prototype, pixel_prototype_similarity, ppc_loss,
-                      ppd_loss, prototype_losses, seg_loss, similarity_map, update_prototypes)
-from sinkhorn import sinkhorn, sinkhorn_batched
+from protoseg import (IGNORE_INDEX, ProtoSegHead, QueryHead, SoftmaxHead, cluster_prototypes, cross_entropy,
+                      momentum_update, ppc_loss, ppd_loss, seg_loss, similarities, update_prototypes)
+from sinkhorn import sinkhorn
 
 
 def unit(*shape, seed=0):
@@ -49,6 +48,16 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def one_class(scores, kappa=0.05, iters=3):
+    """sinkhorn() on the pixels of a single class."""
+    return sinkhorn(scores, torch.zeros(len(scores), dtype=torch.long), 1, kappa, iters)
+
+
+def dot(embed, protos):
+    """i^T p_ck written out: embed (..., D), protos (C, K, D) -> (..., C, K)."""
+    return (embed[..., None, None, :] * protos).sum(-1)
 
 
 def trunk_embedding(head, feats):
@@ -96,7 +105,7 @@ def test_protoseg_head_learnable_parameters_do_not_depend_on_num_classes():
     count = lambda m: sum(p.numel() for p in m.parameters())
     plain = [count(ProtoSegHead(8, c, class_layernorm=False)) for c in (19, 150, 847)]
     assert plain[0] == plain[1] == plain[2]
-    assert count(ProtoSegHead(8, 150)) - plain[1] == 2 * 150                  # official item 1: LayerNorm(C)
+    assert count(ProtoSegHead(8, 150)) - plain[1] == 2 * 150                  # class_layernorm: LayerNorm(C)
     head = ProtoSegHead(8, 19, num_prototypes=10)
     assert head.prototypes.shape == (19, 10, 8) and not head.prototypes.requires_grad
     assert "prototypes" in dict(head.named_buffers())
@@ -104,32 +113,51 @@ def test_protoseg_head_learnable_parameters_do_not_depend_on_num_classes():
 
 # ----------------------------------------------------------------------------- Eq. 3, 5, 6, 7
 
-def test_eq3_eq5_nearest_prototype_matches_loop():
-    embed, protos = unit(7, 4, seed=1), unit(3, 5, 4, seed=2)
-    c_star, k_star = nearest_prototype(embed, protos)
-    for n in range(7):
-        best = min(((-(embed[n] @ protos[c, k])).item(), c, k) for c in range(3) for k in range(5))
-        assert (c_star[n].item(), k_star[n].item()) == best[1:]
+def test_eq3_similarities_are_minus_the_distance_for_every_pixel_and_prototype():
+    embed, protos = unit(2, 3, 4, 5, seed=22), unit(3, 2, 5, seed=23)          # (B, h, w, D), (C, K, D)
+    sim = similarities(embed.permute(0, 3, 1, 2), protos)
+    assert sim.shape == (2, 3, 2, 3, 4)                                        # (B, C, K, h, w)
+    for b, y, x, c, k in itertools.product(range(2), range(3), range(4), range(3), range(2)):
+        distance = -sum(embed[b, y, x, d].item() * protos[c, k, d].item() for d in range(5))   # <i, p> = -i^T p
+        assert abs(sim[b, c, k, y, x].item() + distance) < 1e-6
 
 
-def test_eq6_class_distance_matches_loop():
-    embed, protos = unit(2, 3, 4, seed=3), unit(5, 4, 4, seed=4)
-    s = class_distance(embed, protos)
-    assert s.shape == (2, 3, 5)
-    for b, n, c in itertools.product(range(2), range(3), range(5)):
-        expected = min(-(embed[b, n] @ protos[c, k]).item() for k in range(4))
-        assert abs(s[b, n, c].item() - expected) < 1e-6
-    assert s.min() >= -1 - 1e-6 and s.max() <= 1 + 1e-6
+def head_scores(head, feats):
+    """The head's scores (B, C, h, w) and its unit embeddings i (B, h, w, D), in eval mode."""
+    head.eval()
+    return head(feats)["scores"], head.embed(feats)
 
 
-def test_eq5_head_scores_argmax_is_nearest_prototype_class():
+def test_eq3_eq5_head_predicts_the_class_of_the_nearest_prototype():
     torch.manual_seed(0)
-    head = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3, class_layernorm=False).eval()
-    feats = torch.randn(2, 8, 5, 5)
-    scores = head(feats)["scores"]
-    c_star, _ = nearest_prototype(head.embed(feats), head.prototypes)
-    assert torch.equal(scores.argmax(1), c_star)
-    torch.testing.assert_close(scores, -class_distance(head.embed(feats), head.prototypes).permute(0, 3, 1, 2))
+    head = ProtoSegHead(8, 4, embed_dim=6, num_prototypes=3, class_layernorm=False)
+    scores, embed = head_scores(head, torch.randn(2, 8, 5, 5))
+    for b, y, x in itertools.product(range(2), range(5), range(5)):
+        distances = [(-(embed[b, y, x] @ head.prototypes[c, k]).item(), c) for c in range(4) for k in range(3)]
+        assert scores[b, :, y, x].argmax().item() == min(distances)[1]         # c* of argmin_(c,k) <i, p_ck>
+
+
+def test_eq6_head_scores_are_minus_s_the_min_distance_over_k():
+    torch.manual_seed(1)
+    head = ProtoSegHead(8, 5, embed_dim=4, num_prototypes=4, class_layernorm=False)
+    scores, embed = head_scores(head, torch.randn(2, 8, 3, 3))
+    assert scores.shape == (2, 5, 3, 3)
+    for b, y, x, c in itertools.product(range(2), range(3), range(3), range(5)):
+        s = min(-(embed[b, y, x] @ head.prototypes[c, k]).item() for k in range(4))   # s_ic = min_k <i, p_ck>
+        assert abs(scores[b, c, y, x].item() + s) < 1e-6
+    assert scores.min() >= -1 - 1e-6 and scores.max() <= 1 + 1e-6
+
+
+def test_eq6_class_layernorm_normalises_each_pixels_c_scores():
+    torch.manual_seed(2)
+    head = ProtoSegHead(8, 5, embed_dim=4, num_prototypes=2)
+    with torch.no_grad():
+        head.mask_norm.weight.uniform_(0.5, 2), head.mask_norm.bias.uniform_(-1, 1)
+    scores, embed = head_scores(head, torch.randn(1, 8, 3, 3))
+    minus_s = dot(embed, head.prototypes).amax(-1)                             # (B, h, w, C)
+    mean, var = minus_s.mean(-1, keepdim=True), minus_s.var(-1, unbiased=False, keepdim=True)
+    expected = (minus_s - mean) / (var + 1e-5).sqrt() * head.mask_norm.weight + head.mask_norm.bias
+    torch.testing.assert_close(scores.permute(0, 2, 3, 1), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_eq7_cross_entropy_matches_transcription_and_skips_ignore():
@@ -137,7 +165,7 @@ def test_eq7_cross_entropy_matches_transcription_and_skips_ignore():
     s = torch.rand(2, 3, 4, 4) * 2 - 1                               # distances s in [-1, 1]
     labels = torch.randint(0, 3, (2, 4, 4))
     labels[0, 0] = IGNORE_INDEX
-    loss, terms = seg_loss({"scores": -s}, labels)
+    loss = cross_entropy(-s, labels)
     total, n = 0.0, 0
     for b, y, x in itertools.product(range(2), range(4), range(4)):
         c = labels[b, y, x].item()
@@ -145,14 +173,14 @@ def test_eq7_cross_entropy_matches_transcription_and_skips_ignore():
             continue
         p = math.exp(-s[b, c, y, x]) / sum(math.exp(-s[b, j, y, x]) for j in range(3))   # Eq. 6
         total, n = total - math.log(p), n + 1
-    assert abs(loss.item() - total / n) < 1e-5 and set(terms) == {"ce"}
+    assert abs(loss.item() - total / n) < 1e-5
 
 
 # ----------------------------------------------------------------------------- Eq. 11-13: losses
 
 def test_eq11_ppc_matches_transcription_and_is_ce_over_scaled_similarities():
     embed, protos = unit(6, 4, seed=10), unit(3, 2, 4, seed=11)
-    sim = pixel_prototype_similarity(embed, protos).flatten(1)        # (N, C*K)
+    sim = dot(embed, protos).flatten(1)                               # (N, C*K)
     target = torch.tensor([0, 1, 2, 3, 4, 5])
     tau = 0.1
     expected = 0.0
@@ -167,7 +195,7 @@ def test_eq11_ppc_matches_transcription_and_is_ce_over_scaled_similarities():
 
 def test_eq12_ppd_matches_transcription():
     embed, protos = unit(5, 4, seed=12), unit(2, 3, 4, seed=13)
-    sim = pixel_prototype_similarity(embed, protos).flatten(1)
+    sim = dot(embed, protos).flatten(1)
     target = torch.tensor([0, 5, 2, 3, 1])
     expected = sum((1 - embed[n] @ protos.reshape(6, 4)[target[n]]).item() ** 2 for n in range(5)) / 5
     assert abs(ppd_loss(sim, target).item() - expected) < 1e-6
@@ -185,26 +213,31 @@ def test_eq13_total_loss_is_weighted_sum():
     assert head.trunk.cls_head[0].weight.grad is not None
 
 
-def test_eq11_eq12_fused_losses_equal_transcription_values_and_gradients(monkeypatch):
-    monkeypatch.setattr(protoseg, "CHANNEL_BLOCK", 5)                          # 12 channels: blocks 5, 5, 2
+def feature_map_fixture():
+    """(B, C*K, h, w) similarities with one unlabelled pixel; the labelled pixels' rows (N, C*K) and targets (N,)."""
     g = torch.Generator().manual_seed(20)
     sim = (torch.rand(2, 12, 3, 5, generator=g) * 2 - 1).requires_grad_()      # (B, C*K, h, w)
     target = torch.randint(0, 12, (2, 3, 5), generator=g)
     target[0, 1] = IGNORE_INDEX
-    for t in (target, torch.full_like(target, IGNORE_INDEX)):                  # some / all pixels ignored
-        ppc, ppd = prototype_losses(sim, t, tau=0.1)
-        grad = torch.autograd.grad(0.3 * ppc + 0.7 * ppd, sim)[0]
-        ref_ppc, ref_ppd = ppc_loss(sim, t, tau=0.1), ppd_loss(sim, t)
-        ref_grad = torch.autograd.grad(0.3 * ref_ppc + 0.7 * ref_ppd, sim)[0]
-        torch.testing.assert_close((ppc, ppd), (ref_ppc, ref_ppd))
-        torch.testing.assert_close(grad, ref_grad)
-    assert ppc == 0 and ppd == 0 and (grad == 0).all()                         # nothing labelled: 0, finite
-    flat = sim.detach().permute(0, 2, 3, 1).reshape(-1, 12)                     # (N, C*K) layout, no ignore
-    torch.testing.assert_close(ppc_loss(flat, target.clamp(min=0).flatten(), 0.1),
-                               F.cross_entropy(flat / 0.1, target.clamp(min=0).flatten()))
+    keep = target != IGNORE_INDEX
+    return sim, target, sim.permute(0, 2, 3, 1)[keep], target[keep]
 
 
-def test_eq7_cross_entropy_is_mean_over_labelled_pixels_without_sync():
+def test_eq11_ppc_on_feature_maps_averages_over_labelled_pixels_only():
+    sim, target, rows, kept = feature_map_fixture()
+    torch.testing.assert_close(ppc_loss(sim, target, tau=0.1), F.cross_entropy(rows / 0.1, kept))
+    ppc = ppc_loss(sim, torch.full_like(target, IGNORE_INDEX))                 # nothing labelled: 0, zero gradient
+    assert ppc == 0 and (torch.autograd.grad(ppc, sim)[0] == 0).all()
+
+
+def test_eq12_ppd_on_feature_maps_averages_over_labelled_pixels_only():
+    sim, target, rows, kept = feature_map_fixture()
+    torch.testing.assert_close(ppd_loss(sim, target), (1 - rows.gather(1, kept[:, None])).pow(2).mean())
+    ppd = ppd_loss(sim, torch.full_like(target, IGNORE_INDEX))
+    assert ppd == 0 and (torch.autograd.grad(ppd, sim)[0] == 0).all()
+
+
+def test_eq7_cross_entropy_is_the_weighted_mean_over_labelled_pixels_and_0_without_any():
     g = torch.Generator().manual_seed(21)
     scores, labels = torch.randn(2, 4, 3, 3, generator=g), torch.randint(0, 4, (2, 3, 3), generator=g)
     labels[1, 0] = IGNORE_INDEX
@@ -221,12 +254,13 @@ def _transcribed_training_step(head, feats, labels, lambda_ppc, lambda_ppd, tau,
     C, K = head.num_classes, head.num_prototypes
     embed = head.embed(feats)                                                  # (B, h, w, D)
     protos = F.normalize(head.prototypes, dim=-1)
-    sim = pixel_prototype_similarity(embed, protos)                            # (B, h, w, C, K)
+    sim = dot(embed, protos)                                                   # (B, h, w, C, K)
     scores = sim.amax(-1).permute(0, 3, 1, 2)                                  # Eq. 6, -s
     keep = labels.flatten() != IGNORE_INDEX
     lab, pix, s = labels.flatten()[keep], embed.flatten(0, 2)[keep], sim.flatten(0, 2)[keep]
     own = s[torch.arange(len(lab)), lab].detach()                              # (N, K)
-    assign = sinkhorn_batched(own, lab, C, head.kappa, head.sinkhorn_iters).argmax(1)
+    assign = torch.cat([one_class(own[lab == c], head.kappa, head.sinkhorn_iters).argmax(1)
+                        for c in range(C)])[torch.argsort(torch.argsort(lab, stable=True))]   # class by class
     target = lab * K + assign
     new = momentum_update(head.prototypes, pix.detach(), lab, assign, mu)
     s = s.flatten(1)                                                           # (N, C*K)
@@ -258,12 +292,6 @@ def test_eq13_eq14_head_training_step_matches_per_pixel_transcription():
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
-def test_similarity_map_is_pixel_prototype_similarity_channels_first():
-    embed, protos = unit(2, 3, 4, 5, seed=22), unit(3, 2, 5, seed=23)          # (B, h, w, D), (C, K, D)
-    torch.testing.assert_close(similarity_map(embed.permute(0, 3, 1, 2), protos),
-                               pixel_prototype_similarity(embed, protos).flatten(3).permute(0, 3, 1, 2))
-
-
 # ----------------------------------------------------------------------------- Eq. 14: prototype update
 
 def test_eq14_momentum_update_matches_transcription():
@@ -291,7 +319,7 @@ def test_eq14_forward_never_moves_prototypes_the_update_does_and_gets_no_gradien
     feats = torch.randn(2, 8, 6, 6)
     labels = torch.randint(0, 2, (2, 6, 6))                             # classes 2, 3 absent
     before = head.prototypes.clone()
-    assert head.eval()(feats, labels).keys() == {"scores"}              # eval: scores only, nothing for Eq. 14
+    assert head.eval()(feats, labels).keys() == {"scores", "embed"}     # eval: nothing for the losses or Eq. 14
     out = head.train()(feats, labels)
     assert torch.equal(head.prototypes, before)                         # no state changed by forward
     head.prototypes.copy_(update_prototypes(head.prototypes, out["embed"], out["update_target"], 0.5))
@@ -333,8 +361,8 @@ def _rank_worker(rank, world, port, scores, labels, embed, protos, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     part = slice(rank, None, world)                                    # each rank: every other pixel
-    L = sinkhorn_batched(scores[part], labels[part], 4, kappa=0.05, iters=3)
-    one = sinkhorn(scores[part][labels[part] == 1], kappa=0.05, iters=3)
+    L = sinkhorn(scores[part], labels[part], 4, kappa=0.05, iters=3)
+    one = one_class(scores[part][labels[part] == 1], kappa=0.05, iters=3)
     new = momentum_update(protos, embed[part], labels[part], L.argmax(1), momentum=0.5)
     results[rank] = (L, one, new)
     dist.destroy_process_group()
@@ -347,8 +375,8 @@ def test_ddp_sinkhorn_and_update_match_single_process():
     embed, protos = unit(64, 6, seed=17), unit(4, 5, 6, seed=18)
     results = mp.Manager().dict()
     mp.spawn(_rank_worker, args=(2, free_port(), scores, labels, embed, protos, results), nprocs=2)
-    L = sinkhorn_batched(scores, labels, 4, kappa=0.05, iters=3)
-    one = sinkhorn(scores[labels == 1], kappa=0.05, iters=3)
+    L = sinkhorn(scores, labels, 4, kappa=0.05, iters=3)
+    one = one_class(scores[labels == 1], kappa=0.05, iters=3)
     new = momentum_update(protos, embed, labels, L.argmax(1), momentum=0.5)
     for rank in range(2):
         part = slice(rank, None, 2)
@@ -382,7 +410,7 @@ def test_cluster_prototypes_finds_planted_sub_classes_and_keeps_absent_classes()
     # one round equals Sinkhorn's argmax, then Eq. 14 with mu = 0, by hand
     protos = F.normalize(start, dim=-1)
     own = torch.einsum("nd,nkd->nk", embed, protos[labels])
-    assign = sinkhorn_batched(own, labels, 3, 0.05, 3).argmax(1)
+    assign = sinkhorn(own, labels, 3, 0.05, 3).argmax(1)
     torch.testing.assert_close(cluster_prototypes(start, embed, labels, rounds=1),
                                momentum_update(start, embed, labels, assign, 0.0))
 

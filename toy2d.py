@@ -5,7 +5,7 @@
 
 3 classes, each a mixture of 3 sub-clusters of unequal size in the plane; a tiny MLP embeds a point into a unit
 vector (the "pixel embedding"); K = 3 prototypes per class; class scores = LayerNorm of max_k cosine (train.py's
-default); the loss is protoseg.seg_loss (Eq. 13), the clustering sinkhorn.sinkhorn_batched (Eq. 8-10), the update
+default); the loss is protoseg.seg_loss (Eq. 13), the clustering sinkhorn.sinkhorn (Eq. 8-10), the update
 protoseg.momentum_update (Eq. 14). Pictures:
   a_assign.png    one unbalanced class (sub-clusters of 140 / 40 / 20 points), 3 prototypes: nearest prototype
                   (argmax) vs Sinkhorn's equipartition (Eq. 8-10), with the count per prototype
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 import draw
 from commands import Outputs, Parser, ranged, run_command
-from protoseg import l2_normalize, momentum_update, seg_loss
-from sinkhorn import sinkhorn_batched
+from protoseg import momentum_update, seg_loss
+from sinkhorn import sinkhorn
 
 C, K = 3, 3
 SIZES = (140, 40, 20)                     # sub-cluster sizes of every class: unequal on purpose
@@ -72,7 +72,7 @@ def assignments(pts, protos, kappa=KAPPA, iters=ITERS):
     """(argmax assignment, Sinkhorn soft assignment L (N, K)) of one class's points to its prototypes."""
     sim = pts @ protos.T                                                       # (N, K) i^T p_k
     labels = torch.zeros(len(pts), dtype=torch.long)
-    return sim.argmax(1), sinkhorn_batched(sim, labels, 1, kappa, iters)        # Eq. 10
+    return sim.argmax(1), sinkhorn(sim, labels, 1, kappa, iters)                 # Eq. 10
 
 
 def project(p, dim):
@@ -113,7 +113,7 @@ class Net(nn.Module):
         self.mask_norm = nn.LayerNorm(C)
 
     def forward(self, x):
-        return l2_normalize(self.mlp(x))
+        return F.normalize(self.mlp(x), dim=-1)
 
 
 def train(x, labels, dim, lambda_ppc, lambda_ppd, mu, steps=300, seed=0, every=0):
@@ -128,7 +128,7 @@ def train(x, labels, dim, lambda_ppc, lambda_ppd, mu, steps=300, seed=0, every=0
         sim = emb @ protos.reshape(C * K, dim).T                               # (N, C*K) i^T p_ck
         scores = net.mask_norm(sim.view(n, C, K).amax(2))                      # Eq. 6 (official LayerNorm)
         own = sim.detach().view(n, C, K)[torch.arange(n), labels]             # (N, K) own class
-        assign = sinkhorn_batched(own, labels, C, KAPPA, ITERS).argmax(1)      # Eq. 8-10
+        assign = sinkhorn(own, labels, C, KAPPA, ITERS).argmax(1)      # Eq. 8-10
         out = {"scores": scores, "proto_sim": sim, "proto_target": labels * K + assign}
         loss, _ = seg_loss(out, labels, lambda_ppc, lambda_ppd, tau=0.1)       # Eq. 13 (Eq. 7, 11, 12)
         opt.zero_grad()
@@ -155,7 +155,7 @@ def compactness(net, x, labels, protos):
         emb = net(x)
         sim = (emb @ protos.reshape(C * K, -1).T).view(len(x), C, K)
         own = sim[torch.arange(len(x)), labels]                                # (N, K)
-        assign = sinkhorn_batched(own, labels, C, KAPPA, ITERS).argmax(1)
+        assign = sinkhorn(own, labels, C, KAPPA, ITERS).argmax(1)
         spread = float((1 - own.gather(1, assign[:, None])).mean())
         nearest = torch.bincount(labels * K + own.argmax(1), minlength=C * K).view(C, K)
         in_use = float((nearest >= 0.05 * nearest.sum(1, keepdim=True)).sum(1).float().mean())

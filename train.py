@@ -33,8 +33,8 @@ from evaluate import evaluate, format_metrics, metrics_report
 from labels import CITYSCAPES_CLASS_WEIGHTS
 from models import family, model_from_config
 from protoseg import data_prototypes, momentum_at, seg_loss, update_prototypes
-from runs import (RunLog, claim_out_dir, interrupted_line, last_good, out_of_memory_line, peer_lost_line,
-                  completed_run_message, stop_if_any_rank_failed, write_curves)
+from runs import (RunLog, claim_out_dir, completed_run_message, interrupted_line, last_good, out_of_memory_line,
+                  peer_lost_line, stop_if_any_rank_failed, write_curves)
 from settings import RECIPE_FILES, parse_args, resolve
 
 # ----------------------------------------------------------------------------- set-up
@@ -110,7 +110,7 @@ def learning_rate(cfg, it):
     return lr
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- one iteration's helpers
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler (this rank's share of a (seed, epoch) permutation) that can start mid-epoch."""
@@ -155,58 +155,59 @@ def next_batch(stream, device):
     return batch
 
 
-def train(cfg, model, raw_model, train_set, val_set, ckpt, log, progress):
-    """The loop: lr schedule, one step (forward, loss, backward, optimiser step, then the prototypes' Eq. 14), log,
-    checkpoint, evaluate now and then. Returns the seconds it took; exits (code 1) on a non-finite loss, a diverged
-    model or a data error. progress: {"done", "saved"} kept current for the stop message (runs.py)."""
-    device, rank = next(raw_model.parameters()).device, rank_and_world()[0]
-    opt = make_optimizer(cfg, raw_model)
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.amp == "fp16")
-    start = saved_it = restore(cfg, ckpt, opt, scaler, log)
-    progress.update(done=start, saved=start)
-    weight = torch.tensor(CITYSCAPES_CLASS_WEIGHTS, device=device) if cfg.class_weights == "cityscapes" else None
-    stream = batches(cfg, train_set, start, device)
-    set_train_mode(cfg, model, raw_model)
-    t0 = t_last = time.time()
-    for it in range(start, cfg.iters):                          # `it` steps done; this one is iteration it + 1
-        images, labels = next_batch(stream, device)
-        lr = learning_rate(cfg, it)
-        for g in opt.param_groups:
-            g["lr"] = lr * g["lr_mult"]
-        if it == 0 and cfg.proto_init == "data" and hasattr(raw_model.head, "prototypes"):
-            with autocast(cfg.amp, device):                     # not in the paper, which starts random
-                raw_model.head.prototypes.copy_(data_prototypes(raw_model, images, labels, cfg.kappa,
-                                                                cfg.sinkhorn_iters, distributed=not cfg.local_stats))
-        torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + it)             # dropout: a function of it
-        with autocast(cfg.amp, device):
-            out = forward(model, images, labels, cfg)           # Eq. 5-10 (ProtoSeg: + Sinkhorn targets)
-        loss, terms = seg_loss(out, labels, cfg.lambda_ppc, cfg.lambda_ppd, cfg.tau, weight,
-                               aux_weight=cfg.aux_loss_weight)  # Eq. 7, 11-13 (+ UperNet's aux CE)
-        if all_reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)).item():
-            exit_with_error(f"non-finite loss at iteration {it + 1} "
-                            f"({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); stopping. "
-                            f"{last_good(cfg, saved_it)}")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        if "update_target" in out:                              # Eq. 14 after the step, mu of this iteration
-            mu = momentum_at(it, cfg.proto_momentum, cfg.proto_momentum_warmup)
-            raw_model.head.prototypes.copy_(update_prototypes(raw_model.head.prototypes, out["embed"],
-                                                              out["update_target"], mu, cfg.local_stats))
-        done = progress["done"] = it + 1
-        if done % cfg.log_every == 0 or done == cfg.iters:
-            speed = (done - max(start, done - cfg.log_every)) / max(time.time() - t_last, 1e-9)
-            t_last = time.time()
-            log_progress(cfg, done, loss, terms, lr, speed, device, log)
-        if done % cfg.ckpt_every == 0 or done == cfg.iters:
-            with signals_deferred():                            # the file and the record of it, whole
-                saved_it = save_checkpoint(cfg, raw_model, opt, scaler, done, saved_it) if rank == 0 else done
-                progress["saved"] = saved_it
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iters:
-            m = run_evaluation(cfg, model, val_set, log)
-            log(f"it {done}: val mIoU {100 * m['miou']:.2f}")
-            log.row({"iter": done, "val": metrics_report(m, val_set.class_names)})
+def reseed_dropout(cfg, rank, it):
+    """Dropout draws from the global generator: reseeded from (seed, rank, iteration) at every step, a resumed run
+    draws the masks the uninterrupted run drew."""
+    torch.manual_seed(cfg.seed * 1_000_003 + rank * 7919 + it)
+
+
+def stop_if_not_finite(loss, terms, it, cfg, saved_it):
+    """A non-finite loss on any rank stops every rank (exit 1) before the optimiser step would spread it."""
+    if all_reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)).item():
+        exit_with_error(f"non-finite loss at iteration {it + 1} "
+                        f"({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); stopping. "
+                        f"{last_good(cfg, saved_it)}")
+
+
+def speed_and_eta(done, iters, steps, seconds):
+    """(it/s of the last `steps` iterations, which took `seconds`; the seconds the other iters - done will take)."""
+    speed = steps / max(seconds, 1e-9)
+    return speed, (iters - done) / max(speed, 1e-9)
+
+
+def log_progress(cfg, done, loss, terms, lr, steps, seconds, device, log):
+    """One line: loss = ce + lambda1 ppc + lambda2 ppd (Eq. 13), lr, speed, ETA, peak memory; and a log.jsonl row."""
+    mem = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    speed, eta = speed_and_eta(done, cfg.iters, steps, seconds)
+    row = {"iter": done, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "lr": lr,
+           "it_per_s": speed, "eta_s": eta, "mem_gb": mem}
+    log(f"it {done}/{cfg.iters} | loss {row['loss']:.4f} (" + " ".join(f"{k} {row[k]:.4f}" for k in terms)
+        + f") | lr {lr:.2e} | {speed:.2f} it/s | ETA {eta / 60:.1f} min | mem {mem:.2f} GB", flush=True)
+    log.row(row)
+
+
+def checkpoint(cfg, raw_model, opt, scaler, done, saved_it, progress):
+    """last.pt after iteration `done` (rank 0), and the record of it for a stop message, both whole; -> done."""
+    with signals_deferred():
+        saved_it = save_checkpoint(cfg, raw_model, opt, scaler, done, saved_it) if rank_and_world()[0] == 0 else done
+        progress["saved"] = saved_it
+    return saved_it
+
+
+def run_evaluation(cfg, model, val_set, log):
+    try:
+        return evaluate(model, val_set, cfg, log)
+    except DatasetError as e:
+        exit_with_error(error_message(e))
+
+
+def evaluate_now(cfg, model, val_set, done, log):
+    """An evaluation during training: a line and a log.jsonl row. Returns the seconds it took."""
+    t0 = time.time()
+    m = run_evaluation(cfg, model, val_set, log)
+    log(f"it {done}: val mIoU {100 * m['miou']:.2f}")
+    log.row({"iter": done, "val": metrics_report(m, val_set.class_names)})
     return time.time() - t0
 
 
@@ -236,75 +237,56 @@ def restore(cfg, ckpt, opt, scaler, log):
     return ckpt["iter"]
 
 
-def forward(model, images, labels, cfg):
-    try:
-        return model(images, labels)
-    except ValueError as e:                                     # BatchNorm on a 1-value channel
-        if "Expected more than 1 value per channel" not in str(e):
-            raise
-        exit_with_error(f"BatchNorm in training got one value per channel (per-rank batch {len(images)}, crop "
-                        f"{cfg.crop}); use a per-rank batch >= 2, a larger --crop, or --freeze-bn")
+# ----------------------------------------------------------------------------- training
 
-
-def log_progress(cfg, it, loss, terms, lr, speed, device, log):
-    """One line: loss = ce + lambda1 ppc + lambda2 ppd (Eq. 13), lr, speed, ETA, peak memory; and a log.jsonl row."""
-    mem = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    row = {"iter": it, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "lr": lr,
-           "it_per_s": speed, "eta_s": (cfg.iters - it) / max(speed, 1e-9), "mem_gb": mem}
-    log(f"it {it}/{cfg.iters} | loss {row['loss']:.4f} (" + " ".join(f"{k} {row[k]:.4f}" for k in terms)
-        + f") | lr {lr:.2e} | {speed:.2f} it/s | ETA {row['eta_s'] / 60:.1f} min | mem {mem:.2f} GB", flush=True)
-    log.row(row)
-
-
-def run_evaluation(cfg, model, val_set, log):
-    try:
-        return evaluate(model, val_set, cfg, log)
-    except DatasetError as e:
-        exit_with_error(error_message(e))
+def train(cfg, model, raw_model, train_set, val_set, ckpt, log, progress):
+    """The loop: batch, forward (Eq. 5-10), loss (Eq. 7, 11-13), backward and optimiser step, then the prototypes'
+    Eq. 14; log, checkpoint and evaluate now and then. Returns the seconds it took. progress: {"done", "saved"} kept
+    current for the line a stopped run ends with (runs.py)."""
+    device, rank = next(raw_model.parameters()).device, rank_and_world()[0]
+    opt = make_optimizer(cfg, raw_model)
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.amp == "fp16")
+    start = saved_it = logged = restore(cfg, ckpt, opt, scaler, log)
+    progress.update(done=start, saved=start)
+    weight = torch.tensor(CITYSCAPES_CLASS_WEIGHTS, device=device) if cfg.class_weights == "cityscapes" else None
+    stream = batches(cfg, train_set, start, device)
+    set_train_mode(cfg, model, raw_model)
+    t0 = t_logged = time.time()
+    for it in range(start, cfg.iters):                          # `it` steps done; this one is iteration it + 1
+        images, labels = next_batch(stream, device)             # a data error on any rank stops every rank
+        lr = learning_rate(cfg, it)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        if it == 0 and cfg.proto_init == "data" and hasattr(raw_model.head, "prototypes"):
+            with autocast(cfg.amp, device):                     # not in the paper, which starts random
+                raw_model.head.prototypes.copy_(data_prototypes(raw_model, images, labels, cfg.kappa,
+                                                                cfg.sinkhorn_iters, distributed=not cfg.local_stats))
+        reseed_dropout(cfg, rank, it)
+        with autocast(cfg.amp, device):
+            out = model(images, labels)                         # Eq. 5-10: scores; ProtoSeg: + Sinkhorn targets
+        loss, terms = seg_loss(out, labels, cfg.lambda_ppc, cfg.lambda_ppd, cfg.tau, weight,
+                               aux_weight=cfg.aux_loss_weight)  # Eq. 7, 11-13 (+ UperNet's aux CE)
+        stop_if_not_finite(loss, terms, it, cfg, saved_it)      # on any rank: every rank stops
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if "update_target" in out:                              # Eq. 14 after the step, with this iteration's mu
+            mu = momentum_at(it, cfg.proto_momentum, cfg.proto_momentum_warmup)
+            raw_model.head.prototypes.copy_(update_prototypes(raw_model.head.prototypes, out["embed"],
+                                                              out["update_target"], mu, cfg.local_stats))
+        done = progress["done"] = it + 1
+        if done % cfg.log_every == 0 or done == cfg.iters:
+            log_progress(cfg, done, loss, terms, lr, done - logged, time.time() - t_logged, device, log)
+            logged, t_logged = done, time.time()
+        if done % cfg.ckpt_every == 0 or done == cfg.iters:
+            saved_it = checkpoint(cfg, raw_model, opt, scaler, done, saved_it, progress)
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iters:
+            t_logged += evaluate_now(cfg, model, val_set, done, log)   # it/s leaves evaluations out
+    return time.time() - t0
 
 
 # ----------------------------------------------------------------------------- main
-
-def main(argv=None, progress=None):
-    cfg, given = parse_args(argv)
-    cfg, ckpt = resolve(cfg, given)
-    progress = {} if progress is None else progress
-    progress.update(cfg=cfg, saved=ckpt.get("iter", 0) if ckpt else 0)
-    rank, world, device = setup_distributed()
-    log, lock = RunLog(rank), None
-    complete = completed_run_message(cfg, ckpt)
-    if complete:
-        return log(complete)
-    try:
-        train_set, val_set = make_datasets(cfg, log if rank == 0 else None)
-        check_run(cfg, ckpt, val_set, world)
-        cfg.num_classes = val_set.num_classes
-        lock = claim_out_dir(cfg, ckpt is not None) if rank == 0 else None
-        log("\n".join(describe(cfg)))
-        if rank == 0:
-            Outputs(cfg.out_dir, "--out-dir").text("config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
-        model, raw_model = build(cfg, ckpt, device, log)
-        if device.type == "cpu" and not cfg.eval_only and cfg.backbone != "hrnet_tiny":
-            log(f"note: --backbone {cfg.backbone} trains slowly on a CPU; a CPU-sized run: --backbone hrnet_tiny "
-                "--crop 128 --batch-size 8 --optimizer adamw --lr 3e-3 --weight-decay 1e-4 (USAGE.md, 'Your data on "
-                "a CPU')")
-        if not cfg.eval_only:
-            log.open(cfg, ckpt["iter"] if ckpt and "iter" in ckpt else 0)
-        seconds = 0.0 if cfg.eval_only else train(cfg, model, raw_model, train_set, val_set, ckpt, log, progress)
-        metrics = run_evaluation(cfg, model, val_set, log)
-        metrics["train_time_s"] = seconds
-        log(format_metrics(metrics, val_set.class_names))
-        if rank == 0:
-            finish(cfg, metrics, val_set.class_names, log)
-        return metrics
-    finally:
-        log.close()
-        if lock and os.path.exists(lock):
-            os.remove(lock)
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def describe(cfg):
     """A few lines for the start of a run: the main settings (config.json has them all)."""
@@ -343,6 +325,53 @@ def finish(cfg, metrics, class_names, log):
     log(f"wrote {os.path.join(cfg.out_dir, 'metrics.json')}")
     if not cfg.eval_only:
         log(f"wrote {write_curves(cfg.out_dir)}")
+
+
+def main(argv=None, progress=None):
+    cfg, given = parse_args(argv)
+    cfg, ckpt = resolve(cfg, given)
+    progress = {} if progress is None else progress
+    progress.update(cfg=cfg, saved=ckpt.get("iter", 0) if ckpt else 0)
+    rank, world, device = setup_distributed()
+    log, lock = RunLog(rank), None
+    complete = completed_run_message(cfg, ckpt)
+    if complete:
+        return log(complete)
+    try:
+        train_set, val_set = make_datasets(cfg, log if rank == 0 else None)
+        check_run(cfg, ckpt, val_set, world)
+        cfg.num_classes = val_set.num_classes
+        lock = claim_out_dir(cfg, ckpt is not None) if rank == 0 else None
+        log("\n".join(describe(cfg)))
+        if rank == 0:
+            Outputs(cfg.out_dir, "--out-dir").text("config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+        model, raw_model = build(cfg, ckpt, device, log)
+        if device.type == "cpu" and not cfg.eval_only and cfg.backbone != "hrnet_tiny":
+            log(f"note: --backbone {cfg.backbone} trains slowly on a CPU; a CPU-sized run: --backbone hrnet_tiny "
+                "--crop 128 --batch-size 8 --optimizer adamw --lr 3e-3 --weight-decay 1e-4 (USAGE.md, 'Your data on "
+                "a CPU')")
+        if not cfg.eval_only:
+            log.open(cfg, ckpt["iter"] if ckpt and "iter" in ckpt else 0)
+        try:
+            seconds = 0.0 if cfg.eval_only else train(cfg, model, raw_model, train_set, val_set, ckpt, log, progress)
+        except ValueError as e:                                 # BatchNorm on a 1-value channel
+            if "Expected more than 1 value per channel" not in str(e):
+                raise
+            exit_with_error(f"BatchNorm in training got one value per channel (per-rank batch "
+                            f"{cfg.batch_size // world}, crop {cfg.crop}); use a per-rank batch >= 2, a larger "
+                            "--crop, or --freeze-bn")
+        metrics = run_evaluation(cfg, model, val_set, log)
+        metrics["train_time_s"] = seconds
+        log(format_metrics(metrics, val_set.class_names))
+        if rank == 0:
+            finish(cfg, metrics, val_set.class_names, log)
+        return metrics
+    finally:
+        log.close()
+        if lock and os.path.exists(lock):
+            os.remove(lock)
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- the command

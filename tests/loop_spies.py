@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-import protoseg
 import train
 from conftest import TINY
 from labels import IGNORE_INDEX
@@ -66,12 +65,14 @@ def eq14(protos, embed, target, mu):
 
 
 def transcribed_terms(out, labels, tau, class_weight):
-    """Eq. 7 (CE, class-weighted mean over the labelled pixels), Eq. 11 with temperature tau and Eq. 12 by
-    F.cross_entropy and protoseg's slow transcriptions (not the loop's fused code), and the aux head's CE."""
+    """Eq. 7 (CE, class-weighted mean over the labelled pixels), Eq. 11 with temperature tau and Eq. 12 written
+    here on the labelled pixels' (N, C*K) rows with F.cross_entropy (not the loop's code), and the aux head's CE."""
     terms = {"ce": F.cross_entropy(out["scores"].float(), labels, weight=class_weight, ignore_index=IGNORE_INDEX)}
     if "proto_sim" in out:
-        terms["ppc"] = protoseg.ppc_loss(out["proto_sim"], out["proto_target"], tau)
-        terms["ppd"] = protoseg.ppd_loss(out["proto_sim"], out["proto_target"])
+        keep = out["proto_target"] != IGNORE_INDEX
+        rows, target = out["proto_sim"].float().permute(0, 2, 3, 1)[keep], out["proto_target"][keep]
+        terms["ppc"] = F.cross_entropy(rows / tau, target)
+        terms["ppd"] = (1 - rows.gather(1, target[:, None])).pow(2).mean()
     if "aux_scores" in out:
         terms["aux"] = F.cross_entropy(out["aux_scores"].float(), labels, ignore_index=IGNORE_INDEX)
     return terms
@@ -116,7 +117,7 @@ class Spies:
         self.models, self.opts, self.starts, self.steps, self.forwards, self.losses = [], [], [], [], [], []
         self.updates, self.inits, self.saves, self.evals, self.passes, self.masks = [], [], [], [], [], []
         self.amp, self.scalers, self.workers, self.predicts = [], [], [], []
-        real = {name: getattr(train, name) for name in ("make_optimizer", "forward", "seg_loss", "update_prototypes",
+        real = {name: getattr(train, name) for name in ("make_optimizer", "seg_loss", "update_prototypes",
                                                         "data_prototypes", "save_checkpoint", "evaluate", "autocast")}
         self.real = real
         for name in real:
@@ -160,6 +161,8 @@ class Spies:
             self.steps.append(Step(self.it, groups, before, grads, {n: p.detach().clone() for n, p in kept.items()}))
             return result
         opt.step = step
+        raw_model.register_forward_pre_hook(self.before_forward)
+        raw_model.register_forward_hook(self.after_forward)
         raw_model.backbone.register_forward_pre_hook(lambda m, inputs: self.passes.append(
             (self.phase, self.it, {n: s.training for n, s in raw_model.named_modules()})))
         trunk = getattr(raw_model.head, "trunk", None)
@@ -173,17 +176,20 @@ class Spies:
             live = inputs[0].flatten(2).ne(0).any(2)                       # (B, C) channel not all zero
             self.masks.append((self.it, module.p, output.flatten(2).ne(0).any(2), live))
 
-    def forward(self, model, images, labels, cfg):
+    def before_forward(self, model, inputs):
+        """A training step's forward (model(images, labels) in training mode)."""
+        if not (model.training and len(inputs) == 2):
+            return
         if self.it == self.stop_at:
             raise KeyboardInterrupt
-        head = getattr(model, "module", model).head
-        protos = head.prototypes.clone() if hasattr(head, "prototypes") else None
+        protos = model.head.prototypes.clone() if hasattr(model.head, "prototypes") else None
         self.phase = "train"
-        out = self.real["forward"](model, images, labels, cfg)
-        self.phase = None
-        self.forwards.append(dict(it=self.it, images=images.clone(), labels=labels.clone(), protos=protos,
-                                  out={k: v.detach().clone() for k, v in out.items()}))
-        return out
+        self.forwards.append(dict(it=self.it, images=inputs[0].clone(), labels=inputs[1].clone(), protos=protos))
+
+    def after_forward(self, model, inputs, out):
+        if model.training and len(inputs) == 2:
+            self.phase = None
+            self.forwards[-1]["out"] = {k: v.detach().clone() for k, v in out.items()}
 
     def seg_loss(self, out, labels, *a, **k):
         args = inspect.signature(self.real["seg_loss"]).bind(out, labels, *a, **k)

@@ -91,7 +91,7 @@ def test_official_checkpoint_computes_what_the_official_model_computes(official_
     with torch.no_grad():
         ours, official = model.head(feats)["scores"], official_head_forward(sd, feats)
         torch.testing.assert_close(ours, official, rtol=1e-4, atol=1e-4)
-        model.head.normalize_width = False                       # without official item 7 the answer changes
+        model.head.normalize_width = False                       # l2 over D instead: the answer changes
         assert (model.head(feats)["scores"].argmax(1) != official.argmax(1)).float().mean() > 0.05
 
 

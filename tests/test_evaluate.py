@@ -367,7 +367,7 @@ def test_evaluation_prints_n_a_and_says_when_val_has_no_labelled_pixel():
     assert "val has no labelled pixel in its 2 images" in text
 
 
-# ----------------------------------------------------------------------------- the release's input (official item 9)
+# ----------------------------------------------------------------------------- the release's input (BGR)
 
 def official_input(path):
     """openseg's test input, transcribed: cv2.imread (BGR uint8), ToTensor, Normalize(div 255, mean, std) channel by

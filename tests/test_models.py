@@ -106,7 +106,10 @@ def test_protoseg_training_dict_has_scores_at_input_resolution():
     out = model(images, labels)
     assert out["scores"].shape == (2, 3, 65, 99)
     assert out["proto_sim"].shape[1] == 3 * 2                         # other entries untouched
-    assert model.eval()(images).keys() == {"scores"}                  # eval: the scores only
+    feature_size = out["proto_sim"].shape[2:]
+    out = model.eval()(images)
+    assert out.keys() == {"scores", "embed"}                          # eval: nothing for the losses or Eq. 14
+    assert out["embed"].shape[:2] == (2, 270) and out["embed"].shape[2:] == feature_size
 
 
 def test_overfits_one_batch():

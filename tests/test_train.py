@@ -274,22 +274,20 @@ def test_cnn_optimizer_decays_norms_and_biases_only_where_the_preset_says(datase
 def test_dropout_masks_change_from_iteration_to_iteration(tmp_path, monkeypatch):
     """train.py reseeds from (seed, rank, iteration) before each forward: the head's Dropout2d keeps other channels at
     every step (a reseed by the seed alone would repeat one mask; exact resume: test_resumed_run_equals_...)."""
-    masks, real_forward = [], train.forward
+    masks, real_make_optimizer = [], train.make_optimizer
 
     def record(module, inputs, output):
         if module.training:                                                      # not the final evaluation
             live = (inputs[0] != 0).flatten(2).any(2)                              # (B, C) channel not all zero
             masks.append(((output != 0).flatten(2).any(2), live))                  # (kept, live)
 
-    def forward(model, images, labels, cfg):
-        if not masks and not getattr(forward, "hooked", False):
-            for m in model.modules():
-                if isinstance(m, torch.nn.Dropout2d):
-                    m.register_forward_hook(record)
-            forward.hooked = True
-        return real_forward(model, images, labels, cfg)
+    def make_optimizer(cfg, raw_model):                                          # called once, before the loop
+        for m in raw_model.modules():
+            if isinstance(m, torch.nn.Dropout2d):
+                m.register_forward_hook(record)
+        return real_make_optimizer(cfg, raw_model)
 
-    monkeypatch.setattr(train, "forward", forward)
+    monkeypatch.setattr(train, "make_optimizer", make_optimizer)
     train.main(TINY + ["--iters", "3", "--dropout", "0.5", "--out-dir", str(tmp_path)])
     assert len(masks) == 3 and all((live & ~kept).any() for kept, live in masks)   # live channels were dropped
     for (k0, l0), (k1, l1) in zip(masks, masks[1:]):                                # another mask next iteration

@@ -55,13 +55,13 @@ def labelled(embed, labels):
 
 
 def eq10_targets(embed, labels, protos, kappa=KAPPA, iters=ITERS):
-    """c_i * K + k_i with k_i = argmax_k of Eq. 10, sinkhorn() called class by class on `protos`.
+    """c_i * K + k_i with k_i = argmax_k of Eq. 10, sinkhorn() called class by class (one class a call) on `protos`.
     Also returns each pixel's gap between its two largest entries of L (a fixture must have no near-ties)."""
     num_prototypes = protos.shape[1]
     target, margin = torch.empty_like(labels), torch.empty(len(labels))
     for c in labels.unique().tolist():
         m = labels == c
-        L = sinkhorn(embed[m] @ protos[c].T, kappa, iters, distributed=False)
+        L = sinkhorn(embed[m] @ protos[c].T, labels[m] * 0, 1, kappa, iters, distributed=False)
         target[m] = c * num_prototypes + L.argmax(1)
         top = L.topk(2, dim=1).values
         margin[m] = top[:, 0] - top[:, 1]
