@@ -3,6 +3,7 @@ confusion matrix, the Cityscapes categories and iIoU on tables small enough to c
 pixel included), prototype purity / share / in-use of a known count table, the counts themselves against a loop,
 metrics.json and the printed summary, the evaluation's progress line, the atlas's per-class entries and
 predict.py's prototype maps."""
+import json
 import math
 from types import SimpleNamespace
 
@@ -16,6 +17,8 @@ import draw
 import evaluate
 import predict
 import settings
+import train
+from conftest import TINY
 from data import SyntheticDataset
 from labels import CITYSCAPES_MEAN_INSTANCE_SIZE, IGNORE_INDEX
 
@@ -183,6 +186,34 @@ def test_evaluation_logs_progress_when_more_than_20_s_passed_and_at_the_end(monk
     m = evaluate.evaluate(Conv1x1(), Ticking("val", length=n, size=16), settings.Config(workers=0),
                           log=lambda text, flush=False: logged.append(text))
     assert logged == lines and m["seconds"] == 10.0 * n and m["images"] == n
+
+
+def test_training_progress_line_of_a_known_schedule_of_times(monkeypatch, tmp_path, capsys):
+    """Iterations 1-5 take 1, 3, 0.5, 1.5 and 4 s on train.py's clock; the evaluation after iteration 3 takes 100 s,
+    which it/s leaves out. Logged after 2 (2 iterations in 4 s: 0.50 it/s; 3 left: 6 s), after 4 (2 in 2 s: 1.00;
+    1 left: 1 s) and after the last (1 in 4 s: 0.25; none left); the run took 10 + 100 s."""
+    now, steps = [0.0], iter([1.0, 3.0, 0.5, 1.5, 4.0])
+    real_batch, real_evaluation = train.next_batch, train.run_evaluation
+
+    def batch(*args):
+        now[0] += next(steps)
+        return real_batch(*args)
+
+    def evaluation(*args):
+        now[0] += 100.0
+        return real_evaluation(*args)
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(train, "next_batch", batch)
+    monkeypatch.setattr(train, "run_evaluation", evaluation)
+    m = train.main(TINY + ["--crop", "32", "--batch-size", "2", "--val-size", "1", "--iters", "5", "--log-every", "2",
+                          "--eval-every", "3", "--out-dir", str(tmp_path)])
+    rows = [json.loads(r) for r in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["iter"], r["it_per_s"], r["eta_s"]) for r in rows if "it_per_s" in r] == \
+        [(2, 0.5, 6.0), (4, 1.0, 1.0), (5, 0.25, 0.0)]
+    printed = [line for line in capsys.readouterr().out.splitlines() if " it/s | ETA " in line]
+    assert [line.split(" | ")[3:5] for line in printed] == [["0.50 it/s", "ETA 0.1 min"], ["1.00 it/s", "ETA 0.0 min"],
+                                                           ["0.25 it/s", "ETA 0.0 min"]]
+    assert m["train_time_s"] == 110.0
 
 
 # ----------------------------------------------------------------------------- atlas.json and predict.py's maps
