@@ -166,3 +166,19 @@ def test_labels_to_a_grid_takes_the_nearest_source_pixel():
     assert out.dtype == torch.long and out.tolist() == [[[int(labels[0, y * 7 // 3, x * 11 // 4]) for x in range(4)]
                                                          for y in range(3)]]
     assert labels_to(labels, (7, 11)) is labels
+
+
+@pytest.mark.parametrize("backbone, align_corners", [("hrnet_tiny", True), ("resnet18", True), ("mit_b0", False),
+                                                     ("swin_tiny", False)])
+def test_each_familys_resizes_follow_its_official_code(backbone, align_corners):
+    """HRNet-seg and openseg (ProtoSeg's code, its ResNet models too) resize with align_corners=True; mmseg's
+    SegFormerHead and UPerHead with False. The model's scores are its head's, resized so."""
+    with torch.device("meta"):
+        assert models.build_model(backbone, "softmax", 5).align_corners is align_corners
+    if backbone == "resnet18":
+        torch.manual_seed(0)
+        net, image = models.build_model(backbone, "softmax", 5).eval(), torch.randn(1, 3, 40, 56)
+        with torch.no_grad():
+            head = net.head(net.features(image))["scores"]
+            expected = torch.nn.functional.interpolate(head, (40, 56), mode="bilinear", align_corners=True)
+            torch.testing.assert_close(net(image)["scores"], expected)
