@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+import runs
 import settings
 import train
 from conftest import TINY, free_port, start_as_a_terminal_would, state, user_error
@@ -140,6 +141,26 @@ def test_ctrl_c_and_sigterm_end_in_one_line_with_lock_and_workers_gone(tmp_path,
         assert not (tmp_path / "run.lock").exists() and _session_gone(p.pid)
     finally:
         _stop_session(p)
+
+
+def test_a_stop_while_the_run_is_set_up_names_the_checkpoint_it_has(tmp_path, monkeypatch):
+    """Ctrl-C before the first iteration (while the model is built): a fresh run has no checkpoint and starts
+    again with the same command; a resumed one keeps its last.pt, which --resume auto continues."""
+    args = QUICK + ["--val-size", "1", "--iters", "3", "--out-dir", str(tmp_path)]
+    train.main(args[:-4] + ["--iters", "2", "--out-dir", str(tmp_path / "old")])
+
+    def stopped(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "build", stopped)
+    for argv, line in ((args, "interrupted before the first iteration ended; no checkpoint of this run was written; "
+                              "run the same command to start it"),
+                       (args[:-2] + ["--out-dir", str(tmp_path / "old"), "--resume", "auto", "--allow-changes"],
+                        "interrupted before the first iteration ended; last.pt holds iteration 2; --resume auto "
+                        "continues")):
+        progress = {}
+        with pytest.raises(KeyboardInterrupt):
+            train.main(argv, progress)
+        assert runs.interrupted_line(progress) == line
 
 
 def test_a_dead_torchrun_peer_is_reported_once_in_one_line(tmp_path):
