@@ -188,6 +188,32 @@ def test_evaluation_logs_progress_when_more_than_20_s_passed_and_at_the_end(monk
     assert logged == lines and m["seconds"] == 10.0 * n and m["images"] == n
 
 
+class Log(list):
+    """train.py's RunLog as the loop uses it: lines, and log.jsonl rows in .rows."""
+    rows = None
+
+    def __call__(self, text, flush=False):
+        self.append(text)
+
+    def row(self, r):
+        self.rows = (self.rows or []) + [r]
+
+
+@pytest.mark.parametrize("device, mem", [("cuda", "3.00"), ("cpu", "1.50")])
+def test_training_progress_line_of_known_values_and_peak_memory_in_gib(monkeypatch, device, mem):
+    """Iteration 4 of 10, 2 iterations in 4 s: 0.50 it/s, 6 left: 12 s; memory: the GPU's peak allocation (3 GiB
+    here), on a CPU the process's peak RSS (ru_maxrss in KiB: 1.5 GiB)."""
+    monkeypatch.setattr(train.torch.cuda, "max_memory_allocated", lambda: 3 * 2 ** 30)
+    monkeypatch.setattr(train.resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=1.5 * 2 ** 20))
+    log = Log()
+    terms = {"ce": torch.tensor(1.25), "ppc": torch.tensor(2.5), "ppd": torch.tensor(0.125)}
+    train.log_progress(settings.Config(iters=10), 4, torch.tensor(1.5), terms, 0.003, 2, 4.0, torch.device(device), log)
+    assert log == [f"it 4/10 | loss 1.5000 (ce 1.2500 ppc 2.5000 ppd 0.1250) | lr 3.00e-03 | 0.50 it/s | ETA 0.2 min "
+                   f"| mem {mem} GB"]
+    assert log.rows == [{"iter": 4, "loss": 1.5, "ce": 1.25, "ppc": 2.5, "ppd": 0.125, "lr": 0.003, "it_per_s": 0.5,
+                         "eta_s": 12.0, "mem_gb": float(mem)}]
+
+
 def test_training_progress_line_of_a_known_schedule_of_times(monkeypatch, tmp_path, capsys):
     """Iterations 1-5 take 1, 3, 0.5, 1.5 and 4 s on train.py's clock; the evaluation after iteration 3 takes 100 s,
     which it/s leaves out. Logged after 2 (2 iterations in 4 s: 0.50 it/s; 3 left: 6 s), after 4 (2 in 2 s: 1.00;
