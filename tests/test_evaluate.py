@@ -18,7 +18,7 @@ import labels
 import predict
 import settings
 import train
-from conftest import tiny_checkpoint
+from conftest import save_image, tiny_checkpoint, user_error
 from models import model_from_config
 
 REF = Path(__file__).parent / "testdata"
@@ -165,6 +165,18 @@ def test_official_checkpoint_evaluates_and_predicts_through_both_scripts(tmp_pat
     assert written == ["frankfurt/frankfurt_000000_000294_leftImg8bit.png"]         # one labelId PNG per frame
     ids = np.array(Image.open(out / written[0]))
     assert ids.shape == (128, 256) and set(np.unique(ids)) <= set(labels.CITYSCAPES_LABEL_IDS)
+
+
+def test_training_from_an_official_checkpoint_is_refused_naming_eval_only_and_pretrained(tmp_path, capsys):
+    """The release holds no optimizer state: --resume it to train is a user error; --eval-only of it is not (above)."""
+    path = small_official_file(tmp_path)
+    for split in ("train", "val"):                                       # a 19-class folder dataset
+        save_image(tmp_path / "data/images" / split / "a.png", np.zeros((32, 32, 3)))
+        save_image(tmp_path / "data/masks" / split / "a.png", np.arange(32 * 32).reshape(32, 32) % 19)
+    msg = user_error(capsys, train.main, ["--resume", str(path), "--dataset", "folder", "--data-root",
+                                          str(tmp_path / "data"), "--num-classes", "19", "--allow-changes", "--class-weights", "none", "--out-dir",
+                                          str(tmp_path)])
+    assert f"{path} is an official ProtoSeg checkpoint: it holds no optimizer state; use --eval-only" in msg
 
 
 # ----------------------------------------------------------------------------- this project's checkpoints
