@@ -208,6 +208,8 @@ def test_seg_loss_passes_tau_class_weight_lambdas_and_ignore_index_on():
         assert abs(total.item() - (ce + lam1 * ppc + lam2 * ppd)) < 1e-5
         plain, _ = seg_loss({"scores": scores}, lab, class_weight=weight, ignore_index=ignore)   # scores only: CE
         assert abs(plain.item() - ce) < 1e-5
+    paper = seg_loss(out, labels, lambda_ppc=0.01, lambda_ppd=0.001, tau=0.1)[0]    # the paper's lambdas and tau
+    assert seg_loss(out, labels)[0].item() == paper.item() and seg_loss(out, labels, tau=0.2)[0].item() != paper.item()
 
 
 # ----------------------------------------------------------------------------- the head under 2 ranks (gloo)
