@@ -242,6 +242,17 @@ def test_training_progress_line_of_a_known_schedule_of_times(monkeypatch, tmp_pa
     assert m["train_time_s"] == 110.0
 
 
+@pytest.mark.parametrize("backbone, noted", [("hrnet_tiny", False), ("hrnet18_small_v2", True)])
+def test_a_cpu_run_of_a_large_backbone_is_told_the_cpu_sized_settings(monkeypatch, tmp_path, capsys, backbone, noted):
+    def stop(*args):
+        raise KeyboardInterrupt                                      # the note comes before training; stop there
+    monkeypatch.setattr(train, "train", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(TINY + ["--backbone", backbone, "--out-dir", str(tmp_path)])
+    note = f"note: --backbone {backbone} trains slowly on a CPU; a CPU-sized run: --backbone hrnet_tiny"
+    assert (note in capsys.readouterr().out) is noted
+
+
 # ----------------------------------------------------------------------------- atlas.json and predict.py's maps
 
 def test_atlas_class_entries_of_known_prototypes_counts_and_confusion():
