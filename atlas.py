@@ -40,6 +40,7 @@ from labels import IGNORE_INDEX
 from layers import labels_to
 from predict import class_similarity, class_table, dark_note, open_model, prototype_map
 from protoseg import similarities
+from runs import check_out_dir
 from settings import PRESETS
 
 
@@ -273,6 +274,9 @@ def parse_args(argv):
 
 def val_set(cfg, args):
     name = args.dataset or cfg.get("dataset", "synthetic")
+    if name.startswith("synthetic") and args.data_root:
+        exit_with_error(f"--data-root {args.data_root}: --dataset {name} (the checkpoint's unless --dataset says "
+                        "otherwise) is generated and reads no files; expected no --data-root, or --dataset with it")
     if name == "folder" and not args.dataset:
         exit_with_error(f"{args.checkpoint} has {cfg['num_classes']} classes and no dataset name; pass --dataset (and "
                         "--data-root)")
@@ -283,7 +287,10 @@ def val_set(cfg, args):
     except data.DatasetError as e:
         exit_with_error(error_message(e))
     if val.num_classes != cfg["num_classes"]:
-        exit_with_error(f"--dataset {name} has {val.num_classes} classes; {args.checkpoint} has {cfg['num_classes']}")
+        exit_with_error(f"--dataset {name} has {val.num_classes} classes; {args.checkpoint} has {cfg['num_classes']} "
+                        f"({cfg.get('dataset')}); expected the checkpoint's data (--dataset {cfg.get('dataset')} and "
+                        "its --data-root)")
+    check_out_dir(args.out, "--out", args.data_root, val)
     return name, val
 
 
@@ -322,7 +329,7 @@ def main(argv=None, outputs=None):
         exit_with_error(f"{args.checkpoint} has a {cfg['head']!r} head; the atlas needs a ProtoSeg head (prototypes)")
     other = read_metrics(args.compare) if args.compare else None
     name, val = val_set(cfg, args)
-    names, palette = class_table({**cfg, "dataset": name})
+    names, palette = class_table(cfg if name == "folder" else {**cfg, "dataset": name})   # folder: unnamed classes
     n = min(args.val_images or len(val), len(val))
     shown = [0.0]
 

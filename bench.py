@@ -190,7 +190,11 @@ def parse_args(argv):
     p.add_argument("--repeats", type=ranged(int, "> 0"), default=5,
                    help="(f): interleaved timed steps per head and C (default 5)")
     p.add_argument("--device", type=device_flag, default=default_device(), help="cpu, cuda or cuda:N")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeats != p.get_default("repeats") and args.only != "vocab":
+        p.error(f"--repeats {args.repeats}: the timed steps of row (f), which only `bench.py vocab` measures; "
+                "expected it with vocab, or no --repeats")
+    return args
 
 
 def main(argv=None, progress=None):

@@ -1,7 +1,8 @@
 """What every script here (train.py, predict.py, atlas.py, toy2d.py, bench.py, coursework.py) does the same way as a
 command: a user error is one `error:` line (exit 1); flags are range-checked where parsed; files are written whole
 or not at all (Outputs: a full disk or a read-only folder is one line); Ctrl-C, SIGTERM, an allocation failure and a
-lost torchrun peer end in one line each (run_command: exit 130 / 143 / 1), with the DataLoader workers stopped.
+lost torchrun peer end in one line each (run_command: exit 130 / 143 / 1), with the DataLoader workers stopped, also
+when the stop was sent to the whole process group (`timeout`, scancel) and reached the workers first.
 """
 import argparse
 import contextlib
@@ -84,13 +85,30 @@ def device_flag(text):
 @contextlib.contextmanager
 def signals_deferred():
     """Ctrl-C and SIGTERM wait until the block is done (then arrive as usual): a checkpoint and the iteration the
-    stop message names are never half-updated."""
-    stops = {signal.SIGINT, signal.SIGTERM}
+    stop message names are never half-updated. Blocked in this thread, and recorded by the Python handlers when the
+    kernel hands them to another thread (torch's threads), whose C handler would still wake this one."""
+    stops, got = {signal.SIGINT, signal.SIGTERM}, []
+
+    def record(signum, frame):
+        got.append(signum)
+        signal.signal(signal.SIGCHLD, _ignored)          # see _stopping
+    main = threading.current_thread() is threading.main_thread()
+    kept = {s: signal.signal(s, record) for s in stops if main and callable(signal.getsignal(s))}
     signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
         yield
     finally:
+        for s, handler in kept.items():
+            signal.signal(s, handler)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+        if got:
+            signal.raise_signal(got[0])
+
+
+def within(path, folder):
+    """Is path the folder itself or inside it (links and '..' resolved; neither needs to exist)?"""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 class Outputs:
@@ -169,41 +187,74 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler, torchrun, docker stop), handled as Ctrl-C is."""
 
 
-def _on_sigterm(signum, frame, owner=os.getpid()):
-    if os.getpid() != owner:                # a forked DataLoader worker (kill -TERM to the group): leave quietly,
-        os._exit(0)                         # exit 0 so torch's SIGCHLD check does not report it as a failure
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # once: a second SIGTERM must not interrupt the unwinding
-    raise Terminated()
+def _ignored(signum, frame):
+    """A Python handler doing nothing: unlike SIG_IGN, a signal already received when it is installed is dropped
+    silently (Python prints "Signal N ignored due to race condition" for one that finds SIG_IGN)."""
+
+
+def _stopping():
+    """A stop of this command has begun: a second Ctrl-C or SIGTERM (or torchrun stopping the survivors of a lost
+    rank) must not break the clean-up, and torch's SIGCHLD check of the DataLoader workers must not report those
+    ended by the same signal (sent to the process group: `timeout`, scancel, Ctrl-C) as failures."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(s, _ignored)
+
+
+def _on_stop(signum, frame, owner=os.getpid()):
+    """Ctrl-C and SIGTERM of a command: KeyboardInterrupt / Terminated, with SIGCHLD's check switched off first
+    (Python runs the handlers of the signals received in number order: SIGINT 2, SIGTERM 15, then SIGCHLD 17)."""
+    if os.getpid() != owner:               # a forked DataLoader worker not yet in torch's loop: leave quietly
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt        # torch's worker loop ends on it without a message
+        os._exit(0)                        # exit 0: torch's SIGCHLD check does not report it as a failure
+    _stopping()
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+WORKER_STOPPED = re.compile(r"DataLoader worker \(pid \d+\) is killed by signal: (Terminated|Interrupt)")
+
+
+def _stop_of_workers(e):
+    """143 / 130 when e (or the error it was raised from) says a DataLoader worker was ended by SIGTERM / Ctrl-C: a
+    stop sent to the process group that torch's check of the workers saw before this process saw its own."""
+    for error in (e, e.__cause__, e.__context__):
+        found = error is not None and WORKER_STOPPED.search(str(error))
+        if found:
+            return 143 if found[1] == "Terminated" else 130
+    return None
 
 
 def run_command(main, stopped, out_of_memory=None, peer_lost=None):
     """main() as a command: Ctrl-C / SIGTERM end in the line stopped() (exit 130 / 143); an allocation failure in
     "error: " + out_of_memory(text) and, under torchrun, a lost peer in "error: " + peer_lost(text) (exit 1), each
-    with the DataLoader workers stopped, never a stack trace. main's own exit (a user error: 1) is kept."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    with the DataLoader workers stopped, never a stack trace. main's own exit (a user error: 1) is kept. A stop sent
+    to the whole process group (the workers included) ends as a stop of this process does."""
+    signal.signal(signal.SIGTERM, _on_stop)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # not in a job started with Ctrl-C ignored
+        signal.signal(signal.SIGINT, _on_stop)
     sys.excepthook = _quiet_lost_transfer                      # before any worker is forked
-    code = 0
+    code, line = 0, None
     try:
         main()
     except KeyboardInterrupt as e:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)            # a second Ctrl-C or SIGTERM must not break the
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)           # clean-up
-        code = 143 if isinstance(e, Terminated) else 130
+        _stopping()
+        code, line = 143 if isinstance(e, Terminated) else 130, stopped
         _release(e)
-        _say(stopped())
     except (MemoryError, RuntimeError) as e:
+        _stopping()
         text = error_message(e, limit=None)
-        if out_of_memory and (isinstance(e, MemoryError) or NO_MEMORY.search(text)):
-            code = 1
-            _release(e)
-            _say("error: " + out_of_memory(text))
+        if _stop_of_workers(e):
+            code, line = _stop_of_workers(e), stopped
+        elif out_of_memory and (isinstance(e, MemoryError) or NO_MEMORY.search(text)):
+            code, line = 1, lambda: "error: " + out_of_memory(text)
         elif peer_lost and PEER_LOST.search(text) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            code = 1
-            _release(e)
-            if first_to_report():
-                _say("error: " + peer_lost(text))
+            code, line = 1, lambda: "error: " + peer_lost(text) if first_to_report() else None
         else:
             raise
+        _release(e)
+    text = line and line()
+    if text:
+        _say(text)
     sys.exit(code)
 
 
@@ -220,9 +271,8 @@ def _quiet_lost_transfer(kind, value, tb, owner=os.getpid(), default=sys.excepth
 
 def _release(e):
     """Drop the frames the exception holds (the data stream and its DataLoader workers), so they shut down now,
-    quietly: a worker killed by the same signal is no failure (torch's SIGCHLD check), nor is a worker's socket
-    closing under multiprocessing's fd-sharing thread."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    quietly (after _stopping): a worker's socket closing under multiprocessing's fd-sharing thread is no
+    failure."""
     threading.excepthook = lambda args: None
     traceback.clear_frames(e.__traceback__)
     gc.collect()

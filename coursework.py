@@ -2,21 +2,27 @@
 
     python coursework.py --list                        # the equations that can be blanked, their functions and tests
     python coursework.py --blank 8-10 14 --out hw      # hw/: the whole project with Eq. 8-10 and Eq. 14 blanked
-    python coursework.py --check hw                    # a line per blanked equation: passed / failed / not implemented
+    python coursework.py --check hw                    # a line per blanked equation (below)
 
 A blanked function keeps its decorators, signature and docstring (the equation in the paper's notation, the shapes,
 what it returns); its body becomes one `raise NotImplementedError("Eq. 14: ...")`. Everything else is the project as
 it is, so `python train.py` in the copy stops at the first blank training reaches and nowhere else. The copy
 records what was blanked in coursework.json; --check runs the grading tests of those equations in the
-copy (of every equation where nothing is recorded) and exits 1 unless all passed.
+copy (of every equation where nothing is recorded) and exits 1 unless all passed. Each equation's line says:
+passed; failed (the test, where, the first failing assertion); not implemented; did not parse (file:line), or did
+not run when its tests import a file that does not parse; ran out of time (a test used its --time-limit of CPU time,
+or the whole run its wall time).
 """
 import argparse
 import ast
+import contextlib
+import glob
 import importlib.util
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +31,7 @@ import xml.etree.ElementTree as ET
 from collections import namedtuple
 from dataclasses import dataclass
 
-from commands import Parser, exit_with_error, run_command
+from commands import Parser, exit_with_error, ranged, run_command
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RECORD = "coursework.json"                      # in a copy: {"blanked": ["8-10", "14"]}
@@ -213,46 +219,105 @@ def write_copy(out, chosen, root=ROOT):
 
 # ----------------------------------------------------------------------------- the check
 
-Result = namedtuple("Result", "test outcome message")   # file::name (no parameters), passed / failed / skipped, why
+# file::name (no parameters), passed / failed / skipped, why (the first line of the error), where it was raised
+Result = namedtuple("Result", "test outcome message where", defaults=("",))
+TIME_LIMIT = 60         # seconds of CPU time per grading test (--time-limit)
+GRACE = 600             # seconds of wall time for the whole grading run on top of the tests' limits
+# loaded into the grading run (-p): each test's call is stopped after the limit of CPU time, which a busy machine
+# does not use up (wall time would), an endless loop does
+PLUGIN = """import os, signal
+import pytest
+class OutOfTime(BaseException):            # not an Exception: a student's `except Exception` lets it through
+    pass
+def out_of_time(signum, frame):
+    raise OutOfTime(f"used its {os.environ['COURSEWORK_TIME_LIMIT']} s of CPU time")
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    previous = signal.signal(signal.SIGPROF, out_of_time)
+    signal.setitimer(signal.ITIMER_PROF, float(os.environ["COURSEWORK_TIME_LIMIT"]))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+"""
 
 
-def run_tests(folder, tests, timeout=600):
-    """Run pytest on the test ids in folder; (results, the tail of pytest's output)."""
+def run_tests(folder, tests, limit=TIME_LIMIT):
+    """Run pytest on the test ids in folder, each test with `limit` seconds of CPU time and the whole run with
+    GRACE + limit per test of wall time; (results, the tail of pytest's output)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "report.xml")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", ".",
-               "--junitxml", report, *tests]
+        with open(os.path.join(tmp, "coursework_time_limit.py"), "w") as f:
+            f.write(PLUGIN)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "coursework_time_limit",
+               "--rootdir", ".", "--junitxml", report, *tests]
+        env = {**os.environ, "COURSEWORK_TIME_LIMIT": str(limit),
+               "PYTHONPATH": os.pathsep.join(filter(None, (tmp, os.environ.get("PYTHONPATH"))))}
+        wall = GRACE + limit * len(tests)
+        proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)        # killed whole with this command: the tests' children too
         try:
-            proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=timeout)
+            out = proc.communicate(timeout=wall)[0]
         except subprocess.TimeoutExpired:
-            return [], f"the tests ran past {timeout} s"
-        lines = (proc.stdout + proc.stderr).strip().splitlines() or [""]
+            return [], f"ran out of time: the grading run passed its {wall:g} s of wall time (a test that waits?)"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        lines = out.strip().splitlines() or [""]
         errors = [m.group(1) for m in map(re.compile(r"^E\s+(\w*(Error|Exception)\b.*)").match, lines) if m]
         tail = (errors or lines)[0 if errors else -1]                           # the first exception raised
-        if not os.path.exists(report):
-            return [], tail
-        results = []
-        for case in ET.parse(report).iter("testcase"):
-            test = case.get("classname", "").replace(".", "/") + ".py::" + case.get("name", "").split("[")[0]
-            bad = [c for c in case if c.tag in ("failure", "error")]
-            outcome = "failed" if bad else "skipped" if case.find("skipped") is not None else "passed"
-            message = (bad[0].get("message") or bad[0].text or "").strip().split("\n")[0] if bad else ""
-            results.append(Result(test, outcome, message))
-        return results, tail
+        return (read_report(report) if os.path.exists(report) else []), tail
 
 
-def grade(entry, results, tail=""):
-    """One line for the entry from the results of its grading tests."""
+def read_report(report):
+    """[Result] of pytest's junit XML."""
+    results = []
+    for case in ET.parse(report).iter("testcase"):
+        test = case.get("classname", "").replace(".", "/") + ".py::" + case.get("name", "").split("[")[0]
+        bad = [c for c in case if c.tag in ("failure", "error")]
+        outcome = "failed" if bad else "skipped" if case.find("skipped") is not None else "passed"
+        message = (bad[0].get("message") or bad[0].text or "").strip().split("\n")[0] if bad else ""
+        where = re.findall(r"^([\w.-][\w./-]*\.py:\d+): ", bad[0].text or "", re.M) if bad else []   # the copy's
+        results.append(Result(test, outcome, message, where[-1] if where else ""))
+    return results
+
+
+def unparsed(folder):
+    """{file: 'file:line: what'} of the copy's Python files (the root's and tests/) that do not parse."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.py")) + glob.glob(os.path.join(folder, "tests", "*.py"))):
+        name = os.path.relpath(path, folder)
+        try:
+            with open(path, "rb") as f:
+                compile(f.read(), name, "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as e:
+            found[name] = f"{name}:{getattr(e, 'lineno', '?')}: {getattr(e, 'msg', e)}"
+    return found
+
+
+def grade(entry, results, tail="", broken=None):
+    """One line for the entry from the results of its grading tests; broken: unparsed(copy)."""
+    own = [broken[f] for f in blanks_by_file([entry]) if broken and f in broken]
+    if own:
+        return f"did not parse: {own[0]}"
     mine = [r for r in results if entry.covers(r.test)]
     if not mine:
-        return f"failed: its tests did not run ({tail})"
+        return (f"did not run: {next(iter(broken.values()))} (its tests import that file)" if broken else
+                tail if tail.startswith("ran out of time") else f"failed: its tests did not run ({tail})")
     blanks = [BLANK.search(r.message) for r in mine]
     todo = sorted({b.group(2) for b in blanks if b and b.group(1) == entry.eq})
     if todo:
         return f"not implemented: {', '.join(todo)}"
+    late = [r for r in mine if "OutOfTime" in r.message]
+    if late:
+        return f"ran out of time: {late[0].test.split('::')[-1]} {late[0].message.split(': ', 1)[-1]}" + \
+            (f" (stopped at {late[0].where})" if late[0].where else "")
     wrong = [r for r, b in zip(mine, blanks) if r.outcome == "failed" and not b]
     if wrong:
-        return f"failed: {wrong[0].test.split('::')[-1]}: {wrong[0].message}"[:300]
+        where = f" ({wrong[0].where})" if wrong[0].where else ""
+        return f"failed: {wrong[0].test.split('::')[-1]}{where}: {wrong[0].message}"[:300]
     waits = sorted({b.group(1) for b in blanks if b})
     if waits:
         return f"not implemented: its tests need Eq. {', '.join(waits)} first"
@@ -272,7 +337,7 @@ def recorded(folder):
                         f"EQ among {', '.join(ENTRIES)}")
 
 
-def check(folder):
+def check(folder, limit=TIME_LIMIT):
     """Print one line per recorded entry (every entry when none is recorded); True when all passed."""
     if not os.path.isdir(folder):
         exit_with_error(f"--check {folder}: not a folder; expected a copy written by --blank (or the project itself)")
@@ -282,10 +347,12 @@ def check(folder):
     tests = sorted({t for e in chosen for t in e.tests})
     for path in {t.split("::")[0] for t in tests if not os.path.isfile(os.path.join(folder, t.split("::")[0]))}:
         exit_with_error(f"--check {folder}: no {path} in it; expected a copy of this project")
-    print(f"running {len(tests)} grading tests of Eq. {', '.join(e.eq for e in chosen)} in {folder} ...",
-          file=sys.stderr, flush=True)
-    results, tail = run_tests(folder, tests)
-    lines = [f"Eq. {e.eq:<6} {grade(e, results, tail)}" for e in chosen]
+    broken = unparsed(folder)
+    tests = sorted({t for e in chosen if not any(f in broken for f in blanks_by_file([e])) for t in e.tests})
+    print(f"running {len(tests)} grading tests of Eq. {', '.join(e.eq for e in chosen)} in {folder}, {limit:g} s of "
+          "CPU time each ...", file=sys.stderr, flush=True)
+    results, tail = run_tests(folder, tests, limit) if tests else ([], "")
+    lines = [f"Eq. {e.eq:<6} {grade(e, results, tail, broken)}" for e in chosen]
     print("\n".join(lines))
     return all(" passed (" in line for line in lines)
 
@@ -305,7 +372,8 @@ def table_text():
     return "\n".join(out)
 
 
-def main(argv=None):
+def main(argv=None, progress=None):
+    progress = {} if progress is None else progress
     p = Parser(prog="coursework.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     do = p.add_mutually_exclusive_group(required=True)
     do.add_argument("--list", action="store_true", help="print the table: each equation's functions and tests")
@@ -314,18 +382,28 @@ def main(argv=None):
                          "none: an untouched copy")
     do.add_argument("--check", metavar="DIR", help="run the grading tests of the equations blanked in DIR")
     p.add_argument("--out", metavar="DIR", help="with --blank: the copy's folder (new or empty)")
+    p.add_argument("--time-limit", type=ranged(float, "> 0"), metavar="S",
+                   help=f"with --check: the seconds of CPU time each grading test may use (default {TIME_LIMIT}); "
+                        f"a test past it is stopped and its equation graded 'ran out of time'. The whole run may "
+                        f"take {GRACE} s of wall time plus S per test (a test that waits without computing)")
     args = p.parse_args(argv)
+    mode = "--list" if args.list else "--check" if args.check is not None else "--blank"
+    for name, value, goes in (("--out", args.out, "--blank"), ("--time-limit", args.time_limit, "--check")):
+        if value is not None and mode != goes:
+            exit_with_error(f"{name} {value}: goes with {goes}, and {mode} does not use it; expected no {name} "
+                            f"with {mode}")
     if args.list:
         print(table_text())
     elif args.check is not None:
-        if args.out is not None:
-            exit_with_error("--out goes with --blank, not with --check")
-        raise SystemExit(0 if check(args.check) else 1)
+        progress["doing"] = f"while grading {args.check}; no equation graded"
+        raise SystemExit(0 if check(args.check, args.time_limit or TIME_LIMIT) else 1)
     else:
         if not args.out:
             exit_with_error("--blank needs --out DIR, the folder of the student's copy")
+        progress["doing"] = f"while writing the copy {args.out}; it is incomplete: delete it and run again"
         write_copy(args.out, entries(args.blank))
 
 
 if __name__ == "__main__":
-    run_command(main, lambda: "interrupted; a copy being written by --blank is incomplete: delete it and run again")
+    state = {}
+    run_command(lambda: main(progress=state), lambda: f"interrupted {state.get('doing', 'while starting')}")

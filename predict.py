@@ -4,7 +4,8 @@
     python predict.py --checkpoint runs/synthetic/last.pt --val-index 0 3 --out runs/synthetic/pictures
     python predict.py --checkpoint runs/cityscapes/last.pt /data/cityscapes/leftImg8bit/test --labelids --out results
 
-Inputs are image files and folders (walked recursively; names keep their sub-folders). For each image IMG it writes
+Inputs are image files and folders (walked recursively; names keep their sub-folders; two inputs that would
+write one name are refused, as is an --out inside an input folder). For each image IMG it writes
 IMG_pred.png (palette colours), IMG_overlay.png (prediction blended on the image) and, for a ProtoSeg checkpoint,
 IMG_protos.png: the pixels predicted as --class, each coloured by its nearest prototype of that class (one hue per
 prototype), brightness = cosine similarity to it (Fig. 3), and IMG_strip.png: image | prediction | prototype map
@@ -19,6 +20,7 @@ skipped or nothing was written, 130 / 143 on Ctrl-C / SIGTERM (one line saying w
 """
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +34,7 @@ import draw
 from checkpoints import CheckpointError, load_model
 from collectives import default_device
 from commands import (NO_MEMORY, Outputs, Parser, asked_for, device_flag, error_message, exit_with_error,
-                      ranged, run_command)
+                      ranged, run_command, within)
 from datafiles import read_image
 from evaluate import predict_scores
 from labels import CLASS_TABLES, IMAGE_EXTS, default_palette
@@ -48,9 +50,14 @@ def class_table(cfg):
     return list(names), np.asarray(palette, np.uint8)
 
 
+def real(path):
+    return os.path.realpath(path)                   # a link loop is kept as it is (read_image then names it)
+
+
 def output_names(inputs):
-    """[(image path, output stem relative to --out)]: folders walked; a stem two inputs share keeps its suffix."""
-    found = []
+    """[(image path, output stem relative to --out)]: folders walked (a file met twice is read once); a stem two
+    inputs share keeps its suffix (check_outputs refuses what still collides)."""
+    found, met = [], set()
     for arg in map(Path, inputs):
         if arg.is_dir():               # anything named like an image but a folder is read, and refused if not a file
             files = sorted(p for p in arg.rglob("*") if p.suffix.lower() in IMAGE_EXTS and not p.is_dir())
@@ -59,6 +66,7 @@ def output_names(inputs):
             found += [(p, p.relative_to(arg).with_suffix("")) for p in files]
         else:
             found.append((arg, Path(arg.stem)))
+    found = [(p, stem) for p, stem in found if not (real(p) in met or met.add(real(p)))]
     seen = {}
     for _, stem in found:
         seen[stem] = seen.get(stem, 0) + 1
@@ -191,6 +199,38 @@ def open_model(path, device):
         exit_with_error(str(e))
 
 
+def check_outputs(args, found):
+    """No output lands on an input or on another input's output, and --out is not an input folder or inside one
+    (the next run would read the pictures back as inputs)."""
+    for arg in args.images:
+        if Path(arg).is_dir() and within(args.out, arg):
+            exit_with_error(f"--out {args.out} is inside the input folder {arg}: a later run on {arg} would read "
+                            f"these pictures back as inputs; expected an --out outside {arg}")
+    first = {}
+    for path, stem, _ in found:
+        if stem in first:
+            exit_with_error(f"inputs {first[stem]} and {path} would both write {Path(args.out) / stem}"
+                            f"{'.png' if args.labelids else '_*.png'}; expected inputs of distinct names: give their "
+                            "common folder (its sub-folders are kept), or predict them into separate --out folders")
+        first[stem] = path
+    ends = (".png",) if args.labelids else ("_pred.png", "_overlay.png", "_protos.png", "_strip.png", "_image.png")
+    written = {real(Path(args.out) / f"{stem}{end}") for _, stem, _ in found for end in ends}
+    for path, _, _ in found:
+        if isinstance(path, Path) and real(path) in written:
+            exit_with_error(f"{path} is an input and would be overwritten by an output of this command (--out "
+                            f"{args.out}); expected an --out that holds none of the inputs")
+
+
+def check_unused(args, cfg, stride_given):
+    """The rule for a flag the chosen mode does not use: refused, naming it and the mode."""
+    if args.cls is not None and (args.labelids or cfg["head"] != "protoseg"):
+        why = "--labelids writes no pictures" if args.labelids else f"a {cfg['head']!r} head has no prototypes"
+        exit_with_error(f"--class {args.cls} chooses the class of the prototype map, and {why}; expected no --class")
+    if stride_given and not args.eval_crop[0]:
+        exit_with_error(f"--eval-stride {' '.join(map(str, args.eval_stride))}: the stride of a sliding window, and "
+                        "--eval-crop is 0 (the whole image); expected --eval-crop H W with it, or no --eval-stride")
+
+
 def chosen_class(args, names):
     """--class as an index, or None (the most predicted non-first class of each image)."""
     if args.cls is None:
@@ -210,11 +250,14 @@ def main(argv=None, outputs=None):
     outputs.doing = f"while loading {args.checkpoint}"
     model, cfg = open_model(args.checkpoint, args.device)
     names, palette = class_table(cfg)
+    stride_given = args.eval_stride is not None
     protocol_from_checkpoint(args, cfg)
     if args.labelids and cfg.get("dataset") != "cityscapes":
         exit_with_error(f"--labelids needs a Cityscapes checkpoint; {args.checkpoint} is {cfg.get('dataset')!r}")
+    check_unused(args, cfg, stride_given)
     cls = chosen_class(args, names)
     found = inputs(args, cfg)
+    check_outputs(args, found)
     written, failed = 0, 0
     for i, (path, stem, read) in enumerate(found):
         outputs.doing = f"while predicting {path} (image {i + 1} of {len(found)})"

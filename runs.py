@@ -18,7 +18,7 @@ import torch
 
 import draw
 from collectives import all_reduce, rank_and_world
-from commands import PEER_LOST, Outputs, asked_for, exit_with_error
+from commands import PEER_LOST, Outputs, asked_for, exit_with_error, within
 from datafiles import unreadable_reason
 
 
@@ -32,6 +32,31 @@ def check_paths(cfg):
     if cfg.pretrained and not os.path.isfile(cfg.pretrained):
         found = "a folder" if os.path.isdir(cfg.pretrained) else unreadable_reason(cfg.pretrained)
         exit_with_error(f"--pretrained {cfg.pretrained}: {found}, expected a weights file (.pth, or a run's last.pt)")
+
+
+def check_outputs(cfg, resumed=None):
+    """The run's files land on none of its inputs nor on another run's: --overwrite does not replace the
+    --pretrained file, and a resumed checkpoint (the file `resumed`) does not continue over another last.pt."""
+    last = os.path.join(cfg.out_dir, "last.pt")
+    if cfg.pretrained and cfg.overwrite and os.path.realpath(cfg.pretrained) == os.path.realpath(last):
+        exit_with_error(f"--pretrained {cfg.pretrained} is the last.pt that --overwrite replaces in --out-dir "
+                        f"{cfg.out_dir}; expected weights outside the run folder: copy them first, or choose another "
+                        "--out-dir")
+    if resumed and not cfg.eval_only and os.path.isfile(last) and not os.path.samefile(last, resumed):
+        exit_with_error(f"--resume {resumed} would continue in --out-dir {cfg.out_dir} over its last.pt, another "
+                        f"checkpoint; expected the checkpoint's own folder (--out-dir {os.path.dirname(resumed) or '.'})"
+                        f" or a new --out-dir (to continue that run from this checkpoint: copy it over {last}, then "
+                        "--resume auto)")
+
+
+def check_out_dir(out, flag, data_root, *datasets):
+    """An output folder is none of the folders the data's files are read from, nor inside one: the outputs would
+    sit among the data's, and a folder dataset would read the pictures back as images."""
+    folders = {p.parent for d in datasets for _, *files in getattr(d, "pairs", ()) for p in files}
+    inside = sorted(str(f) for f in folders if within(out, f))
+    if inside:
+        exit_with_error(f"{flag} {out} is inside {inside[0]}, a folder of --data-root {data_root} that the data is "
+                        f"read from; expected an {flag} outside the data's folders")
 
 
 def claim_out_dir(cfg, resuming):

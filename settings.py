@@ -17,7 +17,7 @@ from checkpoints import CheckpointError, load_checkpoint
 from collectives import is_master
 from commands import Parser, exit_with_error, ranged
 from models import backbone_names, family
-from runs import check_paths, checkpoint_path
+from runs import check_outputs, check_paths, checkpoint_path
 
 SYNTHETIC = dict(backbone="hrnet_tiny", iters=700, optimizer="adamw", lr=3e-3, weight_decay=1e-4, batch_size=16,
                  ckpt_every=100, log_every=25, eval_every=100)
@@ -126,6 +126,10 @@ PROTOSEG_ONLY = ("num_prototypes", "kappa", "sinkhorn_iters", "proto_momentum", 
                  "lambda_ppc", "lambda_ppd", "tau", "class_layernorm", "embed_layernorm", "update_correct_only",
                  "local_stats", "normalize_width")
 FOLDER_ONLY = ("num_classes", "ignore_value", "binary_masks")
+# what an evaluation (--eval-only) reads; every other setting is training's
+EVALUATION = MODEL + ("dataset", "data_root", "ignore_value", "binary_masks", "out_dir", "channel_order", "amp",
+                      "workers", "seed", "eval_crop", "eval_stride", "eval_resize", "eval_divisor", "eval_scales",
+                      "eval_flip", "val_size", "resume", "eval_only")
 CHOICES = {"dataset": list(PRESETS), "backbone": backbone_names(), "head": ["protoseg", "softmax", "query"],
            "pipeline": ["project", "openseg", "mmseg"], "channel_order": ["rgb", "bgr"], "optimizer": ["sgd", "adamw"],
            "class_weights": ["none", "cityscapes"], "proto_init": ["random", "data"], "amp": ["bf16", "fp16", "none"]}
@@ -228,6 +232,12 @@ def parse_args(argv=None):
     cfg = Config(**{**preset(dataset, backbone), **given})
     if cfg.eval_only and not cfg.resume:
         p.error("--eval-only needs --resume CHECKPOINT")
+    if cfg.resume and cfg.overwrite:
+        exit_with_error(f"--resume {cfg.resume} and --overwrite exclude each other: --resume continues the run in "
+                        f"{cfg.out_dir}, --overwrite starts it over; expected one of them")
+    if cfg.allow_changes and not cfg.resume:
+        exit_with_error("--allow-changes lets a resumed run take new settings, and this run resumes nothing; expected "
+                        "it with --resume")
     check_paths(cfg)
     if not cfg.resume:                          # when resuming, the checkpoint's settings are checked in resolve()
         check_combinations(cfg, set(given))
@@ -254,6 +264,34 @@ def check_combinations(cfg, given):
                         "expected no --data-root (or --dataset folder / cityscapes / ...)")
     if cfg.optimizer == "adamw" and "momentum" in given:
         exit_with_error("--momentum: an SGD setting; --optimizer adamw keeps its betas (0.9, 0.999)")
+    for name, needs in (("eval_stride", "eval_crop"), ("eval_divisor", "eval_resize")):
+        if name in given and not getattr(cfg, needs)[0]:
+            exit_with_error(f"{shown(cfg, name)}: used with {flag(needs)} only, which is {shown(cfg, needs)} here; "
+                            f"expected {flag(needs)} with it, or no {flag(name)}")
+
+
+def shown(cfg, name):
+    """A setting as the command line gives it: --crop 64 64, --eval-flip / --no-eval-flip."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool):
+        return flag(name) if value else "--no-" + flag(name)[2:]
+    return f"{flag(name)} {' '.join(map(str, value)) if isinstance(value, tuple) else value}"
+
+
+def check_unused(cfg, given, saved):
+    """The rule for a flag the chosen mode does not use: refused, naming it and the mode. A setting given with the
+    value the checkpoint was made with changes nothing (the run's own command line, run again) and passes."""
+    defaults = dataclasses.asdict(Config())
+    same = lambda k: getattr(cfg, k) == saved.get(k, defaults[k])
+    if cfg.eval_only:
+        unused = [k for k in FIELDS if k in given and k not in EVALUATION and not same(k)]
+        if unused:
+            exit_with_error(f"--eval-only evaluates {cfg.resume} and trains nothing, so it would ignore "
+                            f"{', '.join(shown(cfg, k) for k in unused)}; expected none of them with --eval-only")
+    elif "pretrained" in given and not same("pretrained"):
+        exit_with_error(f"--pretrained {cfg.pretrained}: a resumed run takes its weights from --resume {cfg.resume} "
+                        f"(which started from {saved.get('pretrained') or 'random weights'}); expected no --pretrained "
+                        "when resuming")
 
 
 # ----------------------------------------------------------------------------- resuming and evaluating
@@ -276,6 +314,7 @@ def resolve(cfg, given):
     if path is None:                                            # a fresh run (also --resume auto without last.pt)
         if cfg.resume:
             check_combinations(cfg, given)
+        check_outputs(cfg)
         return cfg, None
     try:
         ckpt = load_checkpoint(path)
@@ -294,6 +333,8 @@ def resolve(cfg, given):
     if cfg.eval_only:                            # never over the training run's record: its own folder
         cfg.out_dir = os.path.join(cfg.out_dir if "out_dir" in given else os.path.dirname(path) or ".", "eval")
     check_combinations(cfg, given)
+    check_unused(cfg, given, saved)
+    check_outputs(cfg, path)
     if ckpt.get("official") and is_master():
         print(f"{path}: the official ProtoSeg format; evaluated with official departures 1, 2, 7, 9 (BGR input) on")
     return cfg, ckpt

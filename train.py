@@ -33,14 +33,25 @@ from evaluate import evaluate, format_metrics, metrics_report
 from labels import CITYSCAPES_CLASS_WEIGHTS
 from models import family, model_from_config
 from protoseg import data_prototypes, momentum_at, seg_loss, update_prototypes
-from runs import (RunLog, claim_out_dir, completed_run_message, interrupted_line, last_good, out_of_memory_line,
-                  peer_lost_line, stop_if_any_rank_failed, write_curves)
+from runs import (RunLog, check_out_dir, claim_out_dir, completed_run_message, interrupted_line, last_good,
+                  out_of_memory_line, peer_lost_line, stop_if_any_rank_failed, write_curves)
 from settings import RECIPE_FILES, parse_args, resolve
 
 # ----------------------------------------------------------------------------- set-up
 
-def make_datasets(cfg, log=print):
-    """(train set or None for --eval-only, val set). Data errors become one-line user errors."""
+def check_classes(cfg, ckpt, val_set):
+    """The checkpoint predicts the classes of the data it is given (checked before the data's files are)."""
+    made = ckpt and ckpt["config"]
+    if made and made["num_classes"] != val_set.num_classes:
+        exit_with_error(f"checkpoint {cfg.resume} predicts {made['num_classes']} classes ({made.get('dataset')}); "
+                        f"--dataset {cfg.dataset} has {val_set.num_classes}; expected data of the checkpoint's "
+                        f"classes (--dataset {made.get('dataset')} and its --data-root), or a checkpoint trained on "
+                        f"{cfg.dataset}")
+
+
+def make_datasets(cfg, log=print, ckpt=None):
+    """(train set or None for --eval-only, val set). Data errors become one-line user errors; data whose classes
+    are not the checkpoint's is refused before its files are checked."""
     kw = dict(num_classes=cfg.num_classes, ignore_value=cfg.ignore_value,
               binary_masks=cfg.binary_masks) if cfg.dataset == "folder" else {}
     augment = train_transform(cfg.pipeline, cfg.crop, cfg.scale, cfg.flip, cfg.channel_order, **(
@@ -51,6 +62,8 @@ def make_datasets(cfg, log=print):
             cfg.dataset, cfg.data_root or None, "train", augment, seed=cfg.seed, **kw)
         val = build_dataset(cfg.dataset, cfg.data_root or None, "val",
                             EvalTransform(cfg.channel_order, cfg.eval_resize, cfg.eval_divisor), seed=cfg.seed, **kw)
+        check_classes(cfg, ckpt, val)
+        check_out_dir(cfg.out_dir, "--out-dir", cfg.data_root, *(d for d in (train, val) if d is not None))
         if train is not None:                                   # every file checked before the first step
             check_dataset(train, name="train", log=log)
         check_dataset(torch.utils.data.Subset(val, range(min(cfg.val_size or len(val), len(val)))), values=True,
@@ -306,10 +319,7 @@ def describe(cfg):
 
 
 def check_run(cfg, ckpt, val_set, world):
-    """What can only be checked once the data is known: the checkpoint's classes, the batch split over ranks."""
-    if ckpt is not None and ckpt["config"]["num_classes"] != val_set.num_classes:
-        exit_with_error(f"checkpoint {cfg.resume} predicts {ckpt['config']['num_classes']} classes "
-                        f"({ckpt['config'].get('dataset')}); --dataset {cfg.dataset} has {val_set.num_classes}")
+    """What can only be checked once the data is known: the batch split over ranks, an official checkpoint."""
     if cfg.batch_size % world:
         exit_with_error(f"--batch-size {cfg.batch_size} must be divisible by the number of ranks ({world})")
     if not cfg.eval_only and ckpt is not None and ckpt.get("official"):
@@ -338,7 +348,7 @@ def main(argv=None, progress=None):
     if complete:
         return log(complete)
     try:
-        train_set, val_set = make_datasets(cfg, log if rank == 0 else None)
+        train_set, val_set = make_datasets(cfg, log if rank == 0 else None, ckpt)
         check_run(cfg, ckpt, val_set, world)
         cfg.num_classes = val_set.num_classes
         lock = claim_out_dir(cfg, ckpt is not None) if rank == 0 else None
