@@ -12,7 +12,7 @@ The rules (segformer.py / swin.py / layers.py give their sources):
   SegFormer's MLPs  PyTorch's default Linear (the official decoder draws nothing else)
   HRNet, ResNet     every conv Kaiming normal, fan_out (He init; BN (1, 0))
   ProtoSeg head     PyTorch's default convs and LayerNorms (the official head draws only its prototypes),
-                    prototypes trunc-normal(0.02) then unit length
+                    prototypes trunc-normal(0.02) then unit length; the query head's queries (Eq. 2) N(0, 0.02^2)
 PyTorch's default for a Linear / Conv2d: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 """
 import math
@@ -127,7 +127,7 @@ def test_hrnet_and_resnet_convs_are_he_normal_fan_out_and_bn_1_0(backbone):
 
 
 @torch.no_grad()
-def test_protoseg_head_keeps_pytorchs_default_and_draws_unit_prototypes():
+def test_heads_keep_pytorchs_default_and_draw_unit_prototypes_and_small_queries():
     torch.manual_seed(0)
     head = models.HEADS["protoseg"](48, 5, embed_dim=32, num_prototypes=4, embed_layernorm=True)
     convs = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Conv2d)]
@@ -138,6 +138,7 @@ def test_protoseg_head_keeps_pytorchs_default_and_draws_unit_prototypes():
     assert all(unit_norm(m) for m in head.modules() if isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)))
     protos = head.prototypes
     torch.testing.assert_close(protos.norm(dim=-1), torch.ones(5, 4))
+    assert normal(models.HEADS["query"](48, 5, embed_dim=200).queries, 0.02)       # Eq. 2's queries: N(0, 0.02^2)
     assert abs(float((protos @ protos.flatten(0, 1).T).triu(1).mean())) < 0.1   # random directions, none shared
 
 

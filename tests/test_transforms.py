@@ -91,6 +91,12 @@ def test_openseg_pipeline_matches_transcription(seed):
     assert np.array_equal(masks[1], ref_lab * 7 + 3)
 
 
+def test_openseg_resize_size_truncates_and_keeps_at_least_one_pixel():
+    """(int(w sqrt(a) s), int(h s / sqrt(a))): 100 x 50 at s 1.5, a 1.21: (165, 68); a 1-pixel side stays 1."""
+    assert T.openseg_resize_size(100, 50, 1.5, 1.21) == (165, 68)
+    assert T.openseg_resize_size(1, 1, 0.5, 1.0) == (1, 1)
+
+
 def test_openseg_brightness_is_one_integer_shift_on_all_channels():
     out = T.brightness_shift(IMAGE, 7).astype(int)
     assert np.array_equal(out, np.clip(IMAGE.astype(int) + 7, 0, 255))
