@@ -191,7 +191,7 @@ class ValImages(torch.utils.data.Dataset):
 def _progress(log, done, total, t0, world):
     """The progress line; each of `world` ranks has done `done` images (the last share may be short)."""
     seen = min(done * world, total)
-    rate = done * world / max(time.time() - t0, 1e-9)
+    rate = seen / max(time.time() - t0, 1e-9)
     log(f"eval {seen}/{total} images | {rate:.2f} img/s | ETA {(total - seen) / max(rate, 1e-9) / 60:.1f} min",
         flush=True)
 

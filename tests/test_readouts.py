@@ -149,7 +149,7 @@ def test_printed_summary_is_percent_with_one_decimal_and_n_a():
 
 @pytest.mark.parametrize("done, world, total, seconds, line", [
     (20, 2, 250, 16.0, "eval 40/250 images | 2.50 img/s | ETA 1.4 min"),      # (250 - 40) / 2.5 / 60
-    (3, 2, 5, 4.0, "eval 5/5 images | 1.50 img/s | ETA 0.0 min")])            # the last rank's share ends it
+    (3, 2, 5, 4.0, "eval 5/5 images | 1.25 img/s | ETA 0.0 min")])            # the last rank's share ends it
 def test_evaluation_progress_line_of_a_known_clock(monkeypatch, done, world, total, seconds, line):
     monkeypatch.setattr(evaluate.time, "time", lambda: 1000.0 + seconds)
     lines = []
