@@ -91,6 +91,18 @@ def test_openseg_pipeline_matches_transcription(seed):
     assert np.array_equal(masks[1], ref_lab * 7 + 3)
 
 
+def test_openseg_brightness_shift_is_one_draw_from_minus_10_to_10():
+    """At scale 1 and aspect 1 (an exact resize) and a crop of the image's size, the pipeline's image is the flipped
+    or unflipped image plus the shift openseg draws, randint(-10, 10) inclusive, after its other draws."""
+    image = RNG.integers(20, 236, (9, 11, 3)).astype(np.uint8)                # no value clipped by +-10
+    for seed in range(20):
+        out, _, _ = T.openseg_train(image, [], np.random.default_rng(seed), (9, 11), (1, 1), (1, 1))
+        draws = np.random.default_rng(seed)
+        draws.uniform(1, 1), draws.uniform(1, 1), draws.integers(0, 1), draws.integers(0, 1)   # scale, aspect, crop
+        flipped = image[:, ::-1] if draws.random() < 0.5 else image
+        assert np.array_equal(out.astype(int), flipped.astype(int) + int(draws.integers(-10, 11))), seed
+
+
 def test_openseg_resize_size_truncates_and_keeps_at_least_one_pixel():
     """(int(w sqrt(a) s), int(h s / sqrt(a))): 100 x 50 at s 1.5, a 1.21: (165, 68); a 1-pixel side stays 1."""
     assert T.openseg_resize_size(100, 50, 1.5, 1.21) == (165, 68)
