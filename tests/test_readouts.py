@@ -176,10 +176,11 @@ class Conv1x1(torch.nn.Module):
 
 
 @pytest.mark.parametrize("n, lines", [
-    (5, ["eval 3/5 images | 0.10 img/s | ETA 0.3 min", "eval 5/5 images | 0.10 img/s | ETA 0.0 min"]), (1, [])])
+    (5, ["eval 3/5 images | 0.10 img/s | ETA 0.3 min", "eval 5/5 images | 0.10 img/s | ETA 0.0 min"]),
+    (2, ["eval 2/2 images | 0.10 img/s | ETA 0.0 min"]), (1, [])])
 def test_evaluation_logs_progress_when_more_than_20_s_passed_and_at_the_end(monkeypatch, n, lines):
-    """Clock 10 s per image: 30 s > 20 s after image 3; 20 s after it (image 5) is not more, but the end is; one
-    image: no progress line. The metrics report the 10 s x n the evaluation took."""
+    """Clock 10 s per image: 30 s > 20 s after image 3; 20 s after it (image 5) is not more, but the end is; of 2
+    images, the end only; one image: no progress line. The metrics report the 10 s x n the evaluation took."""
     Ticking.clock = 0.0
     monkeypatch.setattr(evaluate.time, "time", lambda: Ticking.clock)
     logged = []
