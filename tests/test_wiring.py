@@ -126,6 +126,7 @@ def test_head_eq14_new_prototypes_from_sinkhorn_targets():
     expected = eq14_slow(before, embed, eq10_targets(embed, y, before)[0])
     torch.testing.assert_close(head.prototypes, expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(head.prototypes[C - 1], before[C - 1])         # absent class untouched
+    assert out["proto_sim"].requires_grad and not out["embed"].requires_grad   # Eq. 14's input: outside autograd
 
 
 def test_head_eq5_eq6_scores_are_cosines_of_unit_norm_embeddings():
