@@ -158,11 +158,11 @@ def test_evaluation_progress_line_of_a_known_clock(monkeypatch, done, world, tot
 
 
 class Ticking(SyntheticDataset):
-    """Val images whose reading moves a clock 10 s on: the evaluation's clock reads 10 s x images read."""
-    clock = 0.0
+    """Val images whose reading moves the evaluation's clock on: image i by STEPS[i] seconds."""
+    clock, STEPS = 0.0, [10.0, 10.0, 1.0, 5.0, 2.0]
 
     def __getitem__(self, i):
-        Ticking.clock += 10.0
+        Ticking.clock += self.STEPS[i]
         return super().__getitem__(i)
 
 
@@ -176,17 +176,18 @@ class Conv1x1(torch.nn.Module):
 
 
 @pytest.mark.parametrize("n, lines", [
-    (5, ["eval 3/5 images | 0.10 img/s | ETA 0.3 min", "eval 5/5 images | 0.10 img/s | ETA 0.0 min"]),
+    (5, ["eval 3/5 images | 0.14 img/s | ETA 0.2 min", "eval 5/5 images | 0.18 img/s | ETA 0.0 min"]),
     (2, ["eval 2/2 images | 0.10 img/s | ETA 0.0 min"]), (1, [])])
 def test_evaluation_logs_progress_when_more_than_20_s_passed_and_at_the_end(monkeypatch, n, lines):
-    """Clock 10 s per image: 30 s > 20 s after image 3; 20 s after it (image 5) is not more, but the end is; of 2
-    images, the end only; one image: no progress line. The metrics report the 10 s x n the evaluation took."""
+    """Images read at 10, 20, 21, 26 and 28 s: 20 s is not more than 20, 21 s is (image 3: 3 images in 21 s, 2 left);
+    5 s later the end (image 5: 5 in 28 s); of 2 images, the end only; one image: no progress line. The metrics
+    report the seconds the evaluation took."""
     Ticking.clock = 0.0
     monkeypatch.setattr(evaluate.time, "time", lambda: Ticking.clock)
     logged = []
     m = evaluate.evaluate(Conv1x1(), Ticking("val", length=n, size=16), settings.Config(workers=0),
                           log=lambda text, flush=False: logged.append(text))
-    assert logged == lines and m["seconds"] == 10.0 * n and m["images"] == n
+    assert logged == lines and m["seconds"] == sum(Ticking.STEPS[:n]) and m["images"] == n
 
 
 class Log(list):

@@ -166,6 +166,17 @@ def test_cat_max_ratio_crop_redraws_until_no_class_dominates():
         assert len(cnt) > 1 and cnt.max() / cnt.sum() < 0.75
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_mmseg_pipeline_ends_in_photometric_distortion_of_its_crop_by_default(seed):
+    """RecipeTransform calls mmseg_train without `distort`: the crop, then PhotoMetricDistortion (the transcription
+    above) with the draws that follow."""
+    lab = RNG.integers(0, 4, IMAGE.shape[:2])
+    img, _ = T.mmseg_train(IMAGE, [lab], np.random.default_rng(seed), (12, 16), (40, 20))
+    draws = np.random.default_rng(seed)
+    crop, _ = T.mmseg_train(IMAGE, [lab], draws, (12, 16), (40, 20), distort=False)
+    assert np.array_equal(img, photometric_transcription(np.ascontiguousarray(crop), draws))
+
+
 def test_cat_max_ratio_1_keeps_the_first_crop_and_a_one_class_label_the_tenth_redraw():
     """RandomCrop: no re-draw at cat_max_ratio 1 (even of a crop holding one class); at 0.75, a label of one class
     fails every test: the first box, 10 re-draws, the last kept."""

@@ -214,8 +214,6 @@ def test_seg_loss_passes_tau_class_weight_lambdas_and_ignore_index_on():
     total, terms = seg_loss({"scores": scores, "aux_scores": aux}, labels, class_weight=weight, aux_weight=0.4)
     assert terms["aux"].item() == pytest.approx(F.cross_entropy(aux, labels, ignore_index=IGNORE_INDEX).item())
     assert total.item() == pytest.approx((terms["ce"] + 0.4 * terms["aux"]).item())
-    paper = seg_loss(out, labels, lambda_ppc=0.01, lambda_ppd=0.001, tau=0.1)[0]    # the paper's lambdas and tau
-    assert seg_loss(out, labels)[0].item() == paper.item() and seg_loss(out, labels, tau=0.2)[0].item() != paper.item()
 
 
 # ----------------------------------------------------------------------------- the head under 2 ranks (gloo)
