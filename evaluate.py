@@ -189,9 +189,11 @@ class ValImages(torch.utils.data.Dataset):
 
 
 def _progress(log, done, total, t0, world):
-    rate = done * world / max(time.time() - t0, 1e-9)
-    log(f"eval {min(done * world, total)}/{total} images | {rate:.2f} img/s | "
-        f"ETA {(total - done * world) / max(rate, 1e-9) / 60:.1f} min", flush=True)
+    """The progress line; each of `world` ranks has done `done` images (the last share may be short)."""
+    seen = min(done * world, total)
+    rate = seen / max(time.time() - t0, 1e-9)
+    log(f"eval {seen}/{total} images | {rate:.2f} img/s | ETA {(total - seen) / max(rate, 1e-9) / 60:.1f} min",
+        flush=True)
 
 
 def scores_and_embed(raw_model, image, num_classes, label_size, cfg, with_embed):

@@ -1,14 +1,17 @@
 """Helpers several test files share (pytest loads this file first; tests import it as `from conftest import ...`).
 
 TINY: train.py flags for a run that takes seconds on a CPU. free_port: a TCP port for a 2-rank gloo group.
-state: a checkpoint's dict. user_error: the one `error:` line of a user error. save_image: a small image or label
+start_as_a_terminal_would: a script in its own session with Ctrl-C and SIGTERM as a terminal delivers them (the
+stop tests). state: a checkpoint's dict. user_error: the one `error:` line of a user error. save_image: a small image or label
 file. tiny_checkpoint: a train.py-format file around untrained weights (the keys save_checkpoint writes: model,
 config, iter). small_hrnet: a seeded HRNet-W18-small-v2 backbone in eval mode (the strict-loading tests and the neck
 test). The fixtures sgd and adamw: the two training runs the loop tests spy on (tests/loop_spies.py).
 """
 import dataclasses
 import os
+import signal
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -29,6 +32,23 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _signals_at_their_defaults():
+    """In the child before exec: SIGINT and SIGTERM delivered, with their default actions, as in a terminal's
+    foreground job. A job a script starts in the background (`pytest &`, nohup, some CI runners) inherits SIGINT
+    ignored, and Python started so never raises KeyboardInterrupt: a stop test's Ctrl-C would be lost."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def start_as_a_terminal_would(args, cwd=ROOT, **kw):
+    """`python *args` in its own session (os.killpg reaches it and its workers, as a terminal's Ctrl-C reaches its
+    foreground job), SIGINT and SIGTERM at their defaults; stdout and stderr pipes of text unless kw says."""
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, text=True, start_new_session=True,
+                            preexec_fn=_signals_at_their_defaults, **kw)
 
 
 def state(path):

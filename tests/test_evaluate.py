@@ -1,6 +1,7 @@
 """evaluate.py: the confusion matrix and mIoU / mAcc by hand, Cityscapes metrics against a transcription of
-cityscapesScripts, sliding windows, flips and scales, the printed report, the official ProtoSeg checkpoint through
-both scripts (its key mapping and forward: test_checkpoints.py), evaluation from a checkpoint alone, submissions."""
+cityscapesScripts (also through evaluate()), the printed report, the official ProtoSeg checkpoint through both
+scripts (its key mapping and forward: test_checkpoints.py), evaluation from a checkpoint alone, submissions. The test
+options (scales, flip, sliding windows): test_eval_options.py."""
 import json
 import math
 from pathlib import Path
@@ -18,7 +19,7 @@ import labels
 import predict
 import settings
 import train
-from conftest import tiny_checkpoint
+from conftest import save_image, tiny_checkpoint, user_error
 from models import model_from_config
 
 REF = Path(__file__).parent / "testdata"
@@ -100,6 +101,44 @@ def test_cityscapes_iiou_and_categories_equal_a_transcription_of_cityscapesscrip
         assert ours["category_iiou"][name] == pytest.approx(cat_iiou[name], rel=1e-9)
 
 
+class Fixed(torch.nn.Module):
+    """A 'model' whose scores are one-hot of a given prediction (1 x H x W train ids), whatever the image."""
+
+    def __init__(self, pred):
+        super().__init__()
+        self.scores, self.head, self.align_corners = torch.nn.Parameter(
+            F.one_hot(torch.as_tensor(pred).long(), 19).permute(2, 0, 1)[None].float()), torch.nn.Identity(), True
+
+    def forward(self, x):
+        return {"scores": self.scores}
+
+
+def test_evaluate_gives_cityscapesscripts_iiou_and_categories_and_none_without_instance_maps():
+    """evaluate() on the sample frame with a known prediction: every Cityscapes number equals the transcription of
+    cityscapesScripts; a 19-class dataset without instanceIds maps has none of them."""
+    gt_ids = np.array(Image.open(SAMPLE / f"gtFine/{FRAME}_gtFine_labelIds.png"))
+    inst = np.array(Image.open(SAMPLE / f"gtFine/{FRAME}_gtFine_instanceIds.png")).astype(np.int64)
+    gt = labels.CITYSCAPES_LUT[gt_ids]
+    pred = np.where(np.random.default_rng(1).random(gt.shape) < 0.3, 11, np.maximum(gt, 0))   # persons made up
+    iiou, cat_iou, cat_iiou = cityscapes_scripts_scores(data.trainid_to_labelid(pred).astype(np.int64), gt_ids, inst)
+    val = data.build_dataset("cityscapes", SAMPLE, "val")
+    m = evaluate.evaluate(Fixed(pred), val, settings.Config(workers=0), log=lambda *a, **k: None)
+    assert m["category_iou"] == pytest.approx(cat_iou, rel=1e-9)
+    assert m["iiou"] == pytest.approx(iiou, rel=1e-9, nan_ok=True) and m["category_iiou"] == pytest.approx(cat_iiou)
+    assert 0 < m["category_iiou"]["human"] < 1 and 0 < m["category_iiou"]["vehicle"] < 1
+
+    class NoInstanceMaps(torch.utils.data.Dataset):                      # the same frame, its labels only
+        num_classes = 19
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return val[i]
+    m = evaluate.evaluate(Fixed(pred), NoInstanceMaps(), settings.Config(workers=0), log=lambda *a, **k: None)
+    assert not {"iiou", "category_iou", "mean_iiou"} & set(m) and m["miou"] > 0
+
+
 # ----------------------------------------------------------------------------- the official checkpoint, both scripts
 
 def small_official_file(tmp_path):
@@ -129,6 +168,18 @@ def test_official_checkpoint_evaluates_and_predicts_through_both_scripts(tmp_pat
     assert ids.shape == (128, 256) and set(np.unique(ids)) <= set(labels.CITYSCAPES_LABEL_IDS)
 
 
+def test_training_from_an_official_checkpoint_is_refused_naming_eval_only_and_pretrained(tmp_path, capsys):
+    """The release holds no optimizer state: --resume it to train is a user error; --eval-only of it is not (above)."""
+    path = small_official_file(tmp_path)
+    for split in ("train", "val"):                                       # a 19-class folder dataset
+        save_image(tmp_path / "data/images" / split / "a.png", np.zeros((32, 32, 3)))
+        save_image(tmp_path / "data/masks" / split / "a.png", np.arange(32 * 32).reshape(32, 32) % 19)
+    msg = user_error(capsys, train.main, ["--resume", str(path), "--dataset", "folder", "--data-root",
+                                          str(tmp_path / "data"), "--num-classes", "19", "--allow-changes", "--class-weights", "none", "--out-dir",
+                                          str(tmp_path)])
+    assert f"{path} is an official ProtoSeg checkpoint: it holds no optimizer state; use --eval-only" in msg
+
+
 # ----------------------------------------------------------------------------- this project's checkpoints
 
 def test_eval_only_takes_the_model_from_the_checkpoint_and_needs_only_val(tmp_path):
@@ -140,40 +191,7 @@ def test_eval_only_takes_the_model_from_the_checkpoint_and_needs_only_val(tmp_pa
     assert report["classes"]["car"]["prototypes_in_use"] >= 1 and report["iiou"].keys() >= {"person", "car"}
 
 
-# ----------------------------------------------------------------------------- scales and metrics
-
-class StridedConv(torch.nn.Module):
-    """A 3x3 stride-2 conv (not pointwise: its output depends on the scale), with a family's align_corners."""
-
-    def __init__(self, align_corners):
-        super().__init__()
-        self.conv, self.align_corners = torch.nn.Conv2d(3, 4, 3, 2, 1), align_corners
-
-    def forward(self, x):
-        return {"scores": self.conv(x)}
-
-
-def scales_transcribed(model, image, scales):
-    """sum_s resize(model(resize(image, s)), H x W), every resize with the model's align_corners."""
-    H, W = image.shape[-2:]
-    ac, total = model.align_corners, 0
-    for s in scales:
-        x = F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=ac)
-        total = total + F.interpolate(model(x)["scores"], (H, W), mode="bilinear", align_corners=ac)
-    return total
-
-
-@pytest.mark.parametrize("align_corners", [True, False])
-def test_predict_scores_over_scales_equals_a_transcription(align_corners):
-    torch.manual_seed(0)
-    model, image = StridedConv(align_corners).eval(), torch.randn(1, 3, 37, 53)
-    scales = (0.5, 0.75, 1.0, 1.25)
-    with torch.no_grad():
-        expected = scales_transcribed(model, image, scales)
-        torch.testing.assert_close(evaluate.predict_scores(model, image, 4, scales=scales), expected)
-        model.align_corners = not align_corners                # the model's convention is the one used
-        assert (evaluate.predict_scores(model, image, 4, scales=scales) - expected).abs().max() > 1e-2
-
+# ----------------------------------------------------------------------------- metrics
 
 def test_metrics_equal_hand_computed_confusion_matrix():
     label = torch.tensor([[0, 0, 1, 1], [2, 2, -1, 1]])
@@ -188,26 +206,6 @@ def test_metrics_equal_hand_computed_confusion_matrix():
     assert m["iou"] == pytest.approx(iou) and m["miou"] == pytest.approx(sum(iou) / 3)
     assert m["aacc"] == pytest.approx(4 / 7)
     assert m["acc"] == pytest.approx([1 / 2, 2 / 3, 1 / 2]) and m["macc"] == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 3)
-
-
-class Pointwise(torch.nn.Module):
-    """A 1x1 conv: its scores at a pixel depend on that pixel only."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 1)
-
-    def forward(self, x):
-        return {"scores": self.conv(x)}
-
-
-def test_sliding_window_and_flip_equal_whole_image_for_a_pointwise_model():
-    torch.manual_seed(0)
-    model = Pointwise().eval()
-    image = torch.randn(1, 3, 37, 53)
-    whole = evaluate.predict_scores(model, image, 4, align_corners=False)
-    torch.testing.assert_close(evaluate.predict_scores(model, image, 4, crop=(16, 24), align_corners=False), whole)
-    torch.testing.assert_close(evaluate.predict_scores(model, image, 4, flip=True, align_corners=False), 2 * whole)
 
 
 def test_miou_and_macc_with_a_class_absent_from_the_ground_truth_or_never_predicted():

@@ -18,7 +18,7 @@ import time
 import pytest
 
 import coursework
-from conftest import ROOT, TINY, free_port, state
+from conftest import TINY, free_port, start_as_a_terminal_would, state
 
 PATIENCE = 300       # the most a stopped run may take to end on a busy machine: a ceiling, never a wait relied on
 RUNS = 10
@@ -27,16 +27,8 @@ ENDLESS = [a if a != "0" else "2" for a in TINY] + ["--crop", "32", "--batch-siz
                                                      "--eval-every", "0", "--iters", "100000"]  # 2 DataLoader workers
 
 
-def as_a_terminal_starts_it():
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-
-
 def start(args, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **kw.pop("env", {})}
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, preexec_fn=as_a_terminal_starts_it, env=env, **kw)
+    return start_as_a_terminal_would(args, env={**os.environ, "OMP_NUM_THREADS": "1", **kw.pop("env", {})}, **kw)
 
 
 def read_until(stream, line_start):

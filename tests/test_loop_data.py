@@ -72,8 +72,9 @@ def test_recipe_pipelines_get_their_settings(pipeline, recipe):
     assert val_set[0]["image"].shape == (3, 72, 72) and torch.equal(val_set[0]["image"], want["image"])
 
 
-def test_folder_dataset_settings_shape_the_labels_the_loop_trains_on(tmp_path, monkeypatch):
-    """data_root, num_classes, ignore_value and binary_masks: mask 255 -> class 1, 7 (ignore_value) -> ignored."""
+def test_folder_dataset_settings_shape_the_labels_the_loop_trains_on(tmp_path, monkeypatch, capsys):
+    """data_root, num_classes, ignore_value and binary_masks: mask 255 -> class 1, 7 (ignore_value) -> ignored. The
+    data check's summary of each split is printed (headers; val: label values too)."""
     mask = np.zeros((32, 32), np.uint8)
     mask[8:20, 4:30], mask[24:, :10] = 255, 7
     rng = np.random.default_rng(0)
@@ -88,6 +89,9 @@ def test_folder_dataset_settings_shape_the_labels_the_loop_trains_on(tmp_path, m
     expected = torch.from_numpy(np.select([mask == 255, mask == 7], [1, IGNORE_INDEX], 0).astype(np.int64))
     assert torch.equal(spies.forwards[0]["labels"], expected.expand(2, -1, -1))
     assert spies.models[0].head.prototypes.shape[0] == 2
+    out = capsys.readouterr().out
+    assert "data check train: 2 pairs OK (headers) in " in out
+    assert "data check val: 1 pairs OK (headers and label values) in " in out
 
 
 # ----------------------------------------------------------------------------- the model, evaluation, amp

@@ -32,7 +32,10 @@ def test_out_dir_belongs_to_one_run(tmp_path, capsys):
         train.main(args + ["--overwrite"])
     assert "is in use by another run" in capsys.readouterr().err
     (tmp_path / "run.lock").write_text("999999999")                # a dead one: the stale lock is taken over
+    first = (tmp_path / "log.jsonl").read_text().splitlines()
     train.main(args + ["--overwrite"])
+    rows = [json.loads(r) for r in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == len(first) and sum("final" in r for r in rows) == 1   # the new run's record only
 
 
 def test_stale_lock_of_a_live_unrelated_process_says_it_may_be_stale(tmp_path, capsys):

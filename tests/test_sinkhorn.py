@@ -104,3 +104,10 @@ def test_eq10_one_iteration_at_small_kappa_needs_a_stabiliser_per_class(kappa):
     for c in range(3):
         m = labels == c
         torch.testing.assert_close(L[m].double(), sinkhorn_float64(scores[m], kappa, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_sinkhorn_defaults_are_the_papers_kappa_0p05_and_3_iterations():
+    scores, labels = unit(40, 8, seed=5) @ unit(4, 8, seed=6).T, torch.arange(40) % 3
+    assert torch.equal(sinkhorn(scores, labels, 3), sinkhorn(scores, labels, 3, kappa=0.05, iters=3))
+    assert not torch.equal(sinkhorn(scores, labels, 3), sinkhorn(scores, labels, 3, kappa=0.04, iters=3))
+    assert not torch.equal(sinkhorn(scores, labels, 3), sinkhorn(scores, labels, 3, kappa=0.05, iters=4))

@@ -98,7 +98,9 @@ def test_proto_init_data_sets_prototypes_from_first_batch_clustering(tmp_path, m
     b = state(tmp_path / "data" / "last.pt")["model"]["head.prototypes"]
     torch.testing.assert_close(start, a)                                       # clustering began at the random start
     torch.testing.assert_close(embed.norm(dim=-1), torch.ones(len(embed)))     # unit embeddings of labelled pixels
+    assert len(labels) > 0 and (labels >= 0).all()                            # the batch's labelled pixels
     present = torch.bincount(labels, minlength=5) > 0
+    assert present.sum() >= 2 and not present.all()                           # fixture: several classes, not all
     assert ((a - b).abs().amax((1, 2)) > 0).tolist() == present.tolist()       # absent classes keep their start
 
 

@@ -11,9 +11,10 @@ import time
 
 import pytest
 
+import runs
 import settings
 import train
-from conftest import TINY, free_port, state, user_error
+from conftest import TINY, free_port, start_as_a_terminal_would, state, user_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 QUICK = TINY + ["--crop", "32", "--batch-size", "2"]   # for the runs that are stopped midway (later flags win)
@@ -95,20 +96,10 @@ def _session_gone(pid, wait=PATIENCE):
     return False
 
 
-def _as_a_terminal_starts_it():
-    """In the child before exec: SIGINT and SIGTERM delivered, with their default actions, as in a terminal's
-    foreground job. A job a script starts in the background (`pytest &`, some CI runners) inherits SIGINT
-    ignored, and Python then never raises KeyboardInterrupt: the Ctrl-C below would be lost."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-
-
 def _run_until(args, line_start, env=None):
     """train.py in its own session, read until a stdout line starts with line_start (the state a test needs,
     however long the machine takes to get there)."""
-    p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
-                         preexec_fn=_as_a_terminal_starts_it)
+    p = start_as_a_terminal_would(["train.py", *args], env=env)
     for line in p.stdout:
         if line.startswith(line_start):
             return p
@@ -152,14 +143,33 @@ def test_ctrl_c_and_sigterm_end_in_one_line_with_lock_and_workers_gone(tmp_path,
         _stop_session(p)
 
 
+def test_a_stop_while_the_run_is_set_up_names_the_checkpoint_it_has(tmp_path, monkeypatch):
+    """Ctrl-C before the first iteration (while the model is built): a fresh run has no checkpoint and starts
+    again with the same command; a resumed one keeps its last.pt, which --resume auto continues."""
+    args = QUICK + ["--val-size", "1", "--iters", "3", "--out-dir", str(tmp_path)]
+    train.main(args[:-4] + ["--iters", "2", "--out-dir", str(tmp_path / "old")])
+
+    def stopped(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "build", stopped)
+    for argv, line in ((args, "interrupted before the first iteration ended; no checkpoint of this run was written; "
+                              "run the same command to start it"),
+                       (args[:-2] + ["--out-dir", str(tmp_path / "old"), "--resume", "auto", "--allow-changes"],
+                        "interrupted before the first iteration ended; last.pt holds iteration 2; --resume auto "
+                        "continues")):
+        progress = {}
+        with pytest.raises(KeyboardInterrupt):
+            train.main(argv, progress)
+        assert runs.interrupted_line(progress) == line
+
+
 def test_a_dead_torchrun_peer_is_reported_once_in_one_line(tmp_path):
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    args = [sys.executable, "train.py", *QUICK, "--batch-size", "4", *ENDLESS, "--out-dir", str(tmp_path)]
-    peer = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**env, "RANK": "1"}, start_new_session=True)
+    args = [*QUICK, "--batch-size", "4", *ENDLESS, "--out-dir", str(tmp_path)]
+    peer = start_as_a_terminal_would(["train.py", *args], env={**env, "RANK": "1"}, stdout=subprocess.DEVNULL)
     survivor = None
     try:
-        survivor = _run_until(args[2:], "it 3/", {**env, "RANK": "0"})
+        survivor = _run_until(args, "it 3/", {**env, "RANK": "0"})
         peer.kill()                                                 # a rank dies (OOM killer, node lost)
         err = _stderr_at_exit(survivor, "its peer was killed")
         assert survivor.returncode == 1 and err.count("\n") == 1 and "Traceback" not in err, err

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import data
 import labels
@@ -84,9 +85,28 @@ def openseg_transcription(img, lab, rng, crop):
 @pytest.mark.parametrize("seed", range(4))
 def test_openseg_pipeline_matches_transcription(seed):
     lab = RNG.integers(0, 5, IMAGE.shape[:2])
-    img, masks, pad = T.openseg_train(IMAGE, [lab], np.random.default_rng(seed), (20, 36))
+    img, masks, pad = T.openseg_train(IMAGE, [lab, lab * 7 + 3], np.random.default_rng(seed), (20, 36))
     ref_img, ref_lab, ref_pad = openseg_transcription(IMAGE, lab, np.random.default_rng(seed), (20, 36))
     assert np.abs(img.astype(int) - ref_img).max() <= 1 and np.array_equal(masks[0], ref_lab) and pad == ref_pad
+    assert np.array_equal(masks[1], ref_lab * 7 + 3)
+
+
+def test_openseg_brightness_shift_is_one_draw_from_minus_10_to_10():
+    """At scale 1 and aspect 1 (an exact resize) and a crop of the image's size, the pipeline's image is the flipped
+    or unflipped image plus the shift openseg draws, randint(-10, 10) inclusive, after its other draws."""
+    image = RNG.integers(20, 236, (9, 11, 3)).astype(np.uint8)                # no value clipped by +-10
+    for seed in range(20):
+        out, _, _ = T.openseg_train(image, [], np.random.default_rng(seed), (9, 11), (1, 1), (1, 1))
+        draws = np.random.default_rng(seed)
+        draws.uniform(1, 1), draws.uniform(1, 1), draws.integers(0, 1), draws.integers(0, 1)   # scale, aspect, crop
+        flipped = image[:, ::-1] if draws.random() < 0.5 else image
+        assert np.array_equal(out.astype(int), flipped.astype(int) + int(draws.integers(-10, 11))), seed
+
+
+def test_openseg_resize_size_truncates_and_keeps_at_least_one_pixel():
+    """(int(w sqrt(a) s), int(h s / sqrt(a))): 100 x 50 at s 1.5, a 1.21: (165, 68); a 1-pixel side stays 1."""
+    assert T.openseg_resize_size(100, 50, 1.5, 1.21) == (165, 68)
+    assert T.openseg_resize_size(1, 1, 0.5, 1.0) == (1, 1)
 
 
 def test_openseg_brightness_is_one_integer_shift_on_all_channels():
@@ -111,24 +131,28 @@ def mmseg_transcription(img, lab, rng, crop, img_scale, ratio=(0.5, 2.0), cat_ma
         ox = rng.integers(0, max(lab.shape[1] - crop[1], 0) + 1)
         return oy, oy + crop[0], ox, ox + crop[1]
     y1, y2, x1, x2 = bbox()
-    for _ in range(10):
-        labels, cnt = np.unique(lab[y1:y2, x1:x2], return_counts=True)
-        cnt = cnt[labels != ignore]
-        if len(cnt) > 1 and np.max(cnt) / np.sum(cnt) < cat_max_ratio:
-            break
-        y1, y2, x1, x2 = bbox()
+    if cat_max_ratio < 1.0:
+        for _ in range(10):
+            labels, cnt = np.unique(lab[y1:y2, x1:x2], return_counts=True)
+            cnt = cnt[labels != ignore]
+            if len(cnt) > 1 and np.max(cnt) / np.sum(cnt) < cat_max_ratio:
+                break
+            y1, y2, x1, x2 = bbox()
     img, lab = img[y1:y2, x1:x2], lab[y1:y2, x1:x2]
     if rng.random() < 0.5:
         img, lab = img[:, ::-1], lab[:, ::-1]
     return img, lab
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_mmseg_resize_crop_flip_match_transcription(seed):
+@pytest.mark.parametrize("seed, cat_max_ratio", [(0, 0.75), (1, 0.75), (2, 0.75), (3, 0.75), (0, 1.0), (3, 1.0)])
+def test_mmseg_resize_crop_flip_match_transcription(seed, cat_max_ratio):
     lab = np.where(RNG.random(IMAGE.shape[:2]) < 0.8, 1, RNG.integers(-1, 4, IMAGE.shape[:2]))  # one class dominates
-    img, masks = T.mmseg_train(IMAGE, [lab], np.random.default_rng(seed), (12, 16), (40, 20), distort=False)
-    ref_img, ref_lab = mmseg_transcription(IMAGE, lab, np.random.default_rng(seed), (12, 16), (40, 20))
+    img, masks = T.mmseg_train(IMAGE, [lab, lab * 7 + 3], np.random.default_rng(seed), (12, 16), (40, 20),
+                               cat_max_ratio=cat_max_ratio, distort=False)
+    ref_img, ref_lab = mmseg_transcription(IMAGE, lab, np.random.default_rng(seed), (12, 16), (40, 20),
+                                           cat_max_ratio=cat_max_ratio)
     assert np.abs(img.astype(int) - ref_img).max() <= 1 and np.array_equal(masks[0], ref_lab)
+    assert np.array_equal(masks[1], ref_lab * 7 + 3)                       # a second mask (modes) goes along
 
 
 def test_cat_max_ratio_crop_redraws_until_no_class_dominates():
@@ -140,6 +164,65 @@ def test_cat_max_ratio_crop_redraws_until_no_class_dominates():
         vals, cnt = np.unique(lab[y0:y1, x0:x1], return_counts=True)
         cnt = cnt[vals != -1]
         assert len(cnt) > 1 and cnt.max() / cnt.sum() < 0.75
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mmseg_pipeline_ends_in_photometric_distortion_of_its_crop_by_default(seed):
+    """RecipeTransform calls mmseg_train without `distort`: the crop, then PhotoMetricDistortion (the transcription
+    above) with the draws that follow."""
+    lab = RNG.integers(0, 4, IMAGE.shape[:2])
+    img, _ = T.mmseg_train(IMAGE, [lab], np.random.default_rng(seed), (12, 16), (40, 20))
+    draws = np.random.default_rng(seed)
+    crop, _ = T.mmseg_train(IMAGE, [lab], draws, (12, 16), (40, 20), distort=False)
+    assert np.array_equal(img, photometric_transcription(np.ascontiguousarray(crop), draws))
+
+
+def test_cat_max_ratio_1_keeps_the_first_crop_and_a_one_class_label_the_tenth_redraw():
+    """RandomCrop: no re-draw at cat_max_ratio 1 (even of a crop holding one class); at 0.75, a label of one class
+    fails every test: the first box, 10 re-draws, the last kept."""
+    one_class = np.zeros((40, 40), np.int64)
+    for seed in range(3):
+        draws = np.random.default_rng(seed)
+        boxes = [T.crop_box(draws, 40, 40, (10, 12)) for _ in range(12)]
+        assert T.cat_max_crop(np.random.default_rng(seed), one_class, (10, 12), 1.0, -1) == boxes[0]
+        assert T.cat_max_crop(np.random.default_rng(seed), one_class, (10, 12), 0.75, -1) == boxes[10]
+        assert len(set(boxes)) > 1                                           # the draws differ
+
+
+@pytest.mark.parametrize("w, h, size", [(600, 333, (923, 512)), (607, 700, (512, 590)), (3000, 700, (2048, 478)),
+                                        (2999, 1000, (1535, 512))])
+def test_rescale_size_of_hand_computed_sizes(w, h, size):
+    """f = min(2048 / long, 512 / short), int(x f + 0.5): 922.52 -> 923, 590.44 -> 590; (3000, 700): the long
+    side binds (f = 2048 / 3000), 477.87 -> 478; 1535.49 -> 1535."""
+    assert T.rescale_size(w, h, (2048, 512)) == size
+
+
+def test_eval_resize_is_mmsegs_rescale_then_segformers_aligned_resize_of_that():
+    lab = RNG.integers(0, 4, IMAGE.shape[:2])
+    img, (out_lab,) = data.EvalTransform(resize=(40, 20))(IMAGE, [lab])
+    first = T.resize(IMAGE, T.rescale_size(31, 23, (40, 20)))                 # (27, 20): no divisor, one resize
+    assert img.shape == (3, 20, 27) and torch.equal(img, data.normalize(first.astype(np.float32)))
+    img, _ = data.EvalTransform(resize=(40, 20), divisor=8)(IMAGE, [lab])
+    assert img.shape == (3, 24, 32)
+    assert torch.equal(img, data.normalize(T.resize(first, (32, 24)).astype(np.float32)))
+    assert np.array_equal(out_lab.numpy(), lab)                             # the label keeps its size
+
+
+def test_project_jitter_is_brightness_then_contrast_and_saturation_about_the_grey_mean():
+    """TrainTransform's colour jitter (the synthetic preset's pipeline): factors b, c, s ~ U(1 - j, 1 + j); x b,
+    then contrast about the mean grey of the crop, then saturation about each pixel's grey, clipped to 0..255."""
+    image, lab = IMAGE[:6, :7], np.zeros((6, 7), np.int64)
+    t = data.TrainTransform((6, 7), scale=(1, 1), flip=False, jitter=0.3)
+    out, _ = t(image, [lab], np.random.default_rng(5))
+    rng = np.random.default_rng(5)
+    rng.uniform(1, 1), rng.integers(1), rng.integers(1)                     # the scale and crop draws
+    b, c, s = rng.uniform(0.7, 1.3, 3)
+    x = image.astype(np.float64) * b
+    grey = x @ [0.299, 0.587, 0.114]
+    mean = grey.mean()
+    x, grey = (x - mean) * c + mean, (grey - mean) * c + mean
+    expected = np.clip(grey[..., None] + (x - grey[..., None]) * s, 0, 255)
+    np.testing.assert_allclose(out.permute(1, 2, 0).numpy() * data.STD + data.MEAN, expected, atol=2e-3)
 
 
 def slow_bgr2hsv(b, g, r):

@@ -11,6 +11,7 @@ import itertools
 import math
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -125,6 +126,7 @@ def test_head_eq14_new_prototypes_from_sinkhorn_targets():
     expected = eq14_slow(before, embed, eq10_targets(embed, y, before)[0])
     torch.testing.assert_close(head.prototypes, expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(head.prototypes[C - 1], before[C - 1])         # absent class untouched
+    assert out["proto_sim"].requires_grad and not out["embed"].requires_grad   # Eq. 14's input: outside autograd
 
 
 def test_head_eq5_eq6_scores_are_cosines_of_unit_norm_embeddings():
@@ -208,6 +210,10 @@ def test_seg_loss_passes_tau_class_weight_lambdas_and_ignore_index_on():
         assert abs(total.item() - (ce + lam1 * ppc + lam2 * ppd)) < 1e-5
         plain, _ = seg_loss({"scores": scores}, lab, class_weight=weight, ignore_index=ignore)   # scores only: CE
         assert abs(plain.item() - ce) < 1e-5
+    aux = torch.randn(B, C, H, W, generator=g)                       # UperNet's auxiliary head: its CE, unweighted
+    total, terms = seg_loss({"scores": scores, "aux_scores": aux}, labels, class_weight=weight, aux_weight=0.4)
+    assert terms["aux"].item() == pytest.approx(F.cross_entropy(aux, labels, ignore_index=IGNORE_INDEX).item())
+    assert total.item() == pytest.approx((terms["ce"] + 0.4 * terms["aux"]).item())
 
 
 # ----------------------------------------------------------------------------- the head under 2 ranks (gloo)
