@@ -16,7 +16,8 @@ exit 130 / 143.
 (d) one training step, ProtoSeg vs softmax, interleaved in one process, and the peak memory of each (fresh processes)
 (e) learnable parameters of the head (ProtoSeg with Eq. 6 scores) for 19, 150 and 847 classes
 (f) `vocab` only: head parameters, train step time and step memory (peak above the weights and inputs),
-    ProtoSeg (K = 10) / softmax for C = 19, 150, 847; each configuration in fresh processes, interleaved
+    ProtoSeg (K = 10) / softmax for C = 19, 150, 847; each configuration in fresh processes, interleaved; the
+    two steps' FLOP ratio beside the time ratio
 """
 import argparse
 import multiprocessing
@@ -28,6 +29,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from collectives import default_device
 from commands import Parser, device_flag, ranged, run_command
@@ -171,6 +173,14 @@ def head_pair(backbone, size, device, num_classes, repeats, exact_rss=False):
     return [statistics.median(t[2:]) for t in times], memory, params
 
 
+def step_flops(backbone, head, size, device, num_classes):
+    """The FLOPs of one training step (matrix products and convolutions, as FlopCounterMode counts them)."""
+    step = train_step(backbone, head, size, device, num_classes)[1]
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def vocab(args, row):
     """(f): for C = 19, 150, 847 (K = 10): head_pair at the paper's scale (or --quick)."""
     device = torch.device(args.device)
@@ -178,9 +188,10 @@ def vocab(args, row):
     size = (128, 256) if args.quick else (512, 1024)
     for c in (19, 150, 847):
         (tp, ts), ((_, mp_), (_, ms)), params = head_pair(backbone, size, device, c, args.repeats, exact_rss=True)
+        fp, fs = (step_flops(backbone, h, size, device, c) for h in ("protoseg", "softmax"))
         row(f"C={c:<4d} {backbone} 2x{size[0]}x{size[1]}: params {params[0] / 1e6:.2f}M / {params[1] / 1e6:.2f}M, "
             f"step {tp * 1e3:.0f} / {ts * 1e3:.0f} ms, memory {mp_:.2f} / {ms:.2f} GB",
-            "", f"time ratio {tp / ts:.3f} memory ratio {mp_ / ms:.3f}")
+            "", f"time ratio {tp / ts:.3f} (FLOPs {fp / fs:.3f}) memory ratio {mp_ / ms:.3f}")
 
 
 def parse_args(argv):
