@@ -77,14 +77,15 @@ def test_instance_counts_and_iiou_of_a_hand_counted_frame():
 # ----------------------------------------------------------------------------- prototype use and purity
 
 def test_purity_share_and_in_use_of_a_known_count_table():
-    """counts (C=3, K=2, M=2). Class 0: p0 takes modes 3/1, p1 0/4: purity (3 + 4) / 8, shares 1/2, 1/2.
-    Class 1: no pixel (None / NaN). Class 2: p1 takes 1 pixel of 20, exactly the 5 % threshold: in use."""
-    counts = torch.tensor([[[3, 1], [0, 4]], [[0, 0], [0, 0]], [[19, 0], [0, 1]]])
+    """counts (C=4, K=2, M=2). Class 0: p0 takes modes 3/1, p1 0/4: purity (3 + 4) / 8, shares 1/2, 1/2.
+    Class 1: no pixel (None / NaN). Class 2: p1 takes 1 pixel of 20, exactly the 5 % threshold: in use.
+    Class 3: p1 takes 1 pixel of 22, 4.5 %: not in use."""
+    counts = torch.tensor([[[3, 1], [0, 4]], [[0, 0], [0, 0]], [[19, 0], [0, 1]], [[21, 0], [0, 1]]])
     s = evaluate.prototype_summary(counts)
-    assert s["purity"][0] == pytest.approx(7 / 8) and math.isnan(s["purity"][1]) and s["purity"][2] == 1.0
-    assert s["prototype_share"] == [[0.5, 0.5], None, [19 / 20, 1 / 20]]
-    assert s["prototypes_in_use"] == [2, None, 2]
-    assert evaluate.prototype_summary(counts, min_share=0.06)["prototypes_in_use"] == [2, None, 1]
+    assert s["purity"][0] == pytest.approx(7 / 8) and math.isnan(s["purity"][1]) and s["purity"][2:] == [1.0, 1.0]
+    assert s["prototype_share"] == [[0.5, 0.5], None, [19 / 20, 1 / 20], [21 / 22, 1 / 22]]
+    assert s["prototypes_in_use"] == [2, None, 2, 1]
+    assert evaluate.prototype_summary(counts, min_share=0.06)["prototypes_in_use"] == [2, None, 1, 1]
     one_mode = evaluate.prototype_summary(counts.sum(2, keepdim=True))
     assert "purity" not in one_mode and one_mode["prototype_share"] == s["prototype_share"]
 
