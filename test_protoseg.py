@@ -225,6 +225,9 @@ def feature_map_fixture():
 def test_eq11_ppc_on_feature_maps_averages_over_labelled_pixels_only():
     sim, target, rows, kept = feature_map_fixture()
     torch.testing.assert_close(ppc_loss(sim, target, tau=0.1), F.cross_entropy(rows / 0.1, kept))
+    one = torch.full_like(target, IGNORE_INDEX)
+    one[1, 2, 3] = target[1, 2, 3]                                             # one labelled pixel: its own loss
+    torch.testing.assert_close(ppc_loss(sim, one, tau=0.1), F.cross_entropy(sim[1, :, 2, 3] / 0.1, target[1, 2, 3]))
     ppc = ppc_loss(sim, torch.full_like(target, IGNORE_INDEX))                 # nothing labelled: 0, zero gradient
     assert ppc == 0 and (torch.autograd.grad(ppc, sim)[0] == 0).all()
 
@@ -232,6 +235,9 @@ def test_eq11_ppc_on_feature_maps_averages_over_labelled_pixels_only():
 def test_eq12_ppd_on_feature_maps_averages_over_labelled_pixels_only():
     sim, target, rows, kept = feature_map_fixture()
     torch.testing.assert_close(ppd_loss(sim, target), (1 - rows.gather(1, kept[:, None])).pow(2).mean())
+    one = torch.full_like(target, IGNORE_INDEX)
+    one[1, 2, 3] = target[1, 2, 3]                                             # one labelled pixel: its own loss
+    torch.testing.assert_close(ppd_loss(sim, one), (1 - sim[1, target[1, 2, 3], 2, 3]) ** 2)
     ppd = ppd_loss(sim, torch.full_like(target, IGNORE_INDEX))
     assert ppd == 0 and (torch.autograd.grad(ppd, sim)[0] == 0).all()
 

@@ -186,10 +186,11 @@ def photometric(image, rng, brightness=32, contrast=(0.5, 1.5), saturation=(0.5,
     return image
 
 
-def mmseg_train(image, masks, rng, crop, img_scale=(2048, 512), ratio=(0.5, 2.0), cat_max_ratio=0.75, flip=True,
+def mmseg_train(image, masks, rng, crop, img_scale, ratio=(0.5, 2.0), cat_max_ratio=0.75, flip=True,
                 ignore=-1, distort=True):
     """-> (image uint8 <= crop, masks): Resize -> RandomCrop -> RandomFlip -> PhotoMetricDistortion; the caller
-    normalises and pads bottom/right to the crop (Pad: image 0 after Normalize, labels ignore). crop (h, w)."""
+    normalises and pads bottom/right to the crop (Pad: image 0 after Normalize, labels ignore). crop (h, w);
+    img_scale: the preset's Resize scale (long, short), no default: each dataset's config names its own."""
     h, w = image.shape[:2]
     nw, nh = rescale_size(w, h, mmseg_scale(img_scale, rng.uniform(*ratio)))
     label = resize_nearest(masks[0], (nw, nh))                # the whole label: the crop rule reads it
