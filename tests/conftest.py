@@ -1,6 +1,6 @@
 """Helpers several test files share (pytest loads this file first; tests import it as `from conftest import ...`).
 
-TINY: train.py flags for a run that takes seconds on a CPU. free_port: a TCP port for a 2-rank gloo group.
+TINY: train.py flags for a run that takes seconds on a CPU. unit: seeded random unit vectors. free_port: a TCP port for a 2-rank gloo group.
 start_as_a_terminal_would: a script in its own session with Ctrl-C and SIGTERM as a terminal delivers them (the
 stop tests). state: a checkpoint's dict. user_error: the one `error:` line of a user error. save_image: a small image or label
 file. tiny_checkpoint: a train.py-format file around untrained weights (the keys save_checkpoint writes: model,
@@ -26,6 +26,11 @@ if ROOT not in sys.path:            # `pytest tests/x.py` finds the scripts at t
 # small images, few val images, no loader workers, K = 3 (D = 8+16+32+64 = 120 for hrnet_tiny)
 TINY = ["--backbone", "hrnet_tiny", "--crop", "64", "64", "--batch-size", "4", "--val-size", "2",
         "--workers", "0", "--log-every", "1", "--num-prototypes", "3"]
+
+
+def unit(*shape, seed=0):
+    """Random vectors of the shape, l2-normalised over the last axis, from a generator seeded with `seed`."""
+    return torch.nn.functional.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
 def free_port():

@@ -3,14 +3,10 @@ describes; the loss functions' defaults are the paper's lambda_1 = 0.01, lambda_
 mu is the paper's 0.999; --proto-init data runs 10 rounds of clustering."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import protoseg
 import settings
-
-
-def unit(*shape, seed=0):
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+from conftest import unit
 
 
 @pytest.mark.parametrize("head", ["protoseg", "softmax", "query"])

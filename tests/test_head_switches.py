@@ -6,11 +6,7 @@ import torch.nn.functional as F
 
 from protoseg import IGNORE_INDEX, ProtoSegHead, cluster_prototypes, momentum_update, seg_loss, update_prototypes
 from sinkhorn import sinkhorn
-
-
-def unit(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+from conftest import unit
 
 
 # ----------------------------------------------------------------------------- the --proto-init data switch

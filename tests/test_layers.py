@@ -139,7 +139,7 @@ def test_heads_keep_pytorchs_default_and_draw_unit_prototypes_and_small_queries(
     protos = head.prototypes
     torch.testing.assert_close(protos.norm(dim=-1), torch.ones(5, 4))
     assert normal(models.HEADS["query"](48, 5, embed_dim=200).queries, 0.02)       # Eq. 2's queries: N(0, 0.02^2)
-    assert abs(float((protos @ protos.flatten(0, 1).T).triu(1).mean())) < 0.1   # random directions, none shared
+    assert abs(float((protos @ protos.flatten(0, 1).T).triu(1).mean())) < 0.1   # random directions, no common one
 
 
 # ----------------------------------------------------------------------------- DropPath, its schedule, labels_to

@@ -6,14 +6,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sinkhorn import sinkhorn
-
-
-def unit(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+from conftest import unit
 
 
 def one_class(scores, kappa=0.05, iters=3):
